@@ -1,0 +1,157 @@
+"""Routed-expert FFNs over expert-sorted row tiles, and the dense per-expert reference.
+
+``apply_experts_sorted`` is the CPU path: assignments (token, expert) are sorted by expert and
+padded to whole tiles of ``block_rows`` rows, every tile belongs to exactly one expert, and a
+loop with a *dynamic* trip count visits only the tiles that exist. Its cost therefore follows
+the number of non-empty experts (plus rows), not the number of experts — the property brownout
+exploits, since it shrinks the set of distinct experts a step touches. ``jax.lax.ragged_dot``
+does not have this property on CPU or GPU (it is expanded to groups × a dense matmul).
+
+``apply_experts_dense`` runs every expert on every token: slow, obviously correct, the twin
+the fast path is tested against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from brownout_jax.dims import Array, Bool, Float, Int
+from brownout_jax.params import ExpertWeights
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ExpertTiling:
+    """Rows per tile of the expert-sorted assignment matrix."""
+
+    block_rows: int
+
+    def __post_init__(self) -> None:
+        if self.block_rows <= 0:
+            raise ValueError(f"block_rows must be positive, got {self.block_rows}")
+
+
+# Decode steps route a few rows to each expert: small tiles waste little padding. Prefill
+# routes many: larger tiles make fewer, fatter matmuls.
+DECODE_TILING = ExpertTiling(block_rows=8)
+PREFILL_TILING = ExpertTiling(block_rows=64)
+
+
+def tiling_for(num_assignments: int, num_experts: int) -> ExpertTiling:
+    """Picks a preset from the static step shape: ~rows per expert if routing were uniform."""
+    rows_per_expert = num_assignments / max(num_experts, 1)
+    return PREFILL_TILING if rows_per_expert > 2 * DECODE_TILING.block_rows else DECODE_TILING
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SortedTiles:
+    """Where every assignment lives in the expert-sorted, tile-padded row matrix."""
+
+    row_token: Int[Array, " P"]  # token feeding each padded row (N = empty row)
+    assignment_row: Int[Array, " A"]  # padded row of each (token, k) assignment (P = dropped)
+    tile_expert: Int[Array, " tiles"]  # expert of each tile
+    num_tiles: Int[Array, ""]  # tiles actually in use (the rest are never visited)
+
+
+def sort_into_tiles(
+    expert_ids: Int[Array, "N K"], token_mask: Bool[Array, " N"], num_experts: int, block_rows: int
+) -> SortedTiles:
+    """Groups assignments by expert into tiles; masked tokens get no row at all."""
+    n, k = expert_ids.shape
+    a = n * k
+    bm = block_rows
+    flat_expert = jnp.where(token_mask[:, None], expert_ids, num_experts).reshape(a)
+    order = jnp.argsort(flat_expert, stable=True)  # assignments, sorted by expert
+    sorted_expert = flat_expert[order]
+    counts = jnp.zeros(num_experts + 1, jnp.int32).at[flat_expert].add(1)[:num_experts]
+    tiles_per_expert = (counts + bm - 1) // bm
+    tile_end = jnp.cumsum(tiles_per_expert)
+    first_tile = tile_end - tiles_per_expert
+    first_sorted = jnp.cumsum(counts) - counts
+    real = sorted_expert < num_experts
+    safe_expert = jnp.minimum(sorted_expert, num_experts - 1)
+    rank = jnp.arange(a, dtype=jnp.int32) - first_sorted[safe_expert]
+    max_tiles = -(-a // bm) + min(num_experts, a)
+    p = max_tiles * bm
+    sorted_row = jnp.where(real, first_tile[safe_expert] * bm + rank, p)
+    row_token = jnp.full((p,), n, jnp.int32).at[sorted_row].set(order // k, mode="drop")
+    assignment_row = jnp.zeros((a,), jnp.int32).at[order].set(sorted_row)
+    tile_expert = jnp.searchsorted(tile_end, jnp.arange(max_tiles), side="right")
+    return SortedTiles(
+        row_token=row_token,
+        assignment_row=assignment_row,
+        tile_expert=jnp.minimum(tile_expert, num_experts - 1).astype(jnp.int32),
+        num_tiles=tile_end[-1],
+    )
+
+
+def _swiglu_tile(
+    x: Float[Array, "M D"],
+    w_gate: Float[Array, "D F"],
+    w_up: Float[Array, "D F"],
+    w_down: Float[Array, "F D"],
+) -> Float[Array, "M D"]:
+    gate = jnp.dot(x, w_gate, preferred_element_type=jnp.float32)
+    up = jnp.dot(x, w_up, preferred_element_type=jnp.float32)
+    hidden = (jax.nn.silu(gate) * up).astype(x.dtype)
+    return jnp.dot(hidden, w_down, preferred_element_type=jnp.float32)
+
+
+def apply_experts_sorted(
+    x: Float[Array, "N D"],
+    expert_ids: Int[Array, "N K"],
+    expert_weights: Float[Array, "N K"],
+    experts: ExpertWeights,
+    token_mask: Bool[Array, " N"],
+    tiling: ExpertTiling | None = None,
+) -> Float[Array, "N D"]:
+    """Σ_k weight[n, k] · FFN_{expert[n, k]}(x[n]), visiting only tiles of non-empty experts."""
+    n, k = expert_ids.shape
+    d = x.shape[-1]
+    e = experts.num_experts
+    tiling = tiling or tiling_for(n * k, e)
+    bm = tiling.block_rows
+    tiles = sort_into_tiles(expert_ids, token_mask, e, bm)
+    x_rows = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[tiles.row_token]
+    p = x_rows.shape[0]
+
+    def tile_body(t, y_rows):
+        ex = tiles.tile_expert[t]
+        x_tile = jax.lax.dynamic_slice_in_dim(x_rows, t * bm, bm)
+        y_tile = _swiglu_tile(x_tile, experts.w_gate[ex], experts.w_up[ex], experts.w_down[ex])
+        return jax.lax.dynamic_update_slice_in_dim(y_rows, y_tile, t * bm, axis=0)
+
+    y_rows = jax.lax.fori_loop(0, tiles.num_tiles, tile_body, jnp.zeros((p, d), jnp.float32))
+    # Gather each assignment's row and sum over k: deterministic, no scatter-add.
+    y_rows = jnp.concatenate([y_rows, jnp.zeros((1, d), jnp.float32)])
+    y_assign = y_rows[tiles.assignment_row].reshape(n, k, d)
+    weights = jnp.where(token_mask[:, None], expert_weights.astype(jnp.float32), 0.0)
+    return jnp.einsum("nkd,nk->nd", y_assign, weights).astype(x.dtype)
+
+
+def apply_experts_dense(
+    x: Float[Array, "N D"],
+    expert_ids: Int[Array, "N K"],
+    expert_weights: Float[Array, "N K"],
+    experts: ExpertWeights,
+    token_mask: Bool[Array, " N"],
+) -> Float[Array, "N D"]:
+    """Reference: every expert on every token, weighted by its (possibly zero) routing weight."""
+    e = experts.num_experts
+    one_hot = jax.nn.one_hot(expert_ids, e, dtype=jnp.float32)  # N K E
+    weight = jnp.einsum("nke,nk->ne", one_hot, expert_weights.astype(jnp.float32))
+    weight = jnp.where(token_mask[:, None], weight, 0.0)
+
+    def one_expert(acc, inputs):
+        w_gate, w_up, w_down, w_e = inputs
+        return acc + w_e[:, None] * _swiglu_tile(x, w_gate, w_up, w_down), None
+
+    out, _ = jax.lax.scan(
+        one_expert,
+        jnp.zeros(x.shape, jnp.float32),
+        (experts.w_gate, experts.w_up, experts.w_down, weight.T),
+    )
+    return out.astype(x.dtype)

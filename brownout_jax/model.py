@@ -1,0 +1,234 @@
+"""Flax port of HF ``Qwen2MoeForCausalLM`` as pure functions over typed parameters.
+
+Data flow of one step: embed → L × [RMSNorm → GQA attention (qkv bias, RoPE) → residual →
+RMSNorm → dense MLP or sparse MoE block → residual] → final RMSNorm → lm head.
+
+Three entry points: ``forward_logits`` (full sequence, no cache: parity tests, scoring),
+``prefill`` (padded prompts → cache filled, last-token logits) and ``decode`` (one token per
+sequence at its own position). The step functions in ``steps.py`` jit them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from brownout_jax.config import ModelConfig
+from brownout_jax.dims import Array, Bool, Float, Int
+from brownout_jax.kv_cache import ContiguousKVCache
+from brownout_jax.moe import DEFAULT_MOE_OPTIONS, MoeOptions, dense_mlp, moe_block
+from brownout_jax.params import AttentionParams, DecoderLayerParams, ModelParams, MoeParams
+
+
+def rms_norm(
+    x: Float[Array, "... D"], weight: Float[Array, " D"], eps: float
+) -> Float[Array, "... D"]:
+    # Normalise in fp32, scale in the activation dtype: the order HF uses, so bf16 matches too.
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def rope_tables(
+    positions: Int[Array, "B T"], head_dim: int, theta: float, dtype
+) -> tuple[Float[Array, "B T C"], Float[Array, "B T C"]]:
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(
+    x: Float[Array, "B T H C"], cos: Float[Array, "B T C"], sin: Float[Array, "B T C"]
+) -> Float[Array, "B T H C"]:
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def _project(x, w, b):
+    y = jnp.dot(x, w)
+    return y if b is None else y + b
+
+
+def attend(
+    q: Float[Array, "B T H C"],
+    k: Float[Array, "B S G C"],
+    v: Float[Array, "B S G C"],
+    mask: Bool[Array, "B T S"],
+) -> Float[Array, "B T H C"]:
+    """Grouped-query attention: each of G kv heads serves R = H // G query heads."""
+    b, t, h, c = q.shape
+    g = k.shape[2]
+    q = q.reshape(b, t, g, h // g, c)
+    scores = jnp.einsum("btgrc,bsgc->bgrts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (c**-0.5)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bgrts,bsgc->btgrc", probs, v)
+    return out.reshape(b, t, h, c)
+
+
+def attention_block(
+    x: Float[Array, "B T D"],
+    params: AttentionParams,
+    config: ModelConfig,
+    layer: int,
+    positions: Int[Array, "B T"],
+    rope: tuple[Float[Array, "B T C"], Float[Array, "B T C"]],
+    cache: ContiguousKVCache | None,
+    read_cache: bool,
+) -> tuple[Float[Array, "B T D"], ContiguousKVCache | None]:
+    """Self-attention. With ``read_cache`` the queries attend to the cache (decode); otherwise
+    to the step's own tokens, causally (prefill from position 0), writing them to the cache."""
+    b, t, _ = x.shape
+    c = config.head_dim
+    q = _project(x, params.wq, params.bq).reshape(b, t, config.num_heads, c)
+    k = _project(x, params.wk, params.bk).reshape(b, t, config.num_kv_heads, c)
+    v = _project(x, params.wv, params.bv).reshape(b, t, config.num_kv_heads, c)
+    cos, sin = rope
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache is not None:
+        cache = cache.write(layer, k, v, positions)
+    if read_cache:
+        k, v, key_positions = cache.read(layer)
+    else:
+        key_positions = positions
+    mask = key_positions[:, None, :] <= positions[:, :, None]
+    out = attend(q, k, v, mask).reshape(b, t, config.num_heads * c)
+    return jnp.dot(out, params.wo), cache
+
+
+def decoder_layer(
+    h: Float[Array, "B T D"],
+    params: DecoderLayerParams,
+    config: ModelConfig,
+    layer: int,
+    positions: Int[Array, "B T"],
+    token_mask: Bool[Array, "B T"],
+    rope: tuple[Float[Array, "B T C"], Float[Array, "B T C"]],
+    cache: ContiguousKVCache | None,
+    read_cache: bool,
+    moe_options: MoeOptions,
+) -> tuple[Float[Array, "B T D"], ContiguousKVCache | None]:
+    attn_out, cache = attention_block(
+        rms_norm(h, params.input_norm, config.rms_norm_eps),
+        params.attention,
+        config,
+        layer,
+        positions,
+        rope,
+        cache,
+        read_cache,
+    )
+    h = h + attn_out
+    b, t, d = h.shape
+    x = rms_norm(h, params.post_attention_norm, config.rms_norm_eps).reshape(b * t, d)
+    if isinstance(params.mlp, MoeParams):
+        mlp_out = moe_block(
+            x,
+            params.mlp,
+            token_mask.reshape(b * t),
+            config.num_experts_per_tok,
+            config.norm_topk_prob,
+            moe_options,
+        )
+    else:
+        mlp_out = dense_mlp(x, params.mlp)
+    return h + mlp_out.reshape(b, t, d), cache
+
+
+def forward_hidden(
+    params: ModelParams,
+    config: ModelConfig,
+    tokens: Int[Array, "B T"],
+    positions: Int[Array, "B T"],
+    token_mask: Bool[Array, "B T"],
+    cache: ContiguousKVCache | None,
+    read_cache: bool,
+    moe_options: MoeOptions,
+) -> tuple[Float[Array, "B T D"], ContiguousKVCache | None]:
+    h = params.embed[tokens]
+    rope = rope_tables(positions, config.head_dim, config.rope_theta, h.dtype)
+    for layer, layer_params in enumerate(params.layers):
+        h, cache = decoder_layer(
+            h,
+            layer_params,
+            config,
+            layer,
+            positions,
+            token_mask,
+            rope,
+            cache,
+            read_cache,
+            moe_options,
+        )
+    return rms_norm(h, params.final_norm, config.rms_norm_eps), cache
+
+
+def lm_logits(params: ModelParams, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
+    head = params.embed.T if params.lm_head is None else params.lm_head
+    return jnp.dot(hidden, head).astype(jnp.float32)
+
+
+def forward_logits(
+    params: ModelParams,
+    config: ModelConfig,
+    tokens: Int[Array, "B T"],
+    lengths: Int[Array, " B"],
+    moe_options: MoeOptions = DEFAULT_MOE_OPTIONS,
+) -> Float[Array, "B T V"]:
+    """Logits at every position of right-padded sequences; no cache."""
+    positions, token_mask = _prompt_positions(tokens, lengths)
+    hidden, _ = forward_hidden(
+        params, config, tokens, positions, token_mask, None, False, moe_options
+    )
+    return lm_logits(params, hidden)
+
+
+def prefill(
+    params: ModelParams,
+    config: ModelConfig,
+    cache: ContiguousKVCache,
+    tokens: Int[Array, "B T"],
+    lengths: Int[Array, " B"],
+    moe_options: MoeOptions = DEFAULT_MOE_OPTIONS,
+) -> tuple[ContiguousKVCache, Float[Array, "B V"]]:
+    """Right-padded prompts from position 0 → cache filled, logits of each last real token."""
+    positions, token_mask = _prompt_positions(tokens, lengths)
+    hidden, cache = forward_hidden(
+        params, config, tokens, positions, token_mask, cache, False, moe_options
+    )
+    last = jnp.maximum(lengths - 1, 0)
+    last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+    return cache, lm_logits(params, last_hidden)
+
+
+def decode(
+    params: ModelParams,
+    config: ModelConfig,
+    cache: ContiguousKVCache,
+    tokens: Int[Array, " B"],
+    positions: Int[Array, " B"],
+    active: Bool[Array, " B"],
+    moe_options: MoeOptions = DEFAULT_MOE_OPTIONS,
+) -> tuple[ContiguousKVCache, Float[Array, "B V"]]:
+    """One token per sequence, each at its own position; inactive rows are never routed."""
+    hidden, cache = forward_hidden(
+        params,
+        config,
+        tokens[:, None],
+        positions[:, None],
+        active[:, None],
+        cache,
+        True,
+        moe_options,
+    )
+    return cache, lm_logits(params, hidden[:, 0])
+
+
+def _prompt_positions(
+    tokens: Int[Array, "B T"], lengths: Int[Array, " B"]
+) -> tuple[Int[Array, "B T"], Bool[Array, "B T"]]:
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    return positions, positions < lengths[:, None]

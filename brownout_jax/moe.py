@@ -1,0 +1,99 @@
+"""The sparse MoE block and its one function boundary for routed experts.
+
+``moe_block`` = router (softmax, top-k, optional renormalisation) → routed experts → plus the
+sigmoid-gated shared expert. The routed-expert computation is a single call,
+``apply_routed_experts(tokens, router output, stacked weights, token mask, options)``; the
+brownout routing and the Pallas kernels plug in behind it without touching the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from brownout_jax.dims import Array, Bool, Float, Int
+from brownout_jax.expert_matmul import (
+    ExpertTiling,
+    apply_experts_dense,
+    apply_experts_sorted,
+)
+from brownout_jax.params import DenseMlpParams, ExpertWeights, MoeParams
+
+
+class ExpertBackend(enum.Enum):
+    SORTED_TILES = "sorted_tiles"  # cost ∝ non-empty experts (the default)
+    DENSE = "dense"  # every expert on every token: the reference
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MoeOptions:
+    """Static choices of how routed experts run; part of every step function's cache key."""
+
+    backend: ExpertBackend = ExpertBackend.SORTED_TILES
+    tiling: ExpertTiling | None = None  # None: picked from the step's static shape
+
+
+DEFAULT_MOE_OPTIONS = MoeOptions()
+
+
+@struct.dataclass
+class RouterOutput:
+    expert_ids: Int[Array, "N K"]
+    expert_weights: Float[Array, "N K"]  # in the activation dtype, as HF casts them
+    router_probs: Float[Array, "N E"]  # full softmax, fp32 (load statistics, distillation)
+
+
+def route_top_k(
+    x: Float[Array, "N D"], router: Float[Array, "D E"], top_k: int, norm_topk_prob: bool
+) -> RouterOutput:
+    logits = jnp.dot(x, router)  # activation dtype, like HF's F.linear
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, ids = jax.lax.top_k(probs, top_k)
+    if norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return RouterOutput(
+        expert_ids=ids.astype(jnp.int32), expert_weights=weights.astype(x.dtype), router_probs=probs
+    )
+
+
+def apply_routed_experts(
+    x: Float[Array, "N D"],
+    routing: RouterOutput,
+    experts: ExpertWeights,
+    token_mask: Bool[Array, " N"],
+    options: MoeOptions,
+) -> Float[Array, "N D"]:
+    """The MoE function boundary: tokens + router output + stacked weights → output."""
+    if options.backend is ExpertBackend.DENSE:
+        return apply_experts_dense(
+            x, routing.expert_ids, routing.expert_weights, experts, token_mask
+        )
+    return apply_experts_sorted(
+        x, routing.expert_ids, routing.expert_weights, experts, token_mask, options.tiling
+    )
+
+
+def dense_mlp(x: Float[Array, "N D"], params: DenseMlpParams) -> Float[Array, "N D"]:
+    gate = jnp.dot(x, params.w_gate)
+    up = jnp.dot(x, params.w_up)
+    return jnp.dot(jax.nn.silu(gate) * up, params.w_down)
+
+
+def moe_block(
+    x: Float[Array, "N D"],
+    params: MoeParams,
+    token_mask: Bool[Array, " N"],
+    top_k: int,
+    norm_topk_prob: bool,
+    options: MoeOptions,
+) -> Float[Array, "N D"]:
+    routing = route_top_k(x, params.router, top_k, norm_topk_prob)
+    out = apply_routed_experts(x, routing, params.experts, token_mask, options)
+    if params.shared is not None:
+        gate = jax.nn.sigmoid(jnp.dot(x, params.shared_gate))
+        out = out + gate * dense_mlp(x, params.shared)
+    return out

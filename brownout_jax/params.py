@@ -1,0 +1,136 @@
+"""Typed parameter trees of the model (flax.struct dataclasses, never string-keyed dicts).
+
+Linear weights are stored as (in, out) so that ``x @ w`` needs no transpose; routed experts
+are stacked per layer, (E, D, F) for gate/up and (E, F, D) for down, the layout the grouped
+expert kernels read directly.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from brownout_jax.config import ModelConfig
+from brownout_jax.dims import Array, Float
+
+
+@struct.dataclass
+class AttentionParams:
+    wq: Float[Array, "D HC"]
+    wk: Float[Array, "D GC"]
+    wv: Float[Array, "D GC"]
+    wo: Float[Array, "HC D"]
+    bq: Float[Array, " HC"] | None
+    bk: Float[Array, " GC"] | None
+    bv: Float[Array, " GC"] | None
+
+
+@struct.dataclass
+class DenseMlpParams:
+    w_gate: Float[Array, "D F"]
+    w_up: Float[Array, "D F"]
+    w_down: Float[Array, "F D"]
+
+
+@struct.dataclass
+class ExpertWeights:
+    """Routed experts of one layer, stacked along E."""
+
+    w_gate: Float[Array, "E D F"]
+    w_up: Float[Array, "E D F"]
+    w_down: Float[Array, "E F D"]
+
+    @property
+    def num_experts(self) -> int:
+        return self.w_gate.shape[0]
+
+
+@struct.dataclass
+class MoeParams:
+    router: Float[Array, "D E"]
+    experts: ExpertWeights
+    shared: DenseMlpParams | None
+    shared_gate: Float[Array, "D 1"] | None
+
+
+@struct.dataclass
+class DecoderLayerParams:
+    input_norm: Float[Array, " D"]
+    attention: AttentionParams
+    post_attention_norm: Float[Array, " D"]
+    mlp: DenseMlpParams | MoeParams
+
+
+@struct.dataclass
+class ModelParams:
+    embed: Float[Array, "V D"]
+    layers: tuple[DecoderLayerParams, ...]
+    final_norm: Float[Array, " D"]
+    lm_head: Float[Array, "D V"] | None  # None when tied to ``embed``
+
+
+def _sds(shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def abstract_params(config: ModelConfig, dtype=jnp.float32) -> ModelParams:
+    """The parameter tree of ``config`` as ShapeDtypeStructs: the single source of shapes."""
+    d, c = config.hidden_size, config.head_dim
+    hc, gc = config.num_heads * c, config.num_kv_heads * c
+
+    def dense(f: int) -> DenseMlpParams:
+        return DenseMlpParams(_sds((d, f), dtype), _sds((d, f), dtype), _sds((f, d), dtype))
+
+    def layer(i: int) -> DecoderLayerParams:
+        bias = config.qkv_bias
+        attention = AttentionParams(
+            wq=_sds((d, hc), dtype),
+            wk=_sds((d, gc), dtype),
+            wv=_sds((d, gc), dtype),
+            wo=_sds((hc, d), dtype),
+            bq=_sds((hc,), dtype) if bias else None,
+            bk=_sds((gc,), dtype) if bias else None,
+            bv=_sds((gc,), dtype) if bias else None,
+        )
+        if config.is_moe_layer(i):
+            e, f = config.num_experts, config.moe_intermediate_size
+            fs = config.shared_expert_intermediate_size
+            mlp = MoeParams(
+                router=_sds((d, e), dtype),
+                experts=ExpertWeights(
+                    _sds((e, d, f), dtype), _sds((e, d, f), dtype), _sds((e, f, d), dtype)
+                ),
+                shared=dense(fs) if fs > 0 else None,
+                shared_gate=_sds((d, 1), dtype) if fs > 0 else None,
+            )
+        else:
+            mlp = dense(config.intermediate_size)
+        return DecoderLayerParams(_sds((d,), dtype), attention, _sds((d,), dtype), mlp)
+
+    return ModelParams(
+        embed=_sds((config.vocab_size, d), dtype),
+        layers=tuple(layer(i) for i in range(config.num_layers)),
+        final_norm=_sds((d,), dtype),
+        lm_head=None if config.tie_word_embeddings else _sds((d, config.vocab_size), dtype),
+    )
+
+
+def init_random_params(
+    config: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02
+) -> ModelParams:
+    """Random weights of the right shapes (tests, dummy-weight benchmarks); norms start at 1."""
+    abstract = abstract_params(config, dtype)
+    paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    keys = jax.random.split(key, len(paths_and_leaves))
+    values = [
+        jnp.ones(s.shape, dtype)
+        if "norm" in jax.tree_util.keystr(path)
+        else (scale * jax.random.normal(k, s.shape, jnp.float32)).astype(dtype)
+        for k, (path, s) in zip(keys, paths_and_leaves, strict=True)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def param_bytes(params: ModelParams) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,308 @@
+"""HF safetensors checkpoints (single file or sharded with an index) → typed model params.
+
+Tensors are read one at a time and cast on load; stacked expert arrays are assembled in one
+host buffer per layer and moved to the device before the next is built, so peak host memory
+stays near the size of the loaded params (never two copies of a large checkpoint).
+Every problem names the tensor or file: missing and unexpected tensors and wrong shapes are
+all found from the headers before any data is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from brownout_jax.checkpoints.errors import CheckpointError
+from brownout_jax.config import ModelConfig
+from brownout_jax.params import (
+    AttentionParams,
+    DecoderLayerParams,
+    DenseMlpParams,
+    ExpertWeights,
+    ModelParams,
+    MoeParams,
+)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Non-persistent buffers some exporters wrote; they carry no weights.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+class TensorIndex:
+    """Which file holds each tensor, with its HF shape and dtype, read from headers only."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.file_of: dict[str, Path] = {}
+        self.shape_of: dict[str, tuple[int, ...]] = {}
+        self.dtype_of: dict[str, str] = {}
+        for path, names in self._files().items():
+            with self._open(path) as handle:
+                present = set(handle.keys())
+                for name in names if names is not None else sorted(present):
+                    if name not in present:
+                        raise CheckpointError(
+                            f"{path}: tensor {name!r} is listed in {INDEX_FILE} but not in the file"
+                        )
+                    view = handle.get_slice(name)
+                    self.file_of[name] = path
+                    self.shape_of[name] = tuple(view.get_shape())
+                    self.dtype_of[name] = view.get_dtype()
+
+    def _files(self) -> dict[Path, list[str] | None]:
+        index = self.directory / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from err
+            files: dict[Path, list[str]] = {}
+            for name, filename in weight_map.items():
+                files.setdefault(self.directory / filename, []).append(name)
+            for path in files:
+                if not path.is_file():
+                    raise CheckpointError(f"{path}: shard listed in {INDEX_FILE} is missing")
+            return dict(files)
+        single = self.directory / SINGLE_FILE
+        if single.is_file():
+            return {single: None}
+        shards = sorted(self.directory.glob("*.safetensors"))
+        if not shards:
+            raise CheckpointError(
+                f"{self.directory}: no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors"
+            )
+        return dict.fromkeys(shards)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _open(path: Path) -> Iterator:
+        try:
+            handle_cm = safe_open(str(path), framework="numpy")
+            handle = handle_cm.__enter__()
+        except Exception as err:  # the library raises its own error types for corrupt files
+            raise CheckpointError(f"{path}: cannot read safetensors file ({err})") from err
+        try:
+            yield handle
+        finally:
+            handle_cm.__exit__(None, None, None)
+
+    def fingerprint(self) -> str:
+        """Identity of the weights: config plus every tensor's name, dtype and shape."""
+        digest = hashlib.sha256()
+        config = self.directory / "config.json"
+        if config.is_file():
+            digest.update(config.read_bytes())
+        for name in sorted(self.shape_of):
+            digest.update(f"{name}|{self.dtype_of[name]}|{self.shape_of[name]}\n".encode())
+        return digest.hexdigest()[:16]
+
+
+def expected_hf_tensors(config: ModelConfig, fused_experts: bool) -> dict[str, tuple[int, ...]]:
+    """HF tensor name → HF shape ((out, in) for linear weights) of every weight the model needs."""
+    d, c = config.hidden_size, config.head_dim
+    hc, gc = config.num_heads * c, config.num_kv_heads * c
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, d)}
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = (d,)
+        out[p + "post_attention_layernorm.weight"] = (d,)
+        for proj, width in (("q", hc), ("k", gc), ("v", gc)):
+            out[f"{p}self_attn.{proj}_proj.weight"] = (width, d)
+            if config.qkv_bias:
+                out[f"{p}self_attn.{proj}_proj.bias"] = (width,)
+        out[p + "self_attn.o_proj.weight"] = (d, hc)
+        if config.is_moe_layer(i):
+            e, f = config.num_experts, config.moe_intermediate_size
+            out[p + "mlp.gate.weight"] = (e, d)
+            if fused_experts:
+                out[p + "mlp.experts.gate_up_proj"] = (e, 2 * f, d)
+                out[p + "mlp.experts.down_proj"] = (e, d, f)
+            else:
+                for j in range(e):
+                    out[f"{p}mlp.experts.{j}.gate_proj.weight"] = (f, d)
+                    out[f"{p}mlp.experts.{j}.up_proj.weight"] = (f, d)
+                    out[f"{p}mlp.experts.{j}.down_proj.weight"] = (d, f)
+            fs = config.shared_expert_intermediate_size
+            if fs > 0:
+                out.update(_dense_names(p + "mlp.shared_expert.", d, fs))
+                out[p + "mlp.shared_expert_gate.weight"] = (1, d)
+        else:
+            out.update(_dense_names(p + "mlp.", d, config.intermediate_size))
+    out["model.norm.weight"] = (d,)
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = (config.vocab_size, d)
+    return out
+
+
+def _dense_names(prefix: str, d: int, f: int) -> dict[str, tuple[int, ...]]:
+    return {
+        prefix + "gate_proj.weight": (f, d),
+        prefix + "up_proj.weight": (f, d),
+        prefix + "down_proj.weight": (d, f),
+    }
+
+
+def validate(index: TensorIndex, config: ModelConfig) -> tuple[dict[str, tuple[int, ...]], bool]:
+    fused = any(name.endswith("mlp.experts.gate_up_proj") for name in index.shape_of)
+    expected = expected_hf_tensors(config, fused)
+    present = {n for n in index.shape_of if not n.endswith(_IGNORED_SUFFIXES)}
+    if config.tie_word_embeddings:
+        present.discard("lm_head.weight")  # some exporters store the tied copy anyway
+    missing = sorted(set(expected) - present)
+    if missing:
+        raise CheckpointError(
+            f"{index.directory}: {len(missing)} tensor(s) missing, e.g. {missing[:5]}"
+        )
+    unexpected = sorted(present - set(expected))
+    if unexpected:
+        raise CheckpointError(
+            f"{index.directory}: {len(unexpected)} unexpected tensor(s), e.g. {unexpected[:5]}"
+        )
+    for name, shape in expected.items():
+        if index.shape_of[name] != shape:
+            raise CheckpointError(
+                f"tensor {name!r} in {index.file_of[name]} has shape {index.shape_of[name]}, "
+                f"expected {shape} for this config.json"
+            )
+    return expected, fused
+
+
+class _Reader:
+    """Reads tensors one at a time, keeping each file's handle open while it is needed."""
+
+    def __init__(self, index: TensorIndex, dtype, progress: tqdm | None):
+        self.index = index
+        self.dtype = np.dtype(dtype)
+        self.progress = progress
+        self._stack = contextlib.ExitStack()
+        self._handles: dict[Path, object] = {}
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def raw(self, name: str) -> np.ndarray:
+        path = self.index.file_of[name]
+        if path not in self._handles:
+            self._handles[path] = self._stack.enter_context(TensorIndex._open(path))
+        try:
+            array = self._handles[path].get_tensor(name)
+        except Exception as err:
+            raise CheckpointError(f"{path}: cannot read tensor {name!r} ({err})") from err
+        if self.progress is not None:
+            self.progress.update(1)
+        return array
+
+    def host(self, name: str, transpose: bool = False) -> np.ndarray:
+        array = self.raw(name)
+        return np.ascontiguousarray((array.T if transpose else array).astype(self.dtype))
+
+    def device(self, name: str, transpose: bool = False) -> jax.Array:
+        return jax.device_put(self.host(name, transpose))
+
+
+def load_hf_params(
+    directory: str | Path, config: ModelConfig, dtype, progress: bool = True
+) -> tuple[ModelParams, str]:
+    """Loads and validates a HF checkpoint; returns the params and the source fingerprint."""
+    index = TensorIndex(directory)
+    expected, fused = validate(index, config)
+    bar = tqdm(total=len(expected), desc="loading tensors", unit="tensor", disable=not progress)
+    with bar, _Reader(index, dtype, bar) as reader:
+        params = ModelParams(
+            embed=reader.device("model.embed_tokens.weight"),
+            layers=tuple(_layer(reader, config, i, fused) for i in range(config.num_layers)),
+            final_norm=reader.device("model.norm.weight"),
+            lm_head=None if config.tie_word_embeddings else reader.device("lm_head.weight", True),
+        )
+    return params, index.fingerprint()
+
+
+def _dense(reader: _Reader, prefix: str) -> DenseMlpParams:
+    return DenseMlpParams(
+        w_gate=reader.device(prefix + "gate_proj.weight", True),
+        w_up=reader.device(prefix + "up_proj.weight", True),
+        w_down=reader.device(prefix + "down_proj.weight", True),
+    )
+
+
+def _stacked(reader: _Reader, count: int, read_one: Callable[[int], np.ndarray]) -> jax.Array:
+    first = read_one(0)
+    buffer = np.empty((count, *first.shape), reader.dtype)
+    buffer[0] = first
+    for j in range(1, count):
+        buffer[j] = read_one(j)
+    return jax.device_put(buffer)
+
+
+def _experts(reader: _Reader, prefix: str, config: ModelConfig, fused: bool) -> ExpertWeights:
+    e, f = config.num_experts, config.moe_intermediate_size
+    if fused:
+        gate_up = reader.raw(prefix + "gate_up_proj")  # (E, 2F, D)
+        down = reader.raw(prefix + "down_proj")  # (E, D, F)
+        cast = reader.dtype
+        return ExpertWeights(
+            w_gate=jax.device_put(
+                np.ascontiguousarray(gate_up[:, :f].transpose(0, 2, 1).astype(cast))
+            ),
+            w_up=jax.device_put(
+                np.ascontiguousarray(gate_up[:, f:].transpose(0, 2, 1).astype(cast))
+            ),
+            w_down=jax.device_put(np.ascontiguousarray(down.transpose(0, 2, 1).astype(cast))),
+        )
+
+    def one(kind: str) -> Callable[[int], np.ndarray]:
+        return lambda j: reader.raw(f"{prefix}{j}.{kind}_proj.weight").T
+
+    return ExpertWeights(
+        w_gate=_stacked(reader, e, one("gate")),
+        w_up=_stacked(reader, e, one("up")),
+        w_down=_stacked(reader, e, one("down")),
+    )
+
+
+def _layer(reader: _Reader, config: ModelConfig, i: int, fused: bool) -> DecoderLayerParams:
+    p = f"model.layers.{i}."
+    bias = config.qkv_bias
+
+    def maybe_bias(proj: str) -> jax.Array | None:
+        return reader.device(f"{p}self_attn.{proj}_proj.bias") if bias else None
+
+    attention = AttentionParams(
+        wq=reader.device(p + "self_attn.q_proj.weight", True),
+        wk=reader.device(p + "self_attn.k_proj.weight", True),
+        wv=reader.device(p + "self_attn.v_proj.weight", True),
+        wo=reader.device(p + "self_attn.o_proj.weight", True),
+        bq=maybe_bias("q"),
+        bk=maybe_bias("k"),
+        bv=maybe_bias("v"),
+    )
+    if config.is_moe_layer(i):
+        has_shared = config.shared_expert_intermediate_size > 0
+        mlp = MoeParams(
+            router=reader.device(p + "mlp.gate.weight", True),
+            experts=_experts(reader, p + "mlp.experts.", config, fused),
+            shared=_dense(reader, p + "mlp.shared_expert.") if has_shared else None,
+            shared_gate=reader.device(p + "mlp.shared_expert_gate.weight", True)
+            if has_shared
+            else None,
+        )
+    else:
+        mlp = _dense(reader, p + "mlp.")
+    return DecoderLayerParams(
+        input_norm=reader.device(p + "input_layernorm.weight"),
+        attention=attention,
+        post_attention_norm=reader.device(p + "post_attention_layernorm.weight"),
+        mlp=mlp,
+    )

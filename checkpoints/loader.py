@@ -1,0 +1,90 @@
+"""One entry point for every checkpoint form: ``load_model(dir)`` → config, params, tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from brownout_jax.checkpoints.errors import CheckpointError
+from brownout_jax.checkpoints.hf_safetensors import load_hf_params
+from brownout_jax.checkpoints.orbax_store import is_converted, load_converted
+from brownout_jax.config import ModelConfig
+from brownout_jax.params import ModelParams
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    directory: Path
+    config: ModelConfig
+    params: ModelParams
+    tokenizer: object | None  # a transformers tokenizer, or None: token ids only
+    fingerprint: str  # identity of the source weights (united experts are tied to it)
+    eos_token_ids: tuple[int, ...]
+
+    @property
+    def dtype(self):
+        return self.params.embed.dtype
+
+
+def resolve_dtype(name: str | None):
+    """``auto``: bfloat16 on accelerators, float32 on CPU (where bf16 matmuls are slow)."""
+    if name in (None, "auto"):
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+def load_tokenizer(directory: str | Path):
+    directory = Path(directory)
+    if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer  # heavy import, only when a tokenizer exists
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception as err:
+        raise CheckpointError(
+            f"{directory}: tokenizer files present but unreadable ({err})"
+        ) from err
+
+
+def _eos_ids(directory: Path, config: ModelConfig) -> tuple[int, ...]:
+    ids = list(config.eos_token_ids)
+    generation = directory / "generation_config.json"
+    if generation.is_file():
+        eos = json.loads(generation.read_text()).get("eos_token_id")
+        for token in eos if isinstance(eos, list) else [eos]:
+            if token is not None and int(token) not in ids:
+                ids.append(int(token))
+    return tuple(ids)
+
+
+def load_model(
+    directory: str | Path, dtype: str | None = "auto", progress: bool = True
+) -> LoadedModel:
+    """Loads a HF safetensors checkpoint or a ``brownout-jax convert`` output."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: checkpoint directory not found")
+    config = ModelConfig.from_pretrained_dir(directory)
+    jdtype = resolve_dtype(dtype)
+    if is_converted(directory):
+        params, fingerprint = load_converted(directory, config, jdtype)
+    else:
+        params, fingerprint = load_hf_params(directory, config, jdtype, progress)
+    return LoadedModel(
+        directory=directory,
+        config=config,
+        params=params,
+        tokenizer=load_tokenizer(directory),
+        fingerprint=fingerprint,
+        eos_token_ids=_eos_ids(directory, config),
+    )

@@ -1,0 +1,111 @@
+"""Converted checkpoints: typed params in orbax, beside the HF config and tokenizer files.
+
+Layout of a converted directory::
+
+    config.json, generation_config.json, tokenizer files   (copied from the HF checkpoint)
+    brownout_checkpoint.json                               (format, dtype, source fingerprint)
+    params/                                                (orbax PyTree checkpoint)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from brownout_jax.checkpoints.errors import CheckpointError
+from brownout_jax.config import ModelConfig
+from brownout_jax.params import ModelParams, abstract_params
+
+MANIFEST = "brownout_checkpoint.json"
+FORMAT = "brownout-jax-params"
+FORMAT_VERSION = 1
+PARAMS_DIR = "params"
+# Small files that travel with the weights: config, generation and tokenizer files.
+_CARRIED_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
+
+
+def is_converted(directory: str | Path) -> bool:
+    return (Path(directory) / MANIFEST).is_file()
+
+
+def read_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable manifest ({err})") from err
+    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format {manifest.get('format')!r} v{manifest.get('version')} is not "
+            f"{FORMAT!r} v{FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def save_converted(
+    params: ModelParams,
+    source_dir: str | Path,
+    out_dir: str | Path,
+    fingerprint: str,
+    overwrite: bool = False,
+) -> Path:
+    """Writes into a temporary sibling and renames at the end: an interrupted conversion
+    leaves no half-written checkpoint behind."""
+    out = Path(out_dir).absolute()
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out}: output directory exists (pass --overwrite to replace it)")
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        for item in sorted(Path(source_dir).iterdir()):
+            if (
+                item.is_file()
+                and item.suffix in _CARRIED_SUFFIXES
+                and "safetensors" not in item.name
+            ):
+                shutil.copy2(item, tmp / item.name)
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(tmp / PARAMS_DIR, params)
+        dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        (tmp / MANIFEST).write_text(
+            json.dumps(
+                {
+                    "format": FORMAT,
+                    "version": FORMAT_VERSION,
+                    "dtype": jnp.dtype(dtype).name,
+                    "fingerprint": fingerprint,
+                    "source": str(Path(source_dir).absolute()),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_converted(directory: str | Path, config: ModelConfig, dtype) -> tuple[ModelParams, str]:
+    """Restores params (cast to ``dtype``) and returns them with the source fingerprint."""
+    directory = Path(directory).absolute()
+    manifest = read_manifest(directory)
+    target = abstract_params(config, dtype)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            params = checkpointer.restore(directory / PARAMS_DIR, target)
+    except Exception as err:
+        raise CheckpointError(
+            f"{directory / PARAMS_DIR}: cannot restore params for this config.json ({err})"
+        ) from err
+    return params, manifest["fingerprint"]

@@ -1,0 +1,119 @@
+"""Shared fixtures: tiny Qwen2-MoE checkpoints written by transformers itself."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@dataclasses.dataclass(frozen=True)
+class TinySpec:
+    """A random tiny Qwen2-MoE config, varied along the axes parity must hold on."""
+
+    name: str
+    overrides: dict
+    seed: int = 0
+
+
+def _base_config(**overrides):
+    from transformers import Qwen2MoeConfig
+
+    fields = dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=24,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        rope_theta=10000.0,
+        eos_token_id=None,
+    )
+    fields.update(overrides)
+    rope_theta = fields.pop("rope_theta")
+    config = Qwen2MoeConfig(**fields)
+    config.rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
+    return config
+
+
+# Three+ configs that differ in GQA, norm_topk_prob, tying, dense layers, top-k, expert count.
+PARITY_SPECS = [
+    TinySpec(
+        "gqa_norm_topk_dense_layer",
+        dict(num_hidden_layers=3, num_key_value_heads=2, norm_topk_prob=True, mlp_only_layers=[1],
+             num_experts=8, num_experts_per_tok=2),
+        seed=1,
+    ),
+    TinySpec(
+        "tied_top1_sparse_step2",
+        dict(tie_word_embeddings=True, num_experts=4, num_experts_per_tok=1, decoder_sparse_step=2,
+             qkv_bias=False),
+        seed=2,
+    ),
+    TinySpec(
+        "gqa4_top4_16experts",
+        dict(num_attention_heads=8, num_key_value_heads=2, num_experts=16, num_experts_per_tok=4,
+             hidden_size=64, rope_theta=1_000_000.0),
+        seed=3,
+    ),
+]
+
+
+def write_tiny_checkpoint(
+    directory: Path, spec: TinySpec, max_shard_size: str | None = None, tokenizer: bool = False
+) -> Path:
+    import torch
+    from transformers import Qwen2MoeForCausalLM
+
+    torch.manual_seed(spec.seed)
+    config = _base_config(**spec.overrides)
+    model = Qwen2MoeForCausalLM(config).eval()
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(directory, **kwargs)
+    if tokenizer:
+        write_tiny_tokenizer(directory, config.vocab_size)
+    return directory
+
+
+def write_tiny_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over a fixed word list; ids below ``vocab_size``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<|endoftext|>", "[UNK]"] + [f"w{i}" for i in range(vocab_size - 2)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|endoftext|>", unk_token="[UNK]"
+    )
+    fast.save_pretrained(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {spec.name: write_tiny_checkpoint(root / spec.name, spec) for spec in PARITY_SPECS}
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(tmp_path_factory) -> Path:
+    spec = PARITY_SPECS[0]
+    return write_tiny_checkpoint(
+        tmp_path_factory.mktemp("tok") / "model", spec, tokenizer=True
+    )
+
+
+def rel_err(out, ref) -> float:
+    out = np.asarray(out, np.float64)
+    ref = np.asarray(ref, np.float64)
+    assert np.all(np.isfinite(out)), "output has NaN/inf"
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
