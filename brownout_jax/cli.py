@@ -30,6 +30,9 @@ def _add_generate(sub) -> None:
     p.add_argument(
         "--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16"
     )
+    p.add_argument(
+        "--warmup", action="store_true", help="run once first so timings exclude compilation"
+    )
     p.add_argument("--output", choices=("text", "json"), default="text")
     p.set_defaults(run=_run_generate)
 
@@ -56,17 +59,27 @@ def _run_generate(args) -> int:
         prompt_ids = model.tokenizer.encode(args.prompt, add_special_tokens=False)
     else:
         prompt_ids = args.prompt_ids
+
+    def run(arrivals: list[float] | None = None):
+        return generate(
+            model.params,
+            model.config,
+            [prompt_ids],
+            args.max_new_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+            stop_token_ids=() if args.ignore_eos else model.eos_token_ids,
+            arrival_times=arrivals,
+        )[0]
+
+    if args.warmup:
+        run()
+    arrivals: list[float] = []
     start = time.perf_counter()
-    (result,) = generate(
-        model.params,
-        model.config,
-        [prompt_ids],
-        args.max_new_tokens,
-        temperature=args.temperature,
-        seed=args.seed,
-        stop_token_ids=() if args.ignore_eos else model.eos_token_ids,
-    )
+    result = run(arrivals)
     elapsed = time.perf_counter() - start
+    ttft = arrivals[0] - start
+    tpot = (arrivals[-1] - arrivals[0]) / max(len(arrivals) - 1, 1)
     text = None
     if model.tokenizer is not None:
         text = model.tokenizer.decode(result.token_ids, skip_special_tokens=True)
@@ -79,14 +92,20 @@ def _run_generate(args) -> int:
                     "logprobs": result.logprobs,
                     "text": text,
                     "finish_reason": result.finish_reason,
-                    "elapsed_s": round(elapsed, 4),
+                    "timing": {
+                        "elapsed_s": round(elapsed, 4),
+                        "ttft_s": round(ttft, 4),
+                        "tpot_s": round(tpot, 5),
+                        "includes_compilation": not args.warmup,
+                    },
                 }
             )
         )
     else:
         print(text if text is not None else " ".join(map(str, result.token_ids)))
         print(
-            f"[{len(result.token_ids)} tokens in {elapsed:.2f}s, finish: {result.finish_reason}]",
+            f"[{len(result.token_ids)} tokens in {elapsed:.2f}s (TTFT {ttft * 1e3:.0f} ms, "
+            f"TPOT {tpot * 1e3:.1f} ms), finish: {result.finish_reason}]",
             file=sys.stderr,
         )
     return 0

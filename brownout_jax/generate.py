@@ -7,6 +7,7 @@ are read, so reading them (the one sync per step) overlaps with device work.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 
 import jax.numpy as jnp
@@ -50,7 +51,10 @@ def generate(
     seed: int = 0,
     stop_token_ids: Sequence[int] = (),
     moe_options: MoeOptions = DEFAULT_MOE_OPTIONS,
+    arrival_times: list[float] | None = None,
 ) -> list[GenerationResult]:
+    """Generates for all prompts at once. ``arrival_times``, when given, receives the host
+    clock (``time.perf_counter``) at which each step's tokens were read."""
     if not prompts:
         raise ValueError("prompts: at least one prompt is required")
     if max_new_tokens < 1:
@@ -99,6 +103,8 @@ def generate(
             state, following = decode_step(params, state, **static)
             following.copy_to_host_async()
         step_tokens, step_logprobs = unpack_sampled(packed)
+        if arrival_times is not None:
+            arrival_times.append(time.perf_counter())
         for i in np.flatnonzero(~done):
             token = int(step_tokens[i])
             results[i].token_ids.append(token)

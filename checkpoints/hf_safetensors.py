@@ -10,14 +10,17 @@ all found from the headers before any data is read.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+import struct
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import jax
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from brownout_jax.checkpoints.errors import CheckpointError
@@ -37,26 +40,88 @@ SINGLE_FILE = "model.safetensors"
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
+_DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TensorEntry:
+    path: Path
+    dtype: str  # safetensors dtype tag, e.g. "BF16"
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
+    """Parses and checks a safetensors header: every tensor's bytes must lie inside the file.
+
+    Reading the header ourselves (instead of memory-mapping the file) keeps file pages out of
+    the process's resident memory and lets a truncated or garbled file be named precisely.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        header_len = struct.unpack("<Q", prefix)[0]
+        if header_len > size - 8:
+            raise CheckpointError(f"{path}: corrupt safetensors header (length {header_len})")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({err})") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    base = 8 + header_len
+    entries: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from err
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        expected = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
+        if end - begin != expected or base + end > size or begin < 0:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} lies outside the file or has the wrong byte size "
+                "(truncated or corrupt file)"
+            )
+        entries[name] = TensorEntry(path, dtype, shape, base + begin, end - begin)
+    return entries
+
+
 class TensorIndex:
     """Which file holds each tensor, with its HF shape and dtype, read from headers only."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        self.file_of: dict[str, Path] = {}
-        self.shape_of: dict[str, tuple[int, ...]] = {}
-        self.dtype_of: dict[str, str] = {}
+        self.entries: dict[str, TensorEntry] = {}
         for path, names in self._files().items():
-            with self._open(path) as handle:
-                present = set(handle.keys())
-                for name in names if names is not None else sorted(present):
-                    if name not in present:
-                        raise CheckpointError(
-                            f"{path}: tensor {name!r} is listed in {INDEX_FILE} but not in the file"
-                        )
-                    view = handle.get_slice(name)
-                    self.file_of[name] = path
-                    self.shape_of[name] = tuple(view.get_shape())
-                    self.dtype_of[name] = view.get_dtype()
+            present = read_safetensors_header(path)
+            for name in names if names is not None else sorted(present):
+                if name not in present:
+                    raise CheckpointError(
+                        f"{path}: tensor {name!r} is listed in {INDEX_FILE} but not in the file"
+                    )
+                self.entries[name] = present[name]
+
+    @property
+    def shape_of(self) -> dict[str, tuple[int, ...]]:
+        return {name: entry.shape for name, entry in self.entries.items()}
 
     def _files(self) -> dict[Path, list[str] | None]:
         index = self.directory / INDEX_FILE
@@ -82,27 +147,15 @@ class TensorIndex:
             )
         return dict.fromkeys(shards)
 
-    @staticmethod
-    @contextlib.contextmanager
-    def _open(path: Path) -> Iterator:
-        try:
-            handle_cm = safe_open(str(path), framework="numpy")
-            handle = handle_cm.__enter__()
-        except Exception as err:  # the library raises its own error types for corrupt files
-            raise CheckpointError(f"{path}: cannot read safetensors file ({err})") from err
-        try:
-            yield handle
-        finally:
-            handle_cm.__exit__(None, None, None)
-
     def fingerprint(self) -> str:
         """Identity of the weights: config plus every tensor's name, dtype and shape."""
         digest = hashlib.sha256()
         config = self.directory / "config.json"
         if config.is_file():
             digest.update(config.read_bytes())
-        for name in sorted(self.shape_of):
-            digest.update(f"{name}|{self.dtype_of[name]}|{self.shape_of[name]}\n".encode())
+        for name in sorted(self.entries):
+            entry = self.entries[name]
+            digest.update(f"{name}|{entry.dtype}|{entry.shape}\n".encode())
         return digest.hexdigest()[:16]
 
 
@@ -168,23 +221,24 @@ def validate(index: TensorIndex, config: ModelConfig) -> tuple[dict[str, tuple[i
             f"{index.directory}: {len(unexpected)} unexpected tensor(s), e.g. {unexpected[:5]}"
         )
     for name, shape in expected.items():
-        if index.shape_of[name] != shape:
+        if index.entries[name].shape != shape:
             raise CheckpointError(
-                f"tensor {name!r} in {index.file_of[name]} has shape {index.shape_of[name]}, "
+                f"tensor {name!r} in {index.entries[name].path} has shape "
+                f"{index.entries[name].shape}, "
                 f"expected {shape} for this config.json"
             )
     return expected, fused
 
 
 class _Reader:
-    """Reads tensors one at a time, keeping each file's handle open while it is needed."""
+    """Reads tensors one at a time with plain file reads, casting on the way."""
 
     def __init__(self, index: TensorIndex, dtype, progress: tqdm | None):
         self.index = index
         self.dtype = np.dtype(dtype)
         self.progress = progress
         self._stack = contextlib.ExitStack()
-        self._handles: dict[Path, object] = {}
+        self._files: dict[Path, BinaryIO] = {}
 
     def __enter__(self) -> _Reader:
         return self
@@ -193,23 +247,25 @@ class _Reader:
         self._stack.close()
 
     def raw(self, name: str) -> np.ndarray:
-        path = self.index.file_of[name]
-        if path not in self._handles:
-            self._handles[path] = self._stack.enter_context(TensorIndex._open(path))
-        try:
-            array = self._handles[path].get_tensor(name)
-        except Exception as err:
-            raise CheckpointError(f"{path}: cannot read tensor {name!r} ({err})") from err
+        entry = self.index.entries[name]
+        if entry.path not in self._files:
+            self._files[entry.path] = self._stack.enter_context(entry.path.open("rb"))
+        f = self._files[entry.path]
+        array = np.empty(entry.shape, _DTYPES[entry.dtype])
+        f.seek(entry.offset)
+        if f.readinto(memoryview(array.reshape(-1).view(np.uint8))) != entry.nbytes:
+            raise CheckpointError(f"{entry.path}: tensor {name!r} is truncated")
         if self.progress is not None:
             self.progress.update(1)
         return array
 
     def host(self, name: str, transpose: bool = False) -> np.ndarray:
         array = self.raw(name)
-        return np.ascontiguousarray((array.T if transpose else array).astype(self.dtype))
+        return np.ascontiguousarray(array.T if transpose else array, dtype=self.dtype)
 
     def device(self, name: str, transpose: bool = False) -> jax.Array:
-        return jax.device_put(self.host(name, transpose))
+        # Wait for the copy so that host buffers are freed one tensor at a time.
+        return jax.device_put(self.host(name, transpose)).block_until_ready()
 
 
 def load_hf_params(
@@ -241,9 +297,10 @@ def _stacked(reader: _Reader, count: int, read_one: Callable[[int], np.ndarray])
     first = read_one(0)
     buffer = np.empty((count, *first.shape), reader.dtype)
     buffer[0] = first
+    del first
     for j in range(1, count):
         buffer[j] = read_one(j)
-    return jax.device_put(buffer)
+    return jax.device_put(buffer).block_until_ready()
 
 
 def _experts(reader: _Reader, prefix: str, config: ModelConfig, fused: bool) -> ExpertWeights:

@@ -48,20 +48,37 @@ def _base_config(**overrides):
 PARITY_SPECS = [
     TinySpec(
         "gqa_norm_topk_dense_layer",
-        dict(num_hidden_layers=3, num_key_value_heads=2, norm_topk_prob=True, mlp_only_layers=[1],
-             num_experts=8, num_experts_per_tok=2),
+        dict(
+            num_hidden_layers=3,
+            num_key_value_heads=2,
+            norm_topk_prob=True,
+            mlp_only_layers=[1],
+            num_experts=8,
+            num_experts_per_tok=2,
+        ),
         seed=1,
     ),
     TinySpec(
         "tied_top1_sparse_step2",
-        dict(tie_word_embeddings=True, num_experts=4, num_experts_per_tok=1, decoder_sparse_step=2,
-             qkv_bias=False),
+        dict(
+            tie_word_embeddings=True,
+            num_experts=4,
+            num_experts_per_tok=1,
+            decoder_sparse_step=2,
+            qkv_bias=False,
+        ),
         seed=2,
     ),
     TinySpec(
         "gqa4_top4_16experts",
-        dict(num_attention_heads=8, num_key_value_heads=2, num_experts=16, num_experts_per_tok=4,
-             hidden_size=64, rope_theta=1_000_000.0),
+        dict(
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            num_experts=16,
+            num_experts_per_tok=4,
+            hidden_size=64,
+            rope_theta=1_000_000.0,
+        ),
         seed=3,
     ),
 ]
@@ -107,9 +124,7 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_with_tokenizer(tmp_path_factory) -> Path:
     spec = PARITY_SPECS[0]
-    return write_tiny_checkpoint(
-        tmp_path_factory.mktemp("tok") / "model", spec, tokenizer=True
-    )
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tok") / "model", spec, tokenizer=True)
 
 
 def rel_err(out, ref) -> float:

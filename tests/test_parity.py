@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -48,15 +49,22 @@ def test_prefill_then_decode_equals_full_forward(tiny_checkpoints, name):
 
     prompt = np.where(np.arange(12)[None] < lengths[:, None], seqs[:, :12], 0)
     cache = ContiguousKVCache.allocate(config, 2, 32)
-    cache, last = prefill(params, config, cache, jnp.asarray(prompt), jnp.asarray(lengths))
+    cache, last = jax.jit(prefill, static_argnums=1)(
+        params, config, cache, jnp.asarray(prompt), jnp.asarray(lengths)
+    )
     ref_last = full[np.arange(2), lengths - 1]
     assert rel_err(last, ref_last) <= 1e-5
 
     positions = lengths.copy()
+    decode_jit = jax.jit(decode, static_argnums=1)
     for _ in range(total - lengths.max()):
         tokens = seqs[np.arange(2), positions]
-        cache, logits = decode(
-            params, config, cache, jnp.asarray(tokens), jnp.asarray(positions),
+        cache, logits = decode_jit(
+            params,
+            config,
+            cache,
+            jnp.asarray(tokens),
+            jnp.asarray(positions),
             jnp.ones(2, bool),
         )
         assert rel_err(logits, full[np.arange(2), positions]) <= 1e-5
@@ -70,20 +78,37 @@ def test_cli_greedy_generation_matches_transformers_generate(tiny_checkpoints, n
     hf = _hf(path)
     with torch.no_grad():
         generated = hf.generate(
-            torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
-            output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+            torch.tensor([prompt]),
+            max_new_tokens=24,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
         )
-    ref_tokens = generated.sequences[0, len(prompt):].tolist()
+    ref_tokens = generated.sequences[0, len(prompt) :].tolist()
     ref_logprobs = [
         torch.log_softmax(score[0], -1)[tok].item()
         for score, tok in zip(generated.scores, ref_tokens, strict=True)
     ]
 
-    code = cli.main([
-        "generate", "--model", str(path), "--prompt-ids", ",".join(map(str, prompt)),
-        "--max-new-tokens", "24", "--temperature", "0", "--dtype", "float32",
-        "--ignore-eos", "--output", "json",
-    ])
+    code = cli.main(
+        [
+            "generate",
+            "--model",
+            str(path),
+            "--prompt-ids",
+            ",".join(map(str, prompt)),
+            "--max-new-tokens",
+            "24",
+            "--temperature",
+            "0",
+            "--dtype",
+            "float32",
+            "--ignore-eos",
+            "--output",
+            "json",
+        ]
+    )
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert out["token_ids"] == ref_tokens
