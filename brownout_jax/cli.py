@@ -23,6 +23,9 @@ def _add_generate(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
     src.add_argument("--prompt-ids", type=_parse_ids, help="prompt token ids, e.g. 1,2,3")
+    p.add_argument(
+        "--chat", action="store_true", help="wrap --prompt in the tokenizer's chat template"
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
@@ -46,6 +49,16 @@ def _add_convert(sub) -> None:
     p.set_defaults(run=_run_convert)
 
 
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+    if not chat:
+        return tokenizer.encode(prompt, add_special_tokens=False)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--chat: the checkpoint's tokenizer has no chat template")
+    messages = [{"role": "user", "content": prompt}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids if isinstance(ids, list) else ids["input_ids"])
+
+
 def _run_generate(args) -> int:
     from brownout_jax.checkpoints import load_model
     from brownout_jax.generate import generate
@@ -56,7 +69,7 @@ def _run_generate(args) -> int:
             raise ValueError(
                 f"{args.model} has no tokenizer files; pass --prompt-ids instead of --prompt"
             )
-        prompt_ids = model.tokenizer.encode(args.prompt, add_special_tokens=False)
+        prompt_ids = encode_prompt(model.tokenizer, args.prompt, args.chat)
     else:
         prompt_ids = args.prompt_ids
 

@@ -112,6 +112,10 @@ def write_tiny_tokenizer(directory: Path, vocab_size: int) -> None:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=core, eos_token="<|endoftext|>", unk_token="[UNK]"
     )
+    fast.chat_template = (
+        "{% for m in messages %}w1 {{ m['content'] }} w2 {% endfor %}"
+        "{% if add_generation_prompt %}w3{% endif %}"
+    )
     fast.save_pretrained(directory)
 
 

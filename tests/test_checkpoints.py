@@ -189,3 +189,10 @@ def test_text_prompt_through_tokenizer(tiny_with_tokenizer, capsys):
     assert out["prompt_token_ids"] == [3, 4, 5, 6]
     expected = " ".join(f"w{t - 2}" if t >= 2 else "" for t in out["token_ids"]).split()
     assert out["text"].split() == expected
+
+
+def test_chat_prompt_uses_the_chat_template(tiny_with_tokenizer, capsys):
+    args = ["generate", "--model", str(tiny_with_tokenizer), "--max-new-tokens", "2"]
+    assert cli.main([*args, "--prompt", "w5 w6", "--chat", "--output", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompt_token_ids"] == [3, 7, 8, 4, 5]  # w1 w5 w6 w2 w3
