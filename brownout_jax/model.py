@@ -110,7 +110,10 @@ def decoder_layer(
     cache: ContiguousKVCache | None,
     read_cache: bool,
     moe_options: MoeOptions,
+    moe_inputs: list | None = None,
 ) -> tuple[Float[Array, "B T D"], ContiguousKVCache | None]:
+    """One decoder layer. ``moe_inputs``, when given, collects the MoE block's input (N, D)
+    at trace time (calibration for united experts)."""
     attn_out, cache = attention_block(
         rms_norm(h, params.input_norm, config.rms_norm_eps),
         params.attention,
@@ -125,13 +128,15 @@ def decoder_layer(
     b, t, d = h.shape
     x = rms_norm(h, params.post_attention_norm, config.rms_norm_eps).reshape(b * t, d)
     if isinstance(params.mlp, MoeParams):
+        if moe_inputs is not None:
+            moe_inputs.append(x)
         mlp_out = moe_block(
             x,
             params.mlp,
             token_mask.reshape(b * t),
             config.num_experts_per_tok,
             config.norm_topk_prob,
-            moe_options,
+            moe_options.at_layer(layer),
         )
     else:
         mlp_out = dense_mlp(x, params.mlp)
@@ -147,6 +152,7 @@ def forward_hidden(
     cache: ContiguousKVCache | None,
     read_cache: bool,
     moe_options: MoeOptions,
+    moe_inputs: list | None = None,
 ) -> tuple[Float[Array, "B T D"], ContiguousKVCache | None]:
     h = params.embed[tokens]
     rope = rope_tables(positions, config.head_dim, config.rope_theta, h.dtype)
@@ -162,8 +168,25 @@ def forward_hidden(
             cache,
             read_cache,
             moe_options,
+            moe_inputs,
         )
     return rms_norm(h, params.final_norm, config.rms_norm_eps), cache
+
+
+def collect_moe_inputs(
+    params: ModelParams,
+    config: ModelConfig,
+    tokens: Int[Array, "B T"],
+    lengths: Int[Array, " B"],
+) -> tuple[tuple[Float[Array, "N D"], ...], Bool[Array, " N"]]:
+    """The input of every MoE block (in ``config.moe_layers`` order) on right-padded
+    sequences, with the mask of real tokens: calibration data for united experts."""
+    positions, token_mask = _prompt_positions(tokens, lengths)
+    captured: list = []
+    forward_hidden(
+        params, config, tokens, positions, token_mask, None, False, DEFAULT_MOE_OPTIONS, captured
+    )
+    return tuple(captured), token_mask.reshape(-1)
 
 
 def lm_logits(params: ModelParams, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from brownout_jax.brownout import route_with_brownout
 from brownout_jax.dims import Array, Bool, Float, Int
 from brownout_jax.expert_matmul import (
     ExpertTiling,
@@ -35,6 +36,14 @@ class MoeOptions:
 
     backend: ExpertBackend = ExpertBackend.SORTED_TILES
     tiling: ExpertTiling | None = None  # None: picked from the step's static shape
+    # Brownout threshold of this step (a ladder level); 1.0 compiles no brownout work at all.
+    threshold: float = 1.0
+    exempt_layers: tuple[int, ...] = ()  # layers that never brown out
+
+    def at_layer(self, layer: int) -> MoeOptions:
+        if self.threshold < 1.0 and layer in self.exempt_layers:
+            return dataclasses.replace(self, threshold=1.0)
+        return self
 
 
 DEFAULT_MOE_OPTIONS = MoeOptions()
@@ -92,6 +101,18 @@ def moe_block(
     options: MoeOptions,
 ) -> Float[Array, "N D"]:
     routing = route_top_k(x, params.router, top_k, norm_topk_prob)
+    if options.threshold < 1.0:
+        if params.group_of_expert is None:
+            raise ValueError("a brownout threshold below 1 needs united experts (--united)")
+        routing = routing.replace(
+            expert_ids=route_with_brownout(
+                routing.expert_ids,
+                token_mask,
+                params.group_of_expert,
+                params.num_united,
+                options.threshold,
+            )
+        )
     out = apply_routed_experts(x, routing, params.experts, token_mask, options)
     if params.shared is not None:
         gate = jax.nn.sigmoid(jnp.dot(x, params.shared_gate))

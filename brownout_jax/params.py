@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from brownout_jax.config import ModelConfig
-from brownout_jax.dims import Array, Float
+from brownout_jax.dims import Array, Float, Int
 
 
 @struct.dataclass
@@ -49,9 +49,17 @@ class ExpertWeights:
 @struct.dataclass
 class MoeParams:
     router: Float[Array, "D E"]
+    # E routed experts; with united experts attached, E + U: the U united ones follow the E.
     experts: ExpertWeights
     shared: DenseMlpParams | None
     shared_gate: Float[Array, "D 1"] | None
+    group_of_expert: Int[Array, " E"] | None = None  # united group of each routed expert
+
+    @property
+    def num_united(self) -> int:
+        if self.group_of_expert is None:
+            return 0
+        return self.experts.num_experts - self.group_of_expert.shape[0]
 
 
 @struct.dataclass
