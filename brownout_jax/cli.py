@@ -1,4 +1,4 @@
-"""``brownout-jax`` command line: generate, convert."""
+"""``brownout-jax`` command line: generate, convert, unite, bench."""
 
 from __future__ import annotations
 
@@ -36,8 +36,58 @@ def _add_generate(sub) -> None:
     p.add_argument(
         "--warmup", action="store_true", help="run once first so timings exclude compilation"
     )
+    _add_brownout_options(p)
     p.add_argument("--output", choices=("text", "json"), default="text")
     p.set_defaults(run=_run_generate)
+
+
+def _add_brownout_options(p) -> None:
+    group = p.add_argument_group("brownout")
+    group.add_argument("--united", help="united experts directory (`brownout-jax unite` output)")
+    group.add_argument(
+        "--threshold",
+        type=float,
+        default=1.0,
+        help="brownout threshold for prefill and decode (1 = exact model, 0 = all united)",
+    )
+    group.add_argument("--prefill-threshold", type=float, help="overrides --threshold in prefill")
+    group.add_argument("--decode-threshold", type=float, help="overrides --threshold in decode")
+    group.add_argument(
+        "--ladder", default=None, help="threshold levels, e.g. 0,0.5,1 (default 0, 0.1, …, 1)"
+    )
+    group.add_argument(
+        "--exempt-edge-layers",
+        type=int,
+        default=0,
+        help="never brown out the first and last K MoE layers (the reference uses 2)",
+    )
+
+
+def brownout_options(args, config) -> tuple:
+    """(prefill MoeOptions, decode MoeOptions) from the CLI flags; off-ladder values snap down
+    to a level, and say so."""
+    from brownout_jax.brownout import DEFAULT_LADDER, ThresholdLadder
+    from brownout_jax.moe import MoeOptions
+
+    ladder = ThresholdLadder.parse(args.ladder) if args.ladder else DEFAULT_LADDER
+    chosen = {}
+    for phase, value in (("prefill", args.prefill_threshold), ("decode", args.decode_threshold)):
+        wanted = args.threshold if value is None else value
+        level = ladder.snap(wanted)
+        if abs(level - wanted) > 1e-9:
+            print(
+                f"brownout: {phase} threshold {wanted:g} is not on the ladder; using {level:g}",
+                file=sys.stderr,
+            )
+        chosen[phase] = level
+    if min(chosen.values()) < 1.0 and args.united is None:
+        raise ValueError("--threshold below 1 needs united experts: pass --united DIR")
+    moe = config.moe_layers
+    k = args.exempt_edge_layers
+    if k < 0:
+        raise ValueError(f"--exempt-edge-layers must be ≥ 0, got {k}")
+    exempt = tuple(moe[:k]) + tuple(moe[len(moe) - k :]) if k else ()
+    return tuple(MoeOptions(threshold=chosen[p], exempt_layers=exempt) for p in chosen)
 
 
 def _add_convert(sub) -> None:
@@ -47,6 +97,78 @@ def _add_convert(sub) -> None:
     p.add_argument("--dtype", default="bfloat16", help="float32 or bfloat16 (default)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=_run_convert)
+
+
+def _add_unite(sub) -> None:
+    p = sub.add_parser("unite", help="build united experts for brownout (distillation)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--way", type=int, default=4, help="experts per united expert (2, 4, 8, …)")
+    p.add_argument("--grouping", choices=("contiguous", "similarity"), default="contiguous")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--calib", help="calibration text: plain, JSONL (text), Alpaca/ShareGPT JSON")
+    src.add_argument("--calib-random-tokens", type=int, help="N random tokens instead of text")
+    p.add_argument("--calib-tokens", type=int, default=16384, help="cap on calibration tokens")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--max-steps", type=int, default=400, help="distillation steps per layer")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=_run_unite)
+
+
+def _run_unite(args) -> int:
+    from brownout_jax.calibration import (
+        load_calibration_texts,
+        random_token_sequences,
+        tokenize_texts,
+    )
+    from brownout_jax.checkpoints import load_model
+    from brownout_jax.checkpoints.united_store import save_united
+    from brownout_jax.distill import DistillConfig, build_united_experts
+
+    model = load_model(args.model, args.dtype)
+    if args.calib is not None:
+        if model.tokenizer is None:
+            raise ValueError(f"--calib: {args.model} has no tokenizer; use --calib-random-tokens")
+        texts = load_calibration_texts(args.calib)
+        sequences = tokenize_texts(texts, model.tokenizer, args.seq_len, args.calib_tokens)
+        calibration = {"file": str(args.calib), "texts": len(texts)}
+    else:
+        n = args.calib_random_tokens
+        if n is None or n < 64:
+            raise ValueError("--calib-random-tokens must be at least 64")
+        sequences = random_token_sequences(n, model.config.vocab_size, args.seq_len, args.seed)
+        calibration = {"random_tokens": n, "seed": args.seed}
+    calibration["tokens"] = sum(len(s) for s in sequences)
+    start = time.perf_counter()
+    cfg = DistillConfig(learning_rate=args.lr, max_steps=args.max_steps, seed=args.seed)
+    united, reports = build_united_experts(
+        model.params, model.config, sequences, args.way, args.grouping, cfg
+    )
+    out = save_united(
+        united,
+        args.out,
+        way=args.way,
+        grouping=args.grouping,
+        source_fingerprint=model.fingerprint,
+        moe_layers=model.config.moe_layers,
+        reports=reports,
+        calibration=calibration,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"united experts (way {args.way}, {args.grouping}) → {out} "
+        f"in {time.perf_counter() - start:.1f}s on {calibration['tokens']} calibration tokens"
+    )
+    print("layer  groups  mean MSE (average init)  mean MSE (distilled)")
+    for layer in model.config.moe_layers:
+        rows = [r for r in reports if r.layer == layer]
+        init = sum(r.init_mse for r in rows) / len(rows)
+        final = sum(r.final_mse for r in rows) / len(rows)
+        print(f"{layer:5d}  {len(rows):6d}  {init:23.4g}  {final:20.4g}")
+    return 0
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
@@ -63,7 +185,8 @@ def _run_generate(args) -> int:
     from brownout_jax.checkpoints import load_model
     from brownout_jax.generate import generate
 
-    model = load_model(args.model, args.dtype, progress=args.output == "text")
+    model = load_model(args.model, args.dtype, progress=args.output == "text", united=args.united)
+    prefill_options, decode_options = brownout_options(args, model.config)
     if args.prompt is not None:
         if model.tokenizer is None:
             raise ValueError(
@@ -82,6 +205,8 @@ def _run_generate(args) -> int:
             temperature=args.temperature,
             seed=args.seed,
             stop_token_ids=() if args.ignore_eos else model.eos_token_ids,
+            prefill_options=prefill_options,
+            decode_options=decode_options,
             arrival_times=arrivals,
         )[0]
 
@@ -105,6 +230,10 @@ def _run_generate(args) -> int:
                     "logprobs": result.logprobs,
                     "text": text,
                     "finish_reason": result.finish_reason,
+                    "thresholds": {
+                        "prefill": prefill_options.threshold,
+                        "decode": decode_options.threshold,
+                    },
                     "timing": {
                         "elapsed_s": round(elapsed, 4),
                         "ttft_s": round(ttft, 4),
@@ -149,17 +278,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_convert(sub)
+    _add_unite(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from brownout_jax.calibration import CalibrationDataError
     from brownout_jax.checkpoints.errors import CheckpointError
     from brownout_jax.config import UnsupportedConfigError
 
     try:
         return args.run(args)
-    except (CheckpointError, UnsupportedConfigError, ValueError, FileNotFoundError) as err:
+    except (
+        CheckpointError,
+        UnsupportedConfigError,
+        CalibrationDataError,
+        ValueError,
+        FileNotFoundError,
+    ) as err:
         print(f"brownout-jax {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -50,7 +50,8 @@ def generate(
     temperature: float = 0.0,
     seed: int = 0,
     stop_token_ids: Sequence[int] = (),
-    moe_options: MoeOptions = DEFAULT_MOE_OPTIONS,
+    prefill_options: MoeOptions = DEFAULT_MOE_OPTIONS,
+    decode_options: MoeOptions = DEFAULT_MOE_OPTIONS,
     arrival_times: list[float] | None = None,
 ) -> list[GenerationResult]:
     """Generates for all prompts at once. ``arrival_times``, when given, receives the host
@@ -91,8 +92,7 @@ def generate(
         sampling=sampling,
     )
     cache = ContiguousKVCache.allocate(config, batch, cache_len, params.embed.dtype)
-    static = {"config": config, "moe_options": moe_options}
-    state, packed = prefill_step(params, cache, inputs, **static)
+    state, packed = prefill_step(params, cache, inputs, config=config, moe_options=prefill_options)
 
     results = [GenerationResult([], [], "length") for _ in prompts]
     done = np.zeros(batch, bool)
@@ -100,7 +100,7 @@ def generate(
     for step in range(max_new_tokens):
         following = None
         if step + 1 < max_new_tokens:
-            state, following = decode_step(params, state, **static)
+            state, following = decode_step(params, state, config=config, moe_options=decode_options)
             following.copy_to_host_async()
         step_tokens, step_logprobs = unpack_sampled(packed)
         if arrival_times is not None:

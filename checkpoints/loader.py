@@ -12,8 +12,10 @@ import jax.numpy as jnp
 from brownout_jax.checkpoints.errors import CheckpointError
 from brownout_jax.checkpoints.hf_safetensors import load_hf_params
 from brownout_jax.checkpoints.orbax_store import is_converted, load_converted
+from brownout_jax.checkpoints.united_store import load_united
 from brownout_jax.config import ModelConfig
 from brownout_jax.params import ModelParams
+from brownout_jax.united import attach_united
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -27,6 +29,7 @@ class LoadedModel:
     tokenizer: object | None  # a transformers tokenizer, or None: token ids only
     fingerprint: str  # identity of the source weights (united experts are tied to it)
     eos_token_ids: tuple[int, ...]
+    united_manifest: dict | None = None  # set when united experts are attached
 
     @property
     def dtype(self):
@@ -68,9 +71,14 @@ def _eos_ids(directory: Path, config: ModelConfig) -> tuple[int, ...]:
 
 
 def load_model(
-    directory: str | Path, dtype: str | None = "auto", progress: bool = True
+    directory: str | Path,
+    dtype: str | None = "auto",
+    progress: bool = True,
+    united: str | Path | None = None,
+    expected_way: int | None = None,
 ) -> LoadedModel:
-    """Loads a HF safetensors checkpoint or a ``brownout-jax convert`` output."""
+    """Loads a HF safetensors checkpoint or a ``brownout-jax convert`` output, with the united
+    experts of ``united`` (a ``brownout-jax unite`` output) attached when given."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory not found")
@@ -80,6 +88,10 @@ def load_model(
         params, fingerprint = load_converted(directory, config, jdtype)
     else:
         params, fingerprint = load_hf_params(directory, config, jdtype, progress)
+    manifest = None
+    if united is not None:
+        united_experts, manifest = load_united(united, config, fingerprint, jdtype, expected_way)
+        params = attach_united(params, config, united_experts)
     return LoadedModel(
         directory=directory,
         config=config,
@@ -87,4 +99,5 @@ def load_model(
         tokenizer=load_tokenizer(directory),
         fingerprint=fingerprint,
         eos_token_ids=_eos_ids(directory, config),
+        united_manifest=manifest,
     )

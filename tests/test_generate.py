@@ -85,7 +85,10 @@ def test_stop_token_ends_a_sequence(params):
 
 def test_dense_reference_backend_generates_the_same(params):
     fast = generate(params, CONFIG, PROMPTS, 6)
-    dense = generate(params, CONFIG, PROMPTS, 6, moe_options=MoeOptions(ExpertBackend.DENSE))
+    dense_options = MoeOptions(ExpertBackend.DENSE)
+    dense = generate(
+        params, CONFIG, PROMPTS, 6, prefill_options=dense_options, decode_options=dense_options
+    )
     assert [r.token_ids for r in fast] == [r.token_ids for r in dense]
 
 
