@@ -136,3 +136,50 @@ def rel_err(out, ref) -> float:
     ref = np.asarray(ref, np.float64)
     assert np.all(np.isfinite(out)), "output has NaN/inf"
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def tiny_model_config(**changes):
+    from brownout_jax.config import ModelConfig
+
+    fields = dict(
+        vocab_size=128,
+        hidden_size=32,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        num_experts=16,
+        num_experts_per_tok=4,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=24,
+        intermediate_size=40,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=(),
+        qkv_bias=True,
+        tie_word_embeddings=False,
+        max_position_embeddings=128,
+    )
+    fields.update(changes)
+    return ModelConfig(**fields)
+
+
+@pytest.fixture(scope="session")
+def tiny_moe():
+    """A random 3-layer model with 16 experts (top-4) and way-4 united experts attached."""
+    import jax
+
+    from brownout_jax.calibration import random_token_sequences
+    from brownout_jax.distill import DistillConfig, build_united_experts
+    from brownout_jax.params import init_random_params
+    from brownout_jax.united import attach_united
+
+    config = tiny_model_config()
+    params = init_random_params(config, jax.random.key(0), scale=0.3)
+    sequences = random_token_sequences(1024, config.vocab_size, 64)
+    united, reports = build_united_experts(
+        params, config, sequences, 4, "contiguous", DistillConfig(max_steps=60), progress=False
+    )
+    return config, params, united, attach_united(params, config, united), reports
