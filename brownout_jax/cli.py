@@ -171,6 +171,46 @@ def _run_unite(args) -> int:
     return 0
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(t) for t in text.split(",") if t.strip())
+
+
+def _add_bench(sub) -> None:
+    bench = sub.add_parser("bench", help="micro-benchmarks (figures for docs/BENCHMARKS.md)")
+    kinds = bench.add_subparsers(dest="bench_kind", required=True)
+    p = kinds.add_parser("moe-layer", help="one MoE layer at Qwen1.5-MoE size, brownout on/off")
+    p.add_argument("--batches", default="1,8,32,64", help="decode batch sizes")
+    p.add_argument("--prefill-tokens", type=int, default=512, help="0 to skip the prefill case")
+    p.add_argument("--thresholds", default="0,0.5,1")
+    p.add_argument("--way", type=int, default=4)
+    p.add_argument("--skew", type=float, default=1.0, help="Zipf exponent of expert popularity")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument(
+        "--weight-dtype",
+        choices=("bfloat16", "float32"),
+        default=None,
+        help="default: bfloat16 on accelerators, float32 on CPU (see docs)",
+    )
+    p.add_argument("--output", choices=("table", "json"), default="table")
+    p.set_defaults(run=_run_bench_moe_layer)
+
+
+def _run_bench_moe_layer(args) -> int:
+    from brownout_jax.bench_moe import format_table, run_moe_layer_bench
+
+    result = run_moe_layer_bench(
+        batches=tuple(int(b) for b in args.batches.split(",")),
+        prefill_tokens=args.prefill_tokens,
+        thresholds=_floats(args.thresholds),
+        way=args.way,
+        skew=args.skew,
+        repeats=args.repeats,
+        weight_dtype=args.weight_dtype,
+    )
+    print(json.dumps(result) if args.output == "json" else format_table(result))
+    return 0
+
+
 def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
     if not chat:
         return tokenizer.encode(prompt, add_special_tokens=False)
@@ -279,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_convert(sub)
     _add_unite(sub)
+    _add_bench(sub)
     return parser
 
 

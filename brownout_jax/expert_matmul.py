@@ -33,16 +33,20 @@ class ExpertTiling:
             raise ValueError(f"block_rows must be positive, got {self.block_rows}")
 
 
-# Decode steps route a few rows to each expert: small tiles waste little padding. Prefill
-# routes many: larger tiles make fewer, fatter matmuls.
-DECODE_TILING = ExpertTiling(block_rows=8)
-PREFILL_TILING = ExpertTiling(block_rows=64)
+# Bounds of the tile height. A tile re-reads its expert's weights, so a tile should hold all of
+# a typical expert's rows; rows past an expert's count are padding, computed and discarded.
+MIN_TILING = ExpertTiling(block_rows=8)
+MAX_TILING = ExpertTiling(block_rows=128)
 
 
-def tiling_for(num_assignments: int, num_experts: int) -> ExpertTiling:
-    """Picks a preset from the static step shape: ~rows per expert if routing were uniform."""
-    rows_per_expert = num_assignments / max(num_experts, 1)
-    return PREFILL_TILING if rows_per_expert > 2 * DECODE_TILING.block_rows else DECODE_TILING
+def tiling_for(num_assignments: int, active_experts: int) -> ExpertTiling:
+    """Tile height from the static step shape: the next power of two of the rows an active
+    expert gets on average, within [MIN_TILING, MAX_TILING]."""
+    rows = -(-num_assignments // max(active_experts, 1))
+    block = MIN_TILING.block_rows
+    while block < min(rows, MAX_TILING.block_rows):
+        block *= 2
+    return ExpertTiling(block)
 
 
 @jax.tree_util.register_dataclass
@@ -54,6 +58,10 @@ class SortedTiles:
     assignment_row: Int[Array, " A"]  # padded row of each (token, k) assignment (P = dropped)
     tile_expert: Int[Array, " tiles"]  # expert of each tile
     num_tiles: Int[Array, ""]  # tiles actually in use (the rest are never visited)
+    active_experts: Int[Array, " E"]  # experts with rows first (in id order), then the rest
+    num_active: Int[Array, ""]
+    first_tile: Int[Array, " E"]  # first tile of each expert
+    tiles_per_expert: Int[Array, " E"]
 
 
 def sort_into_tiles(
@@ -85,6 +93,10 @@ def sort_into_tiles(
         assignment_row=assignment_row,
         tile_expert=jnp.minimum(tile_expert, num_experts - 1).astype(jnp.int32),
         num_tiles=tile_end[-1],
+        active_experts=jnp.argsort(counts == 0, stable=True).astype(jnp.int32),
+        num_active=jnp.sum(counts > 0),
+        first_tile=first_tile,
+        tiles_per_expert=tiles_per_expert,
     )
 
 
@@ -118,13 +130,21 @@ def apply_experts_sorted(
     x_rows = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[tiles.row_token]
     p = x_rows.shape[0]
 
-    def tile_body(t, y_rows):
-        ex = tiles.tile_expert[t]
-        x_tile = jax.lax.dynamic_slice_in_dim(x_rows, t * bm, bm)
-        y_tile = _swiglu_tile(x_tile, experts.w_gate[ex], experts.w_up[ex], experts.w_down[ex])
-        return jax.lax.dynamic_update_slice_in_dim(y_rows, y_tile, t * bm, axis=0)
+    def expert_body(j, y_rows):
+        ex = tiles.active_experts[j]
+        # One weight slice per active expert, shared by all its tiles: XLA:CPU materialises
+        # dynamic slices, so slicing per tile would re-copy a busy expert's weights.
+        w_gate, w_up, w_down = experts.w_gate[ex], experts.w_up[ex], experts.w_down[ex]
 
-    y_rows = jax.lax.fori_loop(0, tiles.num_tiles, tile_body, jnp.zeros((p, d), jnp.float32))
+        def tile_body(i, y_rows):
+            row = (tiles.first_tile[ex] + i) * bm
+            x_tile = jax.lax.dynamic_slice_in_dim(x_rows, row, bm)
+            y_tile = _swiglu_tile(x_tile, w_gate, w_up, w_down)
+            return jax.lax.dynamic_update_slice_in_dim(y_rows, y_tile, row, axis=0)
+
+        return jax.lax.fori_loop(0, tiles.tiles_per_expert[ex], tile_body, y_rows)
+
+    y_rows = jax.lax.fori_loop(0, tiles.num_active, expert_body, jnp.zeros((p, d), jnp.float32))
     # Gather each assignment's row and sum over k: deterministic, no scatter-add.
     y_rows = jnp.concatenate([y_rows, jnp.zeros((1, d), jnp.float32)])
     y_assign = y_rows[tiles.assignment_row].reshape(n, k, d)

@@ -21,6 +21,7 @@ from brownout_jax.expert_matmul import (
     ExpertTiling,
     apply_experts_dense,
     apply_experts_sorted,
+    tiling_for,
 )
 from brownout_jax.params import DenseMlpParams, ExpertWeights, MoeParams
 
@@ -75,15 +76,28 @@ def apply_routed_experts(
     experts: ExpertWeights,
     token_mask: Bool[Array, " N"],
     options: MoeOptions,
+    num_united: int = 0,
 ) -> Float[Array, "N D"]:
     """The MoE function boundary: tokens + router output + stacked weights → output."""
     if options.backend is ExpertBackend.DENSE:
         return apply_experts_dense(
             x, routing.expert_ids, routing.expert_weights, experts, token_mask
         )
-    return apply_experts_sorted(
-        x, routing.expert_ids, routing.expert_weights, experts, token_mask, options.tiling
+    tiling = options.tiling or tiling_for(
+        routing.expert_ids.size, expected_active_experts(experts.num_experts, num_united, options)
     )
+    return apply_experts_sorted(
+        x, routing.expert_ids, routing.expert_weights, experts, token_mask, tiling
+    )
+
+
+def expected_active_experts(num_experts: int, num_united: int, options: MoeOptions) -> int:
+    """How many distinct experts a step is expected to touch, for sizing tiles: under brownout
+    the hot set (about ``threshold`` of the routed experts) plus the united experts."""
+    if options.threshold >= 1.0 or num_united == 0:
+        return num_experts - num_united
+    routed = num_experts - num_united
+    return max(1, round(options.threshold * routed) + num_united)
 
 
 def dense_mlp(x: Float[Array, "N D"], params: DenseMlpParams) -> Float[Array, "N D"]:
@@ -113,7 +127,7 @@ def moe_block(
                 options.threshold,
             )
         )
-    out = apply_routed_experts(x, routing, params.experts, token_mask, options)
+    out = apply_routed_experts(x, routing, params.experts, token_mask, options, params.num_united)
     if params.shared is not None:
         gate = jax.nn.sigmoid(jnp.dot(x, params.shared_gate))
         out = out + gate * dense_mlp(x, params.shared)

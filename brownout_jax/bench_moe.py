@@ -1,0 +1,215 @@
+"""``brownout-jax bench moe-layer``: one MoE layer at Qwen1.5-MoE size, brownout on and off.
+
+Random bf16 weights (fp32 accumulation), a router with a fixed Zipf-like popularity skew, way-4
+contiguous united experts. For every (batch, threshold): median latency, distinct expert
+weights read, bytes read and achieved GB/s, beside the machine's own read bandwidth measured in
+the same run. This is a benchmark, not a test: its figures go to docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from brownout_jax.brownout import route_with_brownout
+from brownout_jax.moe import MoeOptions, moe_block, route_top_k
+from brownout_jax.params import DenseMlpParams, ExpertWeights, MoeParams
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MoeLayerShape:
+    hidden: int = 2048
+    experts: int = 60
+    top_k: int = 4
+    intermediate: int = 1408
+    shared_intermediate: int = 5632
+
+
+QWEN_MOE_LAYER = MoeLayerShape()
+
+
+def zipf_router(
+    shape: MoeLayerShape, skew: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Router weights plus a unit direction u: tokens carrying u get logit offsets
+    ``skew · log(1 / rank)``, a fixed Zipf-like popularity over experts."""
+    d, e = shape.hidden, shape.experts
+    u = rng.standard_normal(d)
+    u /= np.linalg.norm(u)
+    popularity_rank = rng.permutation(e) + 1
+    offsets = -skew * np.log(popularity_rank)
+    router = rng.standard_normal((d, e)) / np.sqrt(d) + np.outer(u, offsets)
+    return router.astype(np.float32), u.astype(np.float32)
+
+
+def default_weight_dtype():
+    """bf16 on accelerators. On CPU float32: XLA:CPU runs bf16 slices in f32 and, inside the
+    tile loop, hoists the upcast of the *whole* stacked weight array out of the loop (a 1.3 GB
+    pass per call at Qwen size), which would measure that pathology, not the layer."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def make_layer(shape: MoeLayerShape, way: int, skew: float, dtype, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    d, f, e = shape.hidden, shape.intermediate, shape.experts
+    u = -(-e // way)
+    key = jax.random.key(seed)
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+
+    def normal(k, s, fan_in):
+        return (jax.random.normal(k, s, jnp.float32) / np.sqrt(fan_in)).astype(dtype)
+
+    experts = ExpertWeights(
+        normal(k1, (e + u, d, f), d), normal(k2, (e + u, d, f), d), normal(k3, (e + u, f, d), f)
+    )
+    fs = shape.shared_intermediate
+    s1, s2, s3, s4 = jax.random.split(k4, 4)
+    router, direction = zipf_router(shape, skew, rng)
+    params = MoeParams(
+        router=jnp.asarray(router, dtype),
+        experts=experts,
+        shared=DenseMlpParams(
+            normal(s1, (d, fs), d), normal(s2, (d, fs), d), normal(s3, (fs, d), fs)
+        ),
+        shared_gate=normal(s4, (d, 1), d),
+        group_of_expert=jnp.asarray(np.arange(e) // way, jnp.int32),
+    )
+    return params, direction
+
+
+def tokens_for(n: int, shape: MoeLayerShape, direction: np.ndarray, seed: int, dtype) -> jax.Array:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, shape.hidden)).astype(np.float32) + direction
+    return jnp.asarray(x, dtype)
+
+
+def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """GB/s of a jitted full reduction over a large array: the machine's read bandwidth."""
+    big = jnp.ones((nbytes // 4,), jnp.float32)
+    reduce = jax.jit(jnp.sum)
+    reduce(big).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        reduce(big).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return nbytes / statistics.median(times) / 1e9
+
+
+@functools.partial(jax.jit, static_argnames=("top_k", "options"))
+def _layer(x, params, mask, *, top_k, options):
+    return moe_block(x, params, mask, top_k, False, options)
+
+
+def _distinct_experts(x, params: MoeParams, top_k: int, threshold: float) -> tuple[int, float]:
+    routing = route_top_k(x, params.router, top_k, False)
+    ids = routing.expert_ids
+    mask = jnp.ones(x.shape[0], bool)
+    counts = np.bincount(np.asarray(ids).ravel(), minlength=params.group_of_expert.shape[0])
+    top6 = np.sort(counts)[::-1][:6].sum() / counts.sum()
+    if threshold < 1.0:
+        ids = route_with_brownout(ids, mask, params.group_of_expert, params.num_united, threshold)
+    return len(np.unique(np.asarray(ids))), float(top6)
+
+
+def run_moe_layer_bench(
+    batches: tuple[int, ...] = (1, 8, 32, 64),
+    prefill_tokens: int = 512,
+    thresholds: tuple[float, ...] = (0.0, 0.5, 1.0),
+    way: int = 4,
+    skew: float = 1.0,
+    repeats: int = 10,
+    shape: MoeLayerShape = QWEN_MOE_LAYER,
+    weight_dtype=None,
+) -> dict:
+    dtype = jnp.dtype(weight_dtype or default_weight_dtype())
+    params, direction = make_layer(shape, way, skew, dtype)
+    bandwidth = measure_read_bandwidth()
+    expert_bytes = 3 * shape.hidden * shape.intermediate * dtype.itemsize
+    fixed_bytes = (
+        3 * shape.hidden * shape.shared_intermediate + shape.hidden * shape.experts
+    ) * dtype.itemsize
+    rows = []
+    cases = [("decode", b) for b in batches] + (
+        [("prefill", prefill_tokens)] if prefill_tokens else []
+    )
+    for phase, n in cases:
+        x = tokens_for(n, shape, direction, seed=n, dtype=dtype)
+        mask = jnp.ones(n, bool)
+        for threshold in thresholds:
+            options = MoeOptions(threshold=threshold)
+            run = functools.partial(_layer, top_k=shape.top_k, options=options)
+            run(x, params, mask).block_until_ready()  # compile + warm
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                run(x, params, mask).block_until_ready()
+                times.append(time.perf_counter() - start)
+            distinct, top6 = _distinct_experts(x, params, shape.top_k, threshold)
+            latency = statistics.median(times)
+            nbytes = distinct * expert_bytes + fixed_bytes
+            rows.append(
+                {
+                    "phase": phase,
+                    "tokens": n,
+                    "threshold": threshold,
+                    "median_ms": round(latency * 1e3, 3),
+                    "distinct_experts": distinct,
+                    "bytes_read_mb": round(nbytes / 1e6, 1),
+                    "achieved_gb_s": round(nbytes / latency / 1e9, 2),
+                    "top6_share": round(top6, 3),
+                }
+            )
+    by_key = {(r["phase"], r["tokens"], r["threshold"]): r["median_ms"] for r in rows}
+    summary = {}
+    if ("decode", 32, 0.0) in by_key and ("decode", 32, 1.0) in by_key:
+        summary["decode32_t0_over_t1"] = round(
+            by_key[("decode", 32, 0.0)] / by_key[("decode", 32, 1.0)], 3
+        )
+    at_one = [r for r in rows if r["threshold"] == 1.0 and r["phase"] == "decode"]
+    if at_one:
+        summary["best_t1_decode_fraction_of_bandwidth"] = round(
+            max(r["achieved_gb_s"] for r in at_one) / bandwidth, 3
+        )
+    return {
+        "device": str(jax.devices()[0].device_kind),
+        "backend": jax.default_backend(),
+        "layer": dataclasses.asdict(shape),
+        "way": way,
+        "weight_dtype": dtype.name,
+        "zipf_skew": skew,
+        "read_bandwidth_gb_s": round(bandwidth, 2),
+        "rows": rows,
+        "summary": summary,
+    }
+
+
+def format_table(result: dict) -> str:
+    lines = [
+        f"device {result['device']} ({result['backend']}), read bandwidth "
+        f"{result['read_bandwidth_gb_s']} GB/s, way {result['way']}, weights "
+        f"{result['weight_dtype']}, zipf skew {result['zipf_skew']}",
+        "| phase | tokens | threshold | median ms | distinct experts | MB read | GB/s "
+        "| top-6 share |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    keys = (
+        "phase",
+        "tokens",
+        "threshold",
+        "median_ms",
+        "distinct_experts",
+        "bytes_read_mb",
+        "achieved_gb_s",
+        "top6_share",
+    )
+    for r in result["rows"]:
+        lines.append("| " + " | ".join(str(r[k]) for k in keys) + " |")
+    lines.append(f"summary: {result['summary']}")
+    return "\n".join(lines)
