@@ -39,7 +39,7 @@ def has_united_experts(params: ModelParams) -> bool:
     )
 
 
-def _abstract(tree):
+def abstract_tree(tree):
     return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
 
 
@@ -47,13 +47,6 @@ def _abstract_cache(config: ModelConfig, batch: int, cache_len: int, dtype) -> C
     shape = (batch, cache_len, config.num_kv_heads, config.head_dim)
     layer = jax.ShapeDtypeStruct(shape, dtype)
     return ContiguousKVCache(keys=(layer,) * config.num_layers, values=(layer,) * config.num_layers)
-
-
-def _abstract_sampling(batch: int) -> SamplingParams:
-    return SamplingParams(
-        temperature=jax.ShapeDtypeStruct((batch,), jnp.float32),
-        seed=jax.ShapeDtypeStruct((batch,), jnp.uint32),
-    )
 
 
 class CompiledSteps:
@@ -73,7 +66,7 @@ class CompiledSteps:
         self.ladder = ladder
         self.buckets = buckets
         self.base_options = base_options
-        self._params = _abstract(params)
+        self._params = abstract_tree(params)
         self._dtype = params.embed.dtype
         self._prefill: dict[tuple[float, int, int], Compiled] = {}
         self._decode: dict[tuple[float, int], Compiled] = {}
@@ -99,7 +92,7 @@ class CompiledSteps:
         inputs = PrefillInputs(
             tokens=jax.ShapeDtypeStruct((batch, length), jnp.int32),
             lengths=jax.ShapeDtypeStruct((batch,), jnp.int32),
-            sampling=_abstract_sampling(batch),
+            sampling=SamplingParams.abstract(batch),
         )
         cache = _abstract_cache(self.config, batch, self.buckets.cache_len, self._dtype)
         lowered = prefill_step.lower(
@@ -114,7 +107,7 @@ class CompiledSteps:
             tokens=vector,
             positions=vector,
             active=jax.ShapeDtypeStruct((batch,), jnp.bool_),
-            sampling=_abstract_sampling(batch),
+            sampling=SamplingParams.abstract(batch),
         )
         lowered = decode_step.lower(
             self._params, state, config=self.config, moe_options=self.options(level)

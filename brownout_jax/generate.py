@@ -82,9 +82,8 @@ def generate(
     tokens = np.zeros((batch, prompt_len), np.int32)
     for i, prompt in enumerate(prompts):
         tokens[i, : len(prompt)] = prompt
-    sampling = SamplingParams(
-        temperature=jnp.full((batch,), temperature, jnp.float32),
-        seed=jnp.asarray([seed + i for i in range(batch)], jnp.uint32),
+    sampling = SamplingParams.host(
+        temperature=np.full(batch, temperature), seed=np.arange(seed, seed + batch)
     )
     inputs = PrefillInputs(
         tokens=jnp.asarray(tokens),

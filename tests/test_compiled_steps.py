@@ -38,7 +38,7 @@ def test_level_switching_after_precompile_compiles_nothing(tiny_moe):
         PrefillInputs(
             tokens=tokens,
             lengths=np.asarray([4, 9], np.int32),
-            sampling=SamplingParams(np.zeros(2, np.float32), np.zeros(2, np.uint32)),
+            sampling=SamplingParams.host(np.zeros(2), np.zeros(2)),
         )
     )
     cache = ContiguousKVCache.allocate(config, 2, 32, params.embed.dtype)

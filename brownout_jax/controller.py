@@ -1,0 +1,145 @@
+"""SLO-aware brownout controller (host side), as in BrownoutServe.
+
+Per-step latencies of prefill steps (the TTFT side) and decode steps (the TPOT side) are kept
+with their timestamps. Every ``check_interval_s`` the P90 over the last ``window_s`` of each
+phase is compared with its SLO, separately:
+
+    P90 > SLO               → threshold × shrink (0.8)
+    P90 < warning × SLO     → threshold + step (0.1), at most 1
+    otherwise               → hold
+
+and the result snaps down to the ladder of compiled levels. A phase with no step in the
+window holds. The clock is injectable, so traces can be replayed without sleeping.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from brownout_jax.brownout import DEFAULT_LADDER, ThresholdLadder
+
+PHASES = ("prefill", "decode")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ControllerConfig:
+    mode: str = "auto"  # auto (the controller), off (always 1.0), fixed (fixed_threshold)
+    fixed_threshold: float = 1.0
+    slo_ttft_s: float = 1.0  # SLO of a prefill step
+    slo_tpot_s: float = 0.2  # SLO of a decode step
+    window_s: float = 2.0
+    check_interval_s: float = 5.0
+    shrink: float = 0.8
+    step: float = 0.1
+    warning_fraction: float = 0.8
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "off", "fixed"):
+            raise ValueError(f"brownout mode must be auto, off or fixed=X, got {self.mode!r}")
+        for name in ("slo_ttft_s", "slo_tpot_s", "window_s", "check_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.fixed_threshold <= 1.0:
+            raise ValueError(f"fixed threshold must lie in [0, 1], got {self.fixed_threshold}")
+
+    @classmethod
+    def parse_mode(cls, text: str, **fields) -> ControllerConfig:
+        """``auto``, ``off`` or ``fixed=X`` (the CLI's --brownout)."""
+        if text.startswith("fixed="):
+            try:
+                value = float(text.split("=", 1)[1])
+            except ValueError as err:
+                raise ValueError(f"--brownout fixed=X needs a number, got {text!r}") from err
+            return cls(mode="fixed", fixed_threshold=value, **fields)
+        return cls(mode=text, **fields)
+
+    def slo(self, phase: str) -> float:
+        return self.slo_ttft_s if phase == "prefill" else self.slo_tpot_s
+
+
+DEFAULT_CONTROLLER = ControllerConfig()
+
+
+class SloController:
+    def __init__(
+        self,
+        config: ControllerConfig,
+        ladder: ThresholdLadder = DEFAULT_LADDER,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.config = config
+        self.ladder = ladder
+        self.clock = clock
+        self._samples = {phase: collections.deque() for phase in PHASES}
+        fixed = config.mode == "fixed"
+        start = ladder.snap(config.fixed_threshold) if fixed else ladder.levels[-1]
+        self._thresholds = dict.fromkeys(PHASES, start)
+        self._last_check = clock()
+        self.updates = 0
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        return dict(self._thresholds)
+
+    def threshold(self, phase: str) -> float:
+        return self._thresholds[phase]
+
+    def record(self, phase: str, latency_s: float, now: float | None = None) -> None:
+        now = self.clock() if now is None else now
+        self._samples[phase].append((now, latency_s))
+        self._trim(phase, now)
+
+    def _trim(self, phase: str, now: float) -> None:
+        samples = self._samples[phase]
+        while samples and samples[0][0] < now - self.config.window_s:
+            samples.popleft()
+
+    def window(self, phase: str, now: float | None = None) -> np.ndarray:
+        now = self.clock() if now is None else now
+        self._trim(phase, now)
+        return np.asarray([latency for _, latency in self._samples[phase]], np.float64)
+
+    def p90(self, phase: str, now: float | None = None) -> float | None:
+        latencies = self.window(phase, now)
+        return float(np.percentile(latencies, 90)) if latencies.size else None
+
+    def attainment(self, phase: str, now: float | None = None) -> float | None:
+        """Share of the window's steps within the phase's SLO."""
+        latencies = self.window(phase, now)
+        if not latencies.size:
+            return None
+        return float(np.mean(latencies <= self.config.slo(phase)))
+
+    def next_threshold(self, current: float, p90: float | None, slo: float) -> float:
+        """The paper's rule, snapped to the ladder."""
+        cfg = self.config
+        if p90 is None:
+            return current
+        if p90 > slo:
+            wanted = current * cfg.shrink
+        elif p90 < cfg.warning_fraction * slo:
+            wanted = min(1.0, current + cfg.step)
+        else:
+            return current
+        return self.ladder.snap(wanted)
+
+    def maybe_update(self, now: float | None = None) -> bool:
+        """Applies the rule if a check interval has passed; True if a threshold changed."""
+        now = self.clock() if now is None else now
+        if self.config.mode != "auto" or now - self._last_check < self.config.check_interval_s:
+            return False
+        self._last_check = now
+        changed = False
+        for phase in PHASES:
+            new = self.next_threshold(
+                self._thresholds[phase], self.p90(phase, now), self.config.slo(phase)
+            )
+            changed |= new != self._thresholds[phase]
+            self._thresholds[phase] = new
+        self.updates += changed
+        return changed

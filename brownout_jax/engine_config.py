@@ -1,0 +1,59 @@
+"""Engine configuration: capacity, shape buckets, brownout ladder and controller."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from brownout_jax.brownout import DEFAULT_LADDER, ThresholdLadder
+from brownout_jax.controller import DEFAULT_CONTROLLER, ControllerConfig
+from brownout_jax.engine_steps import EngineBuckets
+
+
+def _powers_of_two(start: int, stop: int) -> tuple[int, ...]:
+    """start, 2·start, … up to the first value ≥ stop."""
+    out = [start]
+    while out[-1] < stop:
+        out.append(out[-1] * 2)
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EngineConfig:
+    max_batch: int = 16  # decode slots (sequences running at once)
+    max_prefill_batch: int = 4  # prompts per prefill step
+    max_prefill_tokens: int = 2048  # padded prompt tokens per prefill step
+    block_size: int = 16
+    num_blocks: int = 512  # KV blocks in the pool (block 0 is reserved)
+    max_model_len: int = 1024  # prompt + generated tokens of one sequence
+    min_prefill_len: int = 16
+    max_queue: int = 1024  # requests waiting for admission before RESOURCE_EXHAUSTED
+    ladder: ThresholdLadder = DEFAULT_LADDER
+    controller: ControllerConfig = DEFAULT_CONTROLLER
+    exempt_layers: tuple[int, ...] = ()  # MoE layers that never brown out
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_prefill_batch", "block_size", "max_model_len", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        per_sequence = -(-self.max_model_len // self.block_size)
+        if self.num_blocks - 1 < per_sequence:
+            raise ValueError(
+                f"num_blocks ({self.num_blocks}, one reserved) cannot hold one sequence of "
+                f"max_model_len {self.max_model_len} in blocks of {self.block_size}"
+            )
+        if self.max_prefill_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_prefill_tokens ({self.max_prefill_tokens}) must be ≥ max_model_len "
+                f"({self.max_model_len}) so that any prompt can be prefilled"
+            )
+
+    def buckets(self) -> EngineBuckets:
+        lengths = _powers_of_two(self.min_prefill_len, self.max_model_len)
+        max_width = -(-lengths[-1] // self.block_size)
+        return EngineBuckets(
+            prefill_batches=_powers_of_two(1, self.max_prefill_batch),
+            prefill_lengths=lengths,
+            decode_batches=_powers_of_two(1, self.max_batch),
+            decode_widths=_powers_of_two(1, max_width),
+            block_size=self.block_size,
+        )

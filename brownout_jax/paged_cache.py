@@ -1,0 +1,120 @@
+"""Paged KV cache (vLLM-style): fixed-size blocks in one pool, a block table per sequence.
+
+Device side, :class:`PagedKVCache` implements the same ``write``/``read`` interface as the
+contiguous cache: token t of row b lives in slot ``table[b, t // block] * block + t % block``.
+Block 0 is never allocated: unused table entries point at it, so writes of bucket padding land
+there harmlessly and reads of it are masked by position. Host side, :class:`BlockAllocator`
+hands out and takes back block ids.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from brownout_jax.config import ModelConfig
+from brownout_jax.dims import Array, Float, Int
+
+NULL_BLOCK = 0
+
+
+@struct.dataclass
+class KVPool:
+    """The persistent block pool: one (blocks, block_size, G, C) array per layer for k and v."""
+
+    keys: tuple[Float[Array, "NB BS G C"], ...]
+    values: tuple[Float[Array, "NB BS G C"], ...]
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, num_blocks: int, block_size: int, dtype) -> KVPool:
+        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        return cls(
+            keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+            values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        )
+
+    @classmethod
+    def abstract(cls, config: ModelConfig, num_blocks: int, block_size: int, dtype) -> KVPool:
+        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        layer = jax.ShapeDtypeStruct(shape, dtype)
+        return cls(keys=(layer,) * config.num_layers, values=(layer,) * config.num_layers)
+
+
+@struct.dataclass
+class PagedKVCache:
+    pool: KVPool
+    block_tables: Int[Array, "B W"]  # block ids of each row, in order; NULL_BLOCK past the end
+
+    @property
+    def block_size(self) -> int:
+        return self.pool.keys[0].shape[1]
+
+    def _slots(self, positions: Int[Array, "B T"]) -> Int[Array, "B T"]:
+        bs = self.block_size
+        width = self.block_tables.shape[1]
+        index = jnp.minimum(positions // bs, width - 1)
+        block = jnp.take_along_axis(self.block_tables, index, axis=1)
+        block = jnp.where(positions // bs < width, block, NULL_BLOCK)
+        return block * bs + positions % bs
+
+    def write(
+        self,
+        layer: int,
+        k: Float[Array, "B T G C"],
+        v: Float[Array, "B T G C"],
+        positions: Int[Array, "B T"],
+    ) -> PagedKVCache:
+        slots = self._slots(positions).reshape(-1)
+        keys, values = list(self.pool.keys), list(self.pool.values)
+        for store, new in ((keys, k), (values, v)):
+            pool = store[layer]
+            flat = pool.reshape(-1, *pool.shape[2:])
+            flat = flat.at[slots].set(new.reshape(-1, *new.shape[2:]).astype(pool.dtype))
+            store[layer] = flat.reshape(pool.shape)
+        return self.replace(pool=KVPool(keys=tuple(keys), values=tuple(values)))
+
+    def read(
+        self, layer: int
+    ) -> tuple[Float[Array, "B S G C"], Float[Array, "B S G C"], Int[Array, "B S"]]:
+        b, width = self.block_tables.shape
+        bs = self.block_size
+
+        def gather(pool):
+            blocks = pool[self.block_tables]  # (B, W, BS, G, C)
+            return blocks.reshape(b, width * bs, *pool.shape[2:])
+
+        slot_positions = jnp.broadcast_to(jnp.arange(width * bs, dtype=jnp.int32), (b, width * bs))
+        return gather(self.pool.keys[layer]), gather(self.pool.values[layer]), slot_positions
+
+
+class BlockAllocator:
+    """Host-side free list of block ids (1 … num_blocks-1; 0 is the null block)."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks < 2:
+            raise ValueError(f"num_blocks must be ≥ 2 (block 0 is reserved), got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, 0, -1))
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    @property
+    def used(self) -> int:
+        return self.num_blocks - 1 - len(self._free)
+
+    def allocate(self, count: int) -> list[int] | None:
+        """``count`` blocks, or None (and nothing taken) if fewer are free."""
+        if count > len(self._free):
+            return None
+        taken = [self._free.pop() for _ in range(count)]
+        return taken
+
+    def release(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+
+def blocks_needed(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)

@@ -1,0 +1,204 @@
+"""Requests, their validation, streamed token events and per-request metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import queue
+import time
+
+import numpy as np
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_new_tokens
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+class RequestError(ValueError):
+    """A request field is invalid (gRPC: INVALID_ARGUMENT). ``field`` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class EngineOverloadedError(RuntimeError):
+    """The admission queue is full (gRPC: RESOURCE_EXHAUSTED)."""
+
+
+class EngineClosedError(RuntimeError):
+    """The engine is draining or stopped and takes no new requests (gRPC: UNAVAILABLE)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop died; the cause is chained (gRPC: INTERNAL)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    prompt_token_ids: tuple[int, ...] = ()
+    prompt: str | None = None  # tokenized by the engine when no ids are given
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    request_id: str | None = None
+
+
+def validate_request(request: GenerationRequest, vocab_size: int, max_model_len: int) -> None:
+    """Raises :class:`RequestError` naming the first bad field."""
+    ids = request.prompt_token_ids
+    if request.prompt is not None and ids:
+        raise RequestError("prompt", "give either prompt text or prompt_token_ids, not both")
+    if not ids:
+        raise RequestError("prompt", "empty prompt")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError("prompt_token_ids", f"ids outside [0, {vocab_size}): {bad[:5]}")
+    if request.max_new_tokens < 1:
+        raise RequestError("max_tokens", f"must be ≥ 1, got {request.max_new_tokens}")
+    if len(ids) >= max_model_len:
+        raise RequestError(
+            "prompt", f"{len(ids)} tokens leave no room in the context of {max_model_len}"
+        )
+    if len(ids) + request.max_new_tokens > max_model_len:
+        raise RequestError(
+            "max_tokens",
+            f"prompt ({len(ids)}) + max_tokens ({request.max_new_tokens}) exceeds the context "
+            f"length {max_model_len}",
+        )
+    if not request.temperature >= 0:
+        raise RequestError("temperature", f"must be ≥ 0, got {request.temperature}")
+    if not 0 < request.top_p <= 1:
+        raise RequestError("top_p", f"must lie in (0, 1], got {request.top_p}")
+    if request.top_k < 0:
+        raise RequestError("top_k", f"must be ≥ 0, got {request.top_k}")
+    if not 0 <= request.seed < 2**32:
+        raise RequestError("seed", f"must lie in [0, 2^32), got {request.seed}")
+    if any(not s for s in request.stop):
+        raise RequestError("stop", "stop strings must be non-empty")
+    bad_stop = [t for t in request.stop_token_ids if not 0 <= t < vocab_size]
+    if bad_stop:
+        raise RequestError("stop_token_ids", f"ids outside [0, {vocab_size}): {bad_stop[:5]}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenEvent:
+    token_id: int | None
+    logprob: float | None
+    text: str  # text delta ("" without a tokenizer)
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+    thresholds: tuple[float, float] = (1.0, 1.0)  # (prefill, decode) in force for this token
+
+
+@dataclasses.dataclass(slots=True)
+class RequestMetrics:
+    arrival: float
+    prompt_tokens: int
+    admitted: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+    token_times: list[float] = dataclasses.field(default_factory=list)
+    preemptions: int = 0
+    thresholds_used: set[tuple[float, float]] = dataclasses.field(default_factory=set)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_times)
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.admitted is None else self.admitted - self.arrival
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    def tpots(self) -> np.ndarray:
+        return np.diff(np.asarray(self.token_times))
+
+    @property
+    def tpot_mean(self) -> float | None:
+        gaps = self.tpots()
+        return float(gaps.mean()) if gaps.size else None
+
+    @property
+    def tpot_p90(self) -> float | None:
+        gaps = self.tpots()
+        return float(np.percentile(gaps, 90)) if gaps.size else None
+
+    @property
+    def e2e(self) -> float | None:
+        return None if self.finished is None else self.finished - self.arrival
+
+
+@dataclasses.dataclass(slots=True)
+class GenerationOutput:
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: FinishReason
+    error: str | None
+    metrics: RequestMetrics
+
+
+class RequestHandle:
+    """What ``Engine.submit`` returns: iterate it for token events, or wait for the result."""
+
+    def __init__(self, request_id: str, request: GenerationRequest, engine):
+        self.request_id = request_id
+        self.request = request
+        self.metrics = RequestMetrics(arrival=time.monotonic(), prompt_tokens=0)
+        self._events: queue.Queue[TokenEvent] = queue.Queue()
+        self._engine = engine
+        self.done = False
+
+    def _push(self, event: TokenEvent) -> None:
+        self._events.put(event)
+
+    def cancel(self) -> None:
+        self._engine.cancel(self)
+
+    def events(self, timeout: float | None = None):
+        """Token events until (and including) the finishing one. Raises
+        :class:`EngineDeadError` if the engine dies, TimeoutError after ``timeout`` idle s."""
+        while True:
+            try:
+                event = self._events.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"{self.request_id}: no event within {timeout}s") from None
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def __iter__(self):
+        return self.events()
+
+    def result(self, timeout: float | None = None) -> GenerationOutput:
+        tokens, logprobs, text = [], [], []
+        finish, error = FinishReason.ERROR, None
+        for event in self.events(timeout):
+            if event.token_id is not None:
+                tokens.append(event.token_id)
+                logprobs.append(event.logprob)
+            text.append(event.text)
+            if event.finish_reason is not None:
+                finish, error = event.finish_reason, event.error
+        return GenerationOutput(
+            request_id=self.request_id,
+            token_ids=tokens,
+            logprobs=logprobs,
+            text="".join(text),
+            finish_reason=finish,
+            error=error,
+            metrics=self.metrics,
+        )
