@@ -1,0 +1,97 @@
+"""The SLO controller on synthetic latency traces (injected clock, no sleeping)."""
+
+from __future__ import annotations
+
+import pytest
+
+from brownout_jax.brownout import DEFAULT_LADDER
+from brownout_jax.controller import ControllerConfig, SloController
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _controller(**fields):
+    clock = FakeClock()
+    cfg = ControllerConfig(slo_ttft_s=1.0, slo_tpot_s=0.1, window_s=2.0, check_interval_s=5.0)
+    cfg = ControllerConfig(**{**{f: getattr(cfg, f) for f in cfg.__slots__}, **fields})
+    return SloController(cfg, DEFAULT_LADDER, clock), clock
+
+
+def _feed(controller, clock, phase, latency, seconds=2.0, per_second=10):
+    for _ in range(int(seconds * per_second)):
+        clock.now += 1.0 / per_second
+        controller.record(phase, latency)
+
+
+def test_decrease_hold_increase_per_phase():
+    ctl, clock = _controller()
+    assert ctl.thresholds == {"prefill": 1.0, "decode": 1.0}
+    # Decode above its SLO, prefill comfortably under: decode shrinks, prefill stays at 1.
+    clock.now = 5.0
+    _feed(ctl, clock, "decode", 0.15)
+    _feed(ctl, clock, "prefill", 0.1)
+    assert ctl.maybe_update()
+    assert ctl.thresholds == {"prefill": 1.0, "decode": 0.8}
+    # Still above: × 0.8 again → 0.64 snaps down to 0.6.
+    clock.now += 5.0
+    _feed(ctl, clock, "decode", 0.15)
+    ctl.maybe_update()
+    assert ctl.threshold("decode") == 0.6
+    # Between warning (0.08) and SLO (0.1): hold.
+    clock.now += 5.0
+    _feed(ctl, clock, "decode", 0.09)
+    assert not ctl.maybe_update()
+    assert ctl.threshold("decode") == 0.6
+    # Under the warning level: + 0.1 per check, capped at 1.
+    for expected in (0.7, 0.8, 0.9, 1.0, 1.0):
+        clock.now += 5.0
+        _feed(ctl, clock, "decode", 0.05)
+        ctl.maybe_update()
+        assert ctl.threshold("decode") == expected
+    assert ctl.threshold("prefill") == 1.0
+
+
+def test_stays_within_zero_and_one_and_only_checks_each_interval():
+    ctl, clock = _controller()
+    clock.now = 5.0
+    for _ in range(20):
+        clock.now += 3.0
+        _feed(ctl, clock, "prefill", 5.0)  # 2 s of slow steps, ending at the check
+        ctl.maybe_update()
+        assert 0.0 <= ctl.threshold("prefill") <= 1.0
+    assert ctl.threshold("prefill") == 0.0
+    clock.now += 1.0  # less than the check interval since the last check
+    _feed(ctl, clock, "prefill", 0.01, seconds=0.5)
+    assert not ctl.maybe_update()
+    clock.now += 3.0
+    _feed(ctl, clock, "prefill", 0.01)
+    ctl.maybe_update()
+    assert ctl.threshold("prefill") == 0.1  # climbs back from 0
+
+
+def test_p90_uses_only_the_sliding_window():
+    ctl, clock = _controller()
+    _feed(ctl, clock, "decode", 10.0, seconds=1.0)  # old and slow
+    clock.now += 3.0  # leaves the 2 s window
+    _feed(ctl, clock, "decode", 0.01, seconds=1.0)
+    assert ctl.p90("decode") == pytest.approx(0.01)
+    assert ctl.attainment("decode") == 1.0
+    assert ctl.p90("prefill") is None
+
+
+def test_no_samples_hold_and_modes():
+    ctl, clock = _controller()
+    clock.now = 10.0
+    assert not ctl.maybe_update()
+    off, _ = _controller(mode="off")
+    fixed = SloController(ControllerConfig.parse_mode("fixed=0.45"), DEFAULT_LADDER)
+    assert fixed.thresholds == {"prefill": 0.4, "decode": 0.4}
+    assert off.thresholds == {"prefill": 1.0, "decode": 1.0}
+    with pytest.raises(ValueError, match="auto, off or fixed"):
+        ControllerConfig.parse_mode("sometimes")
