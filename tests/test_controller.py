@@ -66,12 +66,13 @@ def test_stays_within_zero_and_one_and_only_checks_each_interval():
         ctl.maybe_update()
         assert 0.0 <= ctl.threshold("prefill") <= 1.0
     assert ctl.threshold("prefill") == 0.0
-    clock.now += 1.0  # less than the check interval since the last check
-    _feed(ctl, clock, "prefill", 0.01, seconds=0.5)
+    last_check = clock.now
+    _feed(ctl, clock, "prefill", 0.01, seconds=2.5)  # fast now, but no check is due yet
     assert not ctl.maybe_update()
-    clock.now += 3.0
-    _feed(ctl, clock, "prefill", 0.01)
-    ctl.maybe_update()
+    assert ctl.threshold("prefill") == 0.0
+    clock.now = last_check + 3.0
+    _feed(ctl, clock, "prefill", 0.01)  # reaches the next check with a fast window
+    assert ctl.maybe_update()
     assert ctl.threshold("prefill") == 0.1  # climbs back from 0
 
 
