@@ -23,7 +23,7 @@ def _controller(**fields):
     return SloController(cfg, DEFAULT_LADDER, clock), clock
 
 
-def _feed(controller, clock, phase, latency, seconds=2.0, per_second=10):
+def _feed(controller, clock, phase, latency, seconds=2.0, per_second=8):  # exact binary steps
     for _ in range(int(seconds * per_second)):
         clock.now += 1.0 / per_second
         controller.record(phase, latency)
