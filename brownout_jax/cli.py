@@ -193,6 +193,85 @@ def _add_bench(sub) -> None:
     )
     p.add_argument("--output", choices=("table", "json"), default="table")
     p.set_defaults(run=_run_bench_moe_layer)
+    _add_bench_burst(kinds)
+    p = kinds.add_parser("kernels", help="Pallas grouped-matmul kernels vs ragged_dot and dense")
+    p.add_argument("--rows", default=None, help="rows counts m (default 1,4,16,64,256,4096)")
+    p.add_argument("--small", action="store_true", help="tiny shapes (automatic off GPU)")
+    p.add_argument("--skew", type=float, default=1.0, help="Zipf exponent of group popularity")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--output", choices=("table", "json"), default="table")
+    p.set_defaults(run=_run_bench_kernels)
+
+
+def _run_bench_kernels(args) -> int:
+    from pallas_kernels.bench import format_table, run_kernel_bench
+
+    result = run_kernel_bench(
+        small=True if args.small else None,
+        rows=tuple(int(r) for r in args.rows.split(",")) if args.rows else None,
+        repeats=args.repeats,
+        skew=args.skew,
+    )
+    print(json.dumps(result) if args.output == "json" else format_table(result))
+    return 0
+
+
+def _add_bench_burst(kinds) -> None:
+    p = kinds.add_parser("burst", help="N requests at once through the engine: TTFT/TPOT")
+    p.add_argument("--model", required=True)
+    p.add_argument("--united")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--prompt-len", default="16,128", help="min,max synthetic prompt length")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--brownout", default="off", help="auto, off or fixed=X")
+    p.add_argument("--slo-ttft", type=float, default=1.0)
+    p.add_argument("--slo-tpot", type=float, default=0.2)
+    _add_engine_options(p)
+    p.set_defaults(run=_run_bench_burst)
+
+
+def _add_engine_options(p) -> None:
+    group = p.add_argument_group("engine")
+    group.add_argument("--max-batch", type=int, default=16, help="decode slots")
+    group.add_argument("--max-prefill-batch", type=int, default=4)
+    group.add_argument("--kv-blocks", type=int, default=512, help="KV blocks in the pool")
+    group.add_argument("--block-size", type=int, default=16)
+    group.add_argument("--max-model-len", type=int, default=512)
+    group.add_argument("--dtype", default="auto")
+
+
+def engine_config_from_args(args):
+    from brownout_jax.controller import ControllerConfig
+    from brownout_jax.engine_config import EngineConfig
+
+    controller = ControllerConfig.parse_mode(
+        args.brownout, slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot
+    )
+    return EngineConfig(
+        max_batch=args.max_batch,
+        max_prefill_batch=args.max_prefill_batch,
+        max_prefill_tokens=max(2048, args.max_model_len),
+        block_size=args.block_size,
+        num_blocks=args.kv_blocks,
+        max_model_len=args.max_model_len,
+        controller=controller,
+    )
+
+
+def _run_bench_burst(args) -> int:
+    from brownout_jax.bench_burst import run_burst
+    from brownout_jax.engine import Engine
+
+    low, high = (int(v) for v in args.prompt_len.split(","))
+    engine = Engine.from_checkpoint(
+        args.model, args.united, engine_config_from_args(args), args.dtype
+    )
+    try:
+        result = run_burst(engine, args.requests, (low, high), args.max_new_tokens)
+    finally:
+        engine.shutdown(drain=False)
+    print(json.dumps(result, indent=1))
+    return 0
 
 
 def _run_bench_moe_layer(args) -> int:

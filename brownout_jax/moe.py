@@ -29,6 +29,8 @@ from brownout_jax.params import DenseMlpParams, ExpertWeights, MoeParams
 class ExpertBackend(enum.Enum):
     SORTED_TILES = "sorted_tiles"  # cost ∝ non-empty experts (the default)
     DENSE = "dense"  # every expert on every token: the reference
+    PALLAS = "pallas"  # grouped-matmul Triton kernels (GPU; pallas_kernels/)
+    PALLAS_INTERPRET = "pallas_interpret"  # the same kernels in Pallas interpret mode (tests)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -82,6 +84,13 @@ def apply_routed_experts(
     if options.backend is ExpertBackend.DENSE:
         return apply_experts_dense(
             x, routing.expert_ids, routing.expert_weights, experts, token_mask
+        )
+    if options.backend in (ExpertBackend.PALLAS, ExpertBackend.PALLAS_INTERPRET):
+        from pallas_kernels.moe_dispatch import apply_experts_pallas  # GPU path, imported lazily
+
+        interpret = True if options.backend is ExpertBackend.PALLAS_INTERPRET else None
+        return apply_experts_pallas(
+            x, routing.expert_ids, routing.expert_weights, experts, token_mask, interpret=interpret
         )
     tiling = options.tiling or tiling_for(
         routing.expert_ids.size, expected_active_experts(experts.num_experts, num_united, options)
