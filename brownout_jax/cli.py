@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import sys
@@ -18,11 +19,20 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate text from a checkpoint, offline")
-    p.add_argument("--model", required=True, help="HF checkpoint or `brownout-jax convert` output")
-    src = p.add_mutually_exclusive_group(required=True)
+    p = sub.add_parser(
+        "generate", help="generate text offline from a checkpoint, or from a running server"
+    )
+    p.add_argument(
+        "--model", help="HF checkpoint or `brownout-jax convert` output (default: the demo model)"
+    )
+    p.add_argument("--server", help="HOST:PORT of a running `brownout-jax serve`: stream from it")
+    p.add_argument("text", nargs="?", help="prompt text (same as --prompt)")
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
     src.add_argument("--prompt-ids", type=_parse_ids, help="prompt token ids, e.g. 1,2,3")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument(
         "--chat", action="store_true", help="wrap --prompt in the tokenizer's chat template"
     )
@@ -216,6 +226,45 @@ def _run_bench_kernels(args) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over gRPC (brownout.v1)")
+    p.add_argument("--model", help="checkpoint directory (default: the bundled demo model)")
+    p.add_argument("--united", help="united experts (default with the demo: its way-4 set)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051, help="0 = an ephemeral port")
+    p.add_argument("--brownout", default="auto", help="auto, off or fixed=X")
+    p.add_argument("--slo-ttft", type=float, default=1.0, help="prefill step SLO, seconds")
+    p.add_argument("--slo-tpot", type=float, default=0.2, help="decode step SLO, seconds")
+    p.add_argument(
+        "--max-queue", type=int, default=1024, help="waiting requests before RESOURCE_EXHAUSTED"
+    )
+    p.add_argument("--metrics-port", type=int, help="Prometheus metrics on this HTTP port")
+    p.add_argument("--grace", type=float, default=30.0, help="drain seconds on SIGTERM")
+    _add_engine_options(p)
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from brownout_jax.engine import Engine
+    from brownout_jax.serve.server import ServerConfig, serve
+
+    model, united = default_model(args.model, args.united)
+    config = dataclasses.replace(engine_config_from_args(args), max_queue=args.max_queue)
+
+    def make_engine():
+        return Engine.from_checkpoint(model, united, config, args.dtype, progress=False)
+
+    return serve(
+        make_engine,
+        ServerConfig(
+            host=args.host,
+            port=args.port,
+            metrics_port=args.metrics_port,
+            grace_s=args.grace,
+        ),
+    )
+
+
 def _add_bench_burst(kinds) -> None:
     p = kinds.add_parser("burst", help="N requests at once through the engine: TTFT/TPOT")
     p.add_argument("--model", required=True)
@@ -300,10 +349,41 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
     return list(ids if isinstance(ids, list) else ids["input_ids"])
 
 
+def default_model(model: str | None, united: str | None) -> tuple[str, str | None]:
+    """``--model`` or, when absent, the bundled demo model with its contiguous united experts."""
+    if model is not None:
+        return model, united
+    from brownout_jax.checkpoints.demo_model import demo_model_dir, demo_united_dir
+
+    try:
+        demo = demo_model_dir()
+    except FileNotFoundError as err:
+        raise ValueError(f"no --model given and the bundled demo model is missing ({err})") from err
+    if united is None:
+        try:
+            united = str(demo_united_dir("contiguous"))
+        except FileNotFoundError:
+            united = None
+    return str(demo), united
+
+
 def _run_generate(args) -> int:
+    if args.text is not None:
+        if args.prompt is not None or args.prompt_ids is not None:
+            raise ValueError("give the prompt once: positional text, --prompt or --prompt-ids")
+        args.prompt = args.text
+    if args.prompt is None and args.prompt_ids is None:
+        raise ValueError("a prompt is required: positional text, --prompt or --prompt-ids")
+    if args.server is not None:
+        from brownout_jax.serve.cli_client import run_remote_generate
+
+        return run_remote_generate(args)
+    if args.stop:
+        raise ValueError("--stop strings are applied by the server: use them with --server")
     from brownout_jax.checkpoints import load_model
     from brownout_jax.generate import generate
 
+    args.model, args.united = default_model(args.model, args.united)
     model = load_model(args.model, args.dtype, progress=args.output == "text", united=args.united)
     prefill_options, decode_options = brownout_options(args, model.config)
     if args.prompt is not None:
@@ -322,6 +402,8 @@ def _run_generate(args) -> int:
             [prompt_ids],
             args.max_new_tokens,
             temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
             seed=args.seed,
             stop_token_ids=() if args.ignore_eos else model.eos_token_ids,
             prefill_options=prefill_options,
@@ -399,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_unite(sub)
     _add_bench(sub)
+    _add_serve(sub)
     return parser
 
 

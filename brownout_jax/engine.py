@@ -205,6 +205,11 @@ class Engine:
         handle = RequestHandle(request_id, request, self)
         handle.metrics.arrival = self.clock()
         handle.metrics.prompt_tokens = len(request.prompt_token_ids)
+        # The bound covers every request not yet admitted (new and queued alike).
+        if self.num_waiting >= self.config.max_queue:
+            raise EngineOverloadedError(
+                f"{self.config.max_queue} requests already wait for admission"
+            )
         try:
             self._incoming.put_nowait(handle)
         except queue.Full:

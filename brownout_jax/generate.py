@@ -48,6 +48,8 @@ def generate(
     max_new_tokens: int,
     *,
     temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
     seed: int = 0,
     stop_token_ids: Sequence[int] = (),
     prefill_options: MoeOptions = DEFAULT_MOE_OPTIONS,
@@ -83,7 +85,10 @@ def generate(
     for i, prompt in enumerate(prompts):
         tokens[i, : len(prompt)] = prompt
     sampling = SamplingParams.host(
-        temperature=np.full(batch, temperature), seed=np.arange(seed, seed + batch)
+        temperature=np.full(batch, temperature),
+        seed=np.arange(seed, seed + batch),
+        top_k=np.full(batch, top_k),
+        top_p=np.full(batch, top_p),
     )
     inputs = PrefillInputs(
         tokens=jnp.asarray(tokens),

@@ -1,0 +1,205 @@
+"""The gRPC server, as a real separate process on 127.0.0.1 with an ephemeral port."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from brownout_jax.checkpoints import load_model
+from brownout_jax.generate import generate
+from brownout_jax.serve import brownout_pb2 as pb
+from brownout_jax.serve.client import GenerationClient
+
+SERVER_ARGS = [
+    "--max-batch",
+    "4",
+    "--max-prefill-batch",
+    "2",
+    "--kv-blocks",
+    "16",
+    "--block-size",
+    "16",
+    "--max-model-len",
+    "32",
+    "--brownout",
+    "off",
+    "--dtype",
+    "float32",
+]
+
+
+class ServerProcess:
+    def __init__(self, model, *extra):
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "brownout_jax.cli",
+                "serve",
+                "--model",
+                str(model),
+                "--port",
+                "0",
+                *SERVER_ARGS,
+                *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines = []
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError("server exited early:\n" + "".join(self.lines))
+            self.lines.append(line)
+            match = re.search(r"serving .* on (127\.0\.0\.1:\d+)", line)
+            if match:
+                self.target = match.group(1)
+                return
+        raise TimeoutError("server did not become ready")
+
+    def stop(self, timeout=120) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=timeout)
+        self.lines.extend(self.process.stdout.readlines())
+        return code
+
+
+@pytest.fixture(scope="module")
+def server(tiny_with_tokenizer):
+    proc = ServerProcess(tiny_with_tokenizer, "--max-queue", "3")
+    yield proc
+    assert proc.stop() == 0
+
+
+@pytest.fixture()
+def client(server):
+    with GenerationClient(server.target) as c:
+        yield c
+
+
+def _ids_request(ids=(5, 6, 7, 8), max_tokens=8, **fields):
+    return pb.GenerateRequest(prompt_token_ids=list(ids), max_tokens=max_tokens, **fields)
+
+
+def test_streaming_and_unary_equal_the_engine(client, tiny_with_tokenizer):
+    model = load_model(tiny_with_tokenizer, "float32", progress=False)
+    (expected,) = generate(model.params, model.config, [[5, 6, 7, 8]], 8)
+    request = _ids_request(ignore_eos=True)
+    streamed = list(client.stream(request, timeout=60))
+    assert [t for r in streamed for t in r.token_ids] == expected.token_ids
+    assert streamed[-1].finish_reason == "length"
+    assert all(r.finish_reason == "" for r in streamed[:-1])
+    assert streamed[-1].usage.completion_tokens == 8 and streamed[-1].usage.prompt_tokens == 4
+    unary = client.generate(request, timeout=60)
+    assert list(unary.token_ids) == expected.token_ids
+    assert unary.text == "".join(r.text for r in streamed)
+    assert unary.timing.ttft_s > 0 and unary.thresholds.decode == 1.0
+
+
+def test_text_prompt_and_stop_string(client):
+    first = client.generate(pb.GenerateRequest(prompt="w1 w2 w3", max_tokens=6, ignore_eos=True))
+    words = first.text.split()
+    assert words
+    stop = words[min(2, len(words) - 1)]
+    cut = client.generate(
+        pb.GenerateRequest(prompt="w1 w2 w3", max_tokens=6, ignore_eos=True, stop=[stop])
+    )
+    assert cut.finish_reason == "stop"
+    assert stop not in cut.text and first.text.startswith(cut.text.rstrip())
+
+
+def test_64_concurrent_streams_complete(server):
+    def one(i):
+        with GenerationClient(server.target) as c:
+            for attempt in range(200):
+                try:
+                    responses = list(c.stream(_ids_request((i % 90 + 1, 7), 6, ignore_eos=True)))
+                    return sum(len(r.token_ids) for r in responses), attempt
+                except grpc.RpcError as err:
+                    if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise
+                    time.sleep(0.05)  # the bounded queue is full: retry, as a client should
+        raise AssertionError("never admitted")
+
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(one, range(64)))
+    assert [tokens for tokens, _ in results] == [6] * 64
+    assert any(attempts > 0 for _, attempts in results)  # RESOURCE_EXHAUSTED did happen
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [
+        ({"max_tokens": 4}, "prompt"),
+        ({"prompt": "w1", "prompt_token_ids": [1], "max_tokens": 4}, "prompt"),
+        ({"prompt_token_ids": [1, 10_000], "max_tokens": 4}, "prompt_token_ids"),
+        ({"prompt_token_ids": [1], "max_tokens": 0}, "max_tokens"),
+        ({"prompt_token_ids": [1] * 20, "max_tokens": 20}, "max_tokens"),
+        ({"prompt_token_ids": [1] * 40, "max_tokens": 1}, "prompt"),
+        ({"prompt_token_ids": [1], "max_tokens": 4, "temperature": -1.0}, "temperature"),
+        ({"prompt_token_ids": [1], "max_tokens": 4, "top_p": 0.0}, "top_p"),
+        ({"prompt_token_ids": [1], "max_tokens": 4, "top_p": 1.5}, "top_p"),
+        ({"prompt_token_ids": [1], "max_tokens": 4, "top_k": -2}, "top_k"),
+    ],
+)
+def test_bad_input_is_invalid_argument_naming_the_field(client, request_fields, field):
+    with pytest.raises(grpc.RpcError) as info:
+        client.generate(pb.GenerateRequest(**request_fields), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith(f"{field}:")
+    assert "Traceback" not in info.value.details()
+
+
+def test_cancelled_stream_frees_its_blocks(client):
+    call = client.stream(_ids_request((3, 4), max_tokens=28, ignore_eos=True))
+    next(call)
+    call.cancel()
+    deadline = time.monotonic() + 30
+    status = client.status()
+    while (status.running or status.kv_blocks_used) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        status = client.status()
+    assert status.running == 0 and status.kv_blocks_used == 0
+
+
+def test_health_and_status(server, client):
+    channel = grpc.insecure_channel(server.target)
+    health = health_pb2_grpc.HealthStub(channel)
+    reply = health.Check(health_pb2.HealthCheckRequest(service="brownout.v1.Generation"))
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    status = client.status()
+    assert status.model == "model" and status.controller_mode == "off"
+    assert status.kv_blocks_total == 15 and status.compiled_steps > 0
+
+
+def test_sigterm_drains_in_flight_requests(tiny_with_tokenizer):
+    proc = ServerProcess(tiny_with_tokenizer)
+    channel = grpc.insecure_channel(proc.target)
+    health = health_pb2_grpc.HealthStub(channel)
+    with GenerationClient(proc.target) as c:
+        calls = [c.stream(_ids_request((i + 1, 2), 20, ignore_eos=True)) for i in range(6)]
+        firsts = [next(call) for call in calls]
+        assert all(len(f.token_ids) == 1 for f in firsts)
+        proc.process.send_signal(signal.SIGTERM)
+        rest = [list(call) for call in calls]
+        assert [1 + sum(len(r.token_ids) for r in responses) for responses in rest] == [20] * 6
+        assert all(responses[-1].finish_reason == "length" for responses in rest)
+        try:
+            reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        except grpc.RpcError:
+            pass  # already stopped: the drain finished first
+    assert proc.stop() == 0
+    assert any("draining" in line for line in proc.lines)
