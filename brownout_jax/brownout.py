@@ -45,6 +45,11 @@ class ThresholdLadder:
         below = [t for t in self.levels if t <= threshold + 1e-9]
         return below[-1] if below else self.levels[0]
 
+    def snap_up(self, threshold: float) -> float:
+        """The lowest level ≥ ``threshold`` (recovery must be able to climb a coarse ladder)."""
+        above = [t for t in self.levels if t >= threshold - 1e-9]
+        return above[0] if above else self.levels[-1]
+
     @classmethod
     def parse(cls, text: str) -> ThresholdLadder:
         try:

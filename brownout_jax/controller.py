@@ -8,7 +8,8 @@ phase is compared with its SLO, separately:
     P90 < warning × SLO     → threshold + step (0.1), at most 1
     otherwise               → hold
 
-and the result snaps down to the ladder of compiled levels. A phase with no step in the
+and the result snaps to the ladder of compiled levels: down after a decrease, up after an
+increase (so recovery can climb a coarse ladder such as 0, 0.5, 1). A phase with no step in the
 window holds. The clock is injectable, so traces can be replayed without sleeping.
 """
 
@@ -121,12 +122,10 @@ class SloController:
         if p90 is None:
             return current
         if p90 > slo:
-            wanted = current * cfg.shrink
-        elif p90 < cfg.warning_fraction * slo:
-            wanted = min(1.0, current + cfg.step)
-        else:
-            return current
-        return self.ladder.snap(wanted)
+            return self.ladder.snap(current * cfg.shrink)
+        if p90 < cfg.warning_fraction * slo:
+            return self.ladder.snap_up(min(1.0, current + cfg.step))
+        return current
 
     def maybe_update(self, now: float | None = None) -> bool:
         """Applies the rule if a check interval has passed; True if a threshold changed."""

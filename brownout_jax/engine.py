@@ -443,7 +443,7 @@ class Engine:
         latency = now - step.dispatched_at
         with self._lock:
             self.controller.record(step.phase, latency, now)
-            self.metrics.record_step(step.phase, latency, len(step.rows))
+            self.metrics.record_step(step.phase, latency, len(step.rows), now, step.thresholds)
         for i, seq in enumerate(step.rows):
             if seq.finished:
                 continue  # finished or cancelled while this step was in flight

@@ -18,6 +18,16 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class StepRecord:
+    time: float  # engine clock when the step's tokens were read
+    phase: str
+    latency_s: float
+    rows: int
+    prefill_threshold: float
+    decode_threshold: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class EngineStats:
     running: int
     waiting: int
@@ -77,8 +87,14 @@ class EngineMetrics:
         self.finished: collections.Counter[str] = collections.Counter()
         self.preemptions = 0
         self._recent: collections.deque[RequestMetrics] = collections.deque(maxlen=recent)
+        # Every step of the last hours, for offline SLO evaluation (bounded).
+        self.step_log: collections.deque[StepRecord] = collections.deque(maxlen=1 << 20)
 
-    def record_step(self, phase: str, latency_s: float, rows: int) -> None:
+    def record_step(
+        self, phase: str, latency_s: float, rows: int, now: float = 0.0,
+        thresholds: tuple[float, float] = (1.0, 1.0),
+    ) -> None:
+        self.step_log.append(StepRecord(now, phase, latency_s, rows, *thresholds))
         self.steps[phase] += 1
         self.h_step.labels(phase).observe(latency_s)
         self.c_tokens.labels("generated").inc(rows)

@@ -96,3 +96,19 @@ def test_no_samples_hold_and_modes():
     assert off.thresholds == {"prefill": 1.0, "decode": 1.0}
     with pytest.raises(ValueError, match="auto, off or fixed"):
         ControllerConfig.parse_mode("sometimes")
+
+
+def test_coarse_ladder_recovers():
+    from brownout_jax.brownout import ThresholdLadder
+
+    clock = FakeClock()
+    ctl = SloController(
+        ControllerConfig(slo_tpot_s=0.1, window_s=2.0, check_interval_s=5.0),
+        ThresholdLadder((0.0, 0.5, 1.0)), clock,
+    )
+    trace = [(0.2, 0.5), (0.2, 0.0), (0.01, 0.5), (0.01, 1.0)]  # ×0.8 snaps down, +0.1 up
+    for latency, expected in trace:
+        clock.now += 3.0
+        _feed(ctl, clock, "decode", latency)
+        ctl.maybe_update()
+        assert ctl.threshold("decode") == expected
