@@ -482,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_unite(sub)
     _add_bench(sub)
     _add_serve(sub)
+    from brownout_jax.eval.cli_eval import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 
@@ -490,11 +493,13 @@ def main(argv: list[str] | None = None) -> int:
     from brownout_jax.calibration import CalibrationDataError
     from brownout_jax.checkpoints.errors import CheckpointError
     from brownout_jax.config import UnsupportedConfigError
+    from brownout_jax.eval.tasks import TaskFormatError
 
     try:
         return args.run(args)
     except (
         CheckpointError,
+        TaskFormatError,
         UnsupportedConfigError,
         CalibrationDataError,
         ValueError,

@@ -91,7 +91,11 @@ class EngineMetrics:
         self.step_log: collections.deque[StepRecord] = collections.deque(maxlen=1 << 20)
 
     def record_step(
-        self, phase: str, latency_s: float, rows: int, now: float = 0.0,
+        self,
+        phase: str,
+        latency_s: float,
+        rows: int,
+        now: float = 0.0,
         thresholds: tuple[float, float] = (1.0, 1.0),
     ) -> None:
         self.step_log.append(StepRecord(now, phase, latency_s, rows, *thresholds))

@@ -1,0 +1,293 @@
+"""``brownout-jax eval accuracy | throughput | slo``: argument parsing and the runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(t) for t in text.split(",") if t.strip())
+
+
+def _pair(text: str) -> tuple[int, int]:
+    low, high = (int(v) for v in text.split(","))
+    return low, high
+
+
+def _add_model_options(p) -> None:
+    group = p.add_argument_group("model")
+    group.add_argument("--model", help="checkpoint dir (default: the bundled demo model)")
+    group.add_argument("--united", help="united experts dir (default with the demo: its own)")
+    group.add_argument(
+        "--load-format",
+        choices=("auto", "dummy"),
+        default="auto",
+        help="dummy: random weights from --config/--preset (no checkpoint)",
+    )
+    group.add_argument("--config", help="config.json for --load-format dummy")
+    group.add_argument(
+        "--preset", help="named config for --load-format dummy (e.g. qwen1.5-moe-a2.7b)"
+    )
+    group.add_argument("--num-layers", type=int, help="dummy: keep only this many layers")
+    group.add_argument(
+        "--router-skew", type=float, default=1.0, help="dummy: Zipf exponent of expert popularity"
+    )
+    group.add_argument("--dtype", default="auto")
+
+
+def load_for_eval(args):
+    """(params, config, tokenizer, model_dir or None): a checkpoint or dummy weights."""
+    from brownout_jax.checkpoints import load_model
+    from brownout_jax.checkpoints.loader import resolve_dtype
+    from brownout_jax.cli import default_model
+    from brownout_jax.config import PRESETS, ModelConfig
+    from brownout_jax.eval.dummy import dummy_config, dummy_params
+
+    if args.load_format == "dummy":
+        if args.config:
+            config = ModelConfig.from_hf_dict(json.loads(Path(args.config).read_text()))
+        elif args.preset in PRESETS:
+            config = PRESETS[args.preset]
+        else:
+            raise ValueError(f"--load-format dummy needs --config or --preset ({sorted(PRESETS)})")
+        config = dummy_config(config, args.num_layers)
+        params = dummy_params(config, resolve_dtype(args.dtype), args.router_skew)
+        return params, config, None, None
+    model_dir, united = default_model(args.model, args.united)
+    model = load_model(model_dir, args.dtype, united=united)
+    return model.params, model.config, model.tokenizer, model_dir
+
+
+def add_eval_parser(sub) -> None:
+    ev = sub.add_parser("eval", help="offline evaluation: accuracy, throughput, SLO under bursts")
+    kinds = ev.add_subparsers(dest="eval_kind", required=True)
+
+    p = kinds.add_parser("accuracy", help="multiple-choice accuracy and perplexity vs threshold")
+    p.add_argument("--task", help="JSONL task file (default: the demo docstring task)")
+    p.add_argument(
+        "--format", default="auto", choices=("auto", "piqa", "copa", "obqa", "ceval", "mc")
+    )
+    p.add_argument("--thresholds", default="1.0,0.5,0.0")
+    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--limit", type=int, help="evaluate only the first N items")
+    p.add_argument("--ppl-file", help="a text file for perplexity")
+    p.add_argument("--exempt-edge-layers", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--output", choices=("table", "json"), default="table")
+    _add_model_options(p)
+    p.set_defaults(run=run_accuracy)
+
+    p = kinds.add_parser("throughput", help="engine vs transformers on the same prompts")
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--prompt-len", type=_pair, default=(16, 64))
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--thresholds", default="1.0")
+    p.add_argument("--no-peer", action="store_true", help="skip the transformers peer")
+    p.add_argument("--peer-batch", type=int, default=8)
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-model-len", type=int, default=256)
+    _add_model_options(p)
+    p.set_defaults(run=run_throughput_cmd)
+
+    p = kinds.add_parser("slo", help="replay a bursty trace per brownout mode")
+    p.add_argument("--modes", default="off,auto", help="comma list of off, auto, fixed=X")
+    p.add_argument("--request-rate", type=float, default=2.0)
+    p.add_argument("--duration", type=float, default=60.0)
+    p.add_argument("--burstiness", type=float, default=1.0)
+    p.add_argument("--burst-start", type=float)
+    p.add_argument("--burst-duration", type=float, default=10.0)
+    p.add_argument("--burst-factor", type=float, default=1.0)
+    p.add_argument("--ramp-to", type=float)
+    p.add_argument("--dataset", help="Alpaca or ShareGPT JSON for prompts/output lengths")
+    p.add_argument("--prompt-len", type=_pair, default=(16, 64))
+    p.add_argument("--output-len", type=_pair, default=(16, 64))
+    p.add_argument("--slo-ttft", type=float, default=1.0)
+    p.add_argument("--slo-tpot", type=float, default=0.2)
+    p.add_argument("--ladder", default="0,0.2,0.4,0.6,0.8,1")
+    p.add_argument("--check-interval", type=float, default=5.0)
+    p.add_argument("--window", type=float, default=2.0)
+    p.add_argument("--accuracy-table", help="`eval accuracy --output json` file")
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--max-model-len", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="slo-results", help="output directory (JSON + PNG)")
+    _add_model_options(p)
+    p.set_defaults(run=run_slo_cmd)
+
+
+def run_accuracy(args) -> int:
+    from brownout_jax.brownout import DEFAULT_LADDER
+    from brownout_jax.eval.scoring import perplexity, score_items
+    from brownout_jax.eval.tasks import load_task
+    from brownout_jax.moe import MoeOptions
+
+    params, config, tokenizer, _ = load_for_eval(args)
+    if tokenizer is None:
+        raise ValueError("eval accuracy needs a checkpoint with a tokenizer")
+    task = args.task or str(Path(__file__).resolve().parent / "tasks" / "docstring_mc.jsonl")
+    items, fmt = load_task(task, args.format)
+    if args.limit:
+        items = items[: args.limit + args.num_fewshot]
+    moe = config.moe_layers
+    k = args.exempt_edge_layers
+    exempt = tuple(moe[:k]) + tuple(moe[len(moe) - k :]) if k else ()
+    ppl_ids = None
+    if args.ppl_file:
+        text = Path(args.ppl_file).read_text(encoding="utf-8")
+        ppl_ids = tokenizer.encode(text, add_special_tokens=False)
+    rows = []
+    for threshold in _floats(args.thresholds):
+        level = DEFAULT_LADDER.snap(threshold)
+        options = MoeOptions(threshold=level, exempt_layers=exempt)
+        result = score_items(
+            params,
+            config,
+            tokenizer,
+            items,
+            options,
+            args.num_fewshot,
+            args.batch_size,
+            progress=args.output == "table",
+        )
+        row = {
+            "threshold": level,
+            "accuracy": result.accuracy,
+            "accuracy_stderr": result.accuracy_stderr,
+            "accuracy_norm": result.accuracy_norm,
+            "items": result.items,
+        }
+        if ppl_ids is not None:
+            row["perplexity"] = perplexity(params, config, ppl_ids, options)
+        rows.append(row)
+    exact = next((r for r in rows if r["threshold"] == 1.0), None)
+    for row in rows:
+        row["accuracy_loss"] = None if exact is None else exact["accuracy"] - row["accuracy"]
+    report = {"task": task, "format": fmt, "num_fewshot": args.num_fewshot, "rows": rows}
+    if args.output == "json":
+        print(json.dumps(report))
+        return 0
+    print(f"task {task} ({fmt}, {rows[0]['items']} items, {args.num_fewshot}-shot)")
+    print("| threshold | accuracy ± s.e. | accuracy (len-norm) | loss vs 1.0 | perplexity |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        loss = "—" if r["accuracy_loss"] is None else f"{r['accuracy_loss']:+.4f}"
+        ppl = f"{r['perplexity']:.3f}" if "perplexity" in r else "—"
+        print(
+            f"| {r['threshold']:.1f} | {r['accuracy']:.4f} ± {r['accuracy_stderr']:.4f} | "
+            f"{r['accuracy_norm']:.4f} | {loss} | {ppl} |"
+        )
+    return 0
+
+
+def _engine(params, config, tokenizer, args, ladder=None, controller=None):
+    from brownout_jax.brownout import DEFAULT_LADDER
+    from brownout_jax.engine import Engine
+    from brownout_jax.engine_config import EngineConfig
+
+    fields = {
+        "max_batch": args.max_batch,
+        "max_prefill_batch": min(4, args.max_batch),
+        "max_model_len": args.max_model_len,
+        "max_prefill_tokens": max(2048, args.max_model_len),
+        "num_blocks": 1 + args.max_batch * -(-args.max_model_len // 16),
+        "ladder": ladder or DEFAULT_LADDER,
+    }
+    if controller is not None:
+        fields["controller"] = controller
+    return Engine(params, config, EngineConfig(**fields), tokenizer)
+
+
+def run_throughput_cmd(args) -> int:
+    from brownout_jax.eval.throughput import run_throughput
+
+    params, config, tokenizer, model_dir = load_for_eval(args)
+    if model_dir is None and not args.no_peer:
+        raise ValueError("the transformers peer needs a checkpoint; pass --no-peer with dummy")
+    engine = _engine(params, config, tokenizer, args)
+    try:
+        report = run_throughput(
+            engine,
+            model_dir,
+            args.num_prompts,
+            args.prompt_len,
+            args.max_new_tokens,
+            _floats(args.thresholds),
+            not args.no_peer,
+            args.peer_batch,
+        )
+    finally:
+        engine.shutdown(drain=False)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def run_slo_cmd(args) -> int:
+    from brownout_jax.brownout import ThresholdLadder
+    from brownout_jax.controller import ControllerConfig
+    from brownout_jax.eval.slo import run_mode, summarize, write_results
+    from brownout_jax.eval.workload import WorkloadConfig, load_prompt_pool, make_trace
+
+    params, config, tokenizer, _ = load_for_eval(args)
+    workload = WorkloadConfig(
+        request_rate=args.request_rate,
+        duration_s=args.duration,
+        burstiness=args.burstiness,
+        burst_start_s=args.burst_start,
+        burst_duration_s=args.burst_duration,
+        burst_factor=args.burst_factor,
+        ramp_to=args.ramp_to,
+        prompt_len=args.prompt_len,
+        output_len=args.output_len,
+        seed=args.seed,
+    )
+    pool = None
+    if args.dataset:
+        if tokenizer is None:
+            raise ValueError("--dataset needs a tokenizer; dummy weights use synthetic lengths")
+        pool = load_prompt_pool(args.dataset, tokenizer, args.prompt_len[1], args.output_len[1])
+    trace = make_trace(workload, config.vocab_size, pool)
+    controller = ControllerConfig(
+        slo_ttft_s=args.slo_ttft,
+        slo_tpot_s=args.slo_tpot,
+        window_s=args.window,
+        check_interval_s=args.check_interval,
+    )
+    engine = _engine(
+        params, config, tokenizer, args, ThresholdLadder.parse(args.ladder), controller
+    )
+    accuracy = json.loads(Path(args.accuracy_table).read_text()) if args.accuracy_table else None
+    results = []
+    try:
+        for mode in args.modes.split(","):
+            run = run_mode(engine, trace, mode.strip(), controller)
+            results.append(summarize(run, args.slo_ttft, args.slo_tpot, accuracy))
+            if run.interrupted:
+                break
+            time.sleep(1.0)  # let the previous mode's tail leave the step log window
+    finally:
+        engine.shutdown(drain=False)
+        meta = {
+            "workload": workload.__repr__(),
+            "requests": len(trace),
+            "slo_ttft_s": args.slo_ttft,
+            "slo_tpot_s": args.slo_tpot,
+            "compile_s": engine.compile_seconds,
+        }
+        path = write_results(results, Path(args.out), args.slo_ttft, args.slo_tpot, meta)
+    print(f"wrote {path} and PNG timelines", file=sys.stderr)
+    print(
+        "| mode | violation prefill | violation decode | goodput req/s | tokens/s | "
+        "mean thresholds (p/d) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        th = r["mean_thresholds"]
+        print(
+            f"| {r['mode']} | {r['violation_rate_prefill']} | {r['violation_rate_decode']} | "
+            f"{r['goodput_rps']} | {r['throughput_tokens_per_s']} | "
+            f"{th['prefill']:.2f}/{th['decode']:.2f} |"
+        )
+    return 0

@@ -1,0 +1,230 @@
+"""``brownout-jax eval slo``: replay one trace per brownout mode, measure SLO violations.
+
+Per mode: the SLO-violation rate as BrownoutServe defines it (share of 1-second windows whose
+P90 step latency exceeds the SLO, prefill and decode separately; windows without steps of
+that phase do not count), goodput (requests per second meeting both the TTFT and the TPOT
+SLO, as vLLM's --goodput), throughput, mean thresholds, and the accuracy cost looked up in an
+accuracy table (``eval accuracy --output json``) when given. Writes JSON and PNG timelines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from brownout_jax.controller import ControllerConfig, SloController
+from brownout_jax.engine_metrics import StepRecord
+from brownout_jax.eval.workload import TraceRequest
+from brownout_jax.requests import EngineOverloadedError, GenerationRequest
+
+
+@dataclasses.dataclass
+class ModeRun:
+    mode: str
+    start: float
+    end: float = 0.0
+    steps: list[StepRecord] = dataclasses.field(default_factory=list)
+    outputs: list = dataclasses.field(default_factory=list)  # GenerationOutput
+    arrivals: list[float] = dataclasses.field(default_factory=list)
+    rejected: int = 0
+    interrupted: bool = False
+
+
+def run_mode(engine, trace: list[TraceRequest], mode: str, base: ControllerConfig,
+             progress: bool = True) -> ModeRun:
+    """Replays ``trace`` in real time against the engine under one brownout mode (``base``
+    gives the SLOs, window and check interval)."""
+    # Between runs the engine is idle, so swapping its controller is safe: levels are all
+    # compiled already, the mode only decides which ones are used.
+    mode_config = ControllerConfig.parse_mode(mode)
+    config = dataclasses.replace(
+        base, mode=mode_config.mode, fixed_threshold=mode_config.fixed_threshold
+    )
+    engine.controller = SloController(config, engine.ladder, engine.clock)
+    run = ModeRun(mode=mode, start=engine.clock())
+    handles = []
+    bar = tqdm(total=len(trace), desc=f"slo {mode}", unit="req", disable=not progress)
+    try:
+        for request in trace:
+            delay = run.start + request.arrival_s - engine.clock()
+            if delay > 0:
+                time.sleep(delay)
+            run.arrivals.append(engine.clock() - run.start)
+            try:
+                handles.append(
+                    engine.submit(
+                        GenerationRequest(
+                            prompt_token_ids=request.prompt_ids,
+                            max_new_tokens=request.output_len,
+                            ignore_eos=True,
+                        )
+                    )
+                )
+            except EngineOverloadedError:
+                run.rejected += 1
+            bar.update(1)
+        for handle in handles:
+            run.outputs.append(handle.result())
+    except KeyboardInterrupt:
+        run.interrupted = True
+        for handle in handles:
+            handle.cancel()
+    finally:
+        bar.close()
+    run.end = engine.clock()
+    run.steps = [s for s in list(engine.metrics.step_log) if run.start <= s.time <= run.end]
+    return run
+
+
+def violation_rate(
+    steps: list[StepRecord], phase: str, slo: float, start: float, end: float
+) -> tuple[float | None, list[tuple[float, float]]]:
+    """(share of 1-s windows whose P90 latency > slo, [(window start, P90)])."""
+    series = []
+    for t0 in np.arange(start, end, 1.0):
+        window = [s.latency_s for s in steps if s.phase == phase and t0 <= s.time < t0 + 1.0]
+        if window:
+            series.append((float(t0 - start), float(np.percentile(window, 90))))
+    if not series:
+        return None, series
+    return float(np.mean([p90 > slo for _, p90 in series])), series
+
+
+def summarize(
+    run: ModeRun, slo_ttft: float, slo_tpot: float, accuracy_table: dict | None = None
+) -> dict:
+    duration = max(run.end - run.start, 1e-9)
+    prefill_rate, prefill_series = violation_rate(
+        run.steps, "prefill", slo_ttft, run.start, run.end
+    )
+    decode_rate, decode_series = violation_rate(run.steps, "decode", slo_tpot, run.start, run.end)
+    good = [
+        o
+        for o in run.outputs
+        if o.metrics.ttft is not None
+        and o.metrics.ttft <= slo_ttft
+        and (o.metrics.tpot_mean is None or o.metrics.tpot_mean <= slo_tpot)
+    ]
+    tokens = sum(len(o.token_ids) for o in run.outputs)
+    thresholds = {
+        "prefill": float(np.mean([s.prefill_threshold for s in run.steps])) if run.steps else 1.0,
+        "decode": float(np.mean([s.decode_threshold for s in run.steps])) if run.steps else 1.0,
+    }
+    ttfts = [o.metrics.ttft for o in run.outputs if o.metrics.ttft is not None]
+    tpots = [o.metrics.tpot_mean for o in run.outputs if o.metrics.tpot_mean is not None]
+    result = {
+        "mode": run.mode,
+        "duration_s": round(duration, 3),
+        "requests": len(run.outputs),
+        "rejected": run.rejected,
+        "interrupted": run.interrupted,
+        "violation_rate_prefill": prefill_rate,
+        "violation_rate_decode": decode_rate,
+        "goodput_rps": round(len(good) / duration, 4),
+        "throughput_tokens_per_s": round(tokens / duration, 3),
+        "mean_ttft_s": float(np.mean(ttfts)) if ttfts else None,
+        "p90_ttft_s": float(np.percentile(ttfts, 90)) if ttfts else None,
+        "mean_tpot_s": float(np.mean(tpots)) if tpots else None,
+        "mean_thresholds": thresholds,
+        "timeline": {
+            "arrivals_s": [round(a, 4) for a in run.arrivals],
+            "prefill_p90": prefill_series,
+            "decode_p90": decode_series,
+            "thresholds": [
+                (round(s.time - run.start, 4), s.prefill_threshold, s.decode_threshold)
+                for s in run.steps
+            ],
+        },
+    }
+    if accuracy_table:
+        result["accuracy_cost"] = _accuracy_cost(accuracy_table, thresholds["prefill"])
+    return result
+
+
+def _accuracy_cost(table: dict, threshold: float) -> float | None:
+    """Accuracy loss at the level nearest the mean prefill threshold (scoring is a prefill)."""
+    rows = table.get("rows", [])
+    if not rows:
+        return None
+    nearest = min(rows, key=lambda r: abs(r["threshold"] - threshold))
+    return nearest.get("accuracy_loss")
+
+
+def plot_timeline(result: dict, slo_ttft: float, slo_tpot: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timeline = result["timeline"]
+    fig, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
+    arrivals = np.asarray(timeline["arrivals_s"])
+    if arrivals.size:
+        edges = np.arange(0, max(arrivals.max(), 1.0) + 1.0, 1.0)
+        counts, _ = np.histogram(arrivals, edges)
+        axes[0].step(edges[:-1], counts, where="post")
+    axes[0].set_ylabel("requests / s")
+    for key, slo, colour in (
+        ("prefill_p90", slo_ttft, "tab:blue"),
+        ("decode_p90", slo_tpot, "tab:orange"),
+    ):
+        series = np.asarray(timeline[key]).reshape(-1, 2)
+        if series.size:
+            axes[1].plot(series[:, 0], series[:, 1], marker=".", color=colour, label=key)
+        axes[1].axhline(slo, color=colour, linestyle="--", linewidth=1)
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("P90 step latency (s)")
+    axes[1].legend()
+    thresholds = np.asarray(timeline["thresholds"]).reshape(-1, 3)
+    if thresholds.size:
+        axes[2].step(thresholds[:, 0], thresholds[:, 1], where="post", label="prefill")
+        axes[2].step(thresholds[:, 0], thresholds[:, 2], where="post", label="decode")
+    axes[2].set_ylim(-0.05, 1.05)
+    axes[2].set_ylabel("threshold")
+    axes[2].set_xlabel("time (s)")
+    axes[2].legend()
+    fig.suptitle(f"brownout mode: {result['mode']}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_comparison(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [r["mode"] for r in results]
+    x = np.arange(len(modes))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].bar(x - 0.2, [r["violation_rate_prefill"] or 0 for r in results], 0.4, label="prefill")
+    axes[0].bar(x + 0.2, [r["violation_rate_decode"] or 0 for r in results], 0.4, label="decode")
+    axes[0].set_title("SLO-violation rate (1-s windows)")
+    axes[0].legend()
+    axes[1].bar(x, [r["goodput_rps"] for r in results])
+    axes[1].set_title("goodput (requests/s within both SLOs)")
+    for ax in axes:
+        ax.set_xticks(x, modes)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_results(
+    results: list[dict], out_dir: Path, slo_ttft: float, slo_tpot: float, meta: dict
+) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for result in results:
+        name = result["mode"].replace("=", "-")
+        plot_timeline(result, slo_ttft, slo_tpot, out_dir / f"timeline-{name}.png")
+    if results:
+        plot_comparison(results, out_dir / "comparison.png")
+    path = out_dir / "slo.json"
+    path.write_text(json.dumps({**meta, "runs": results}, indent=1) + "\n")
+    return path

@@ -1,0 +1,173 @@
+"""Offline evaluation: task formats, scoring, traces, and an end-to-end `eval slo` run."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_model_config
+
+from brownout_jax import cli
+from brownout_jax.eval.scoring import continuation_logprobs
+from brownout_jax.eval.tasks import TaskFormatError, load_task
+from brownout_jax.eval.workload import WorkloadConfig, arrival_times, make_trace
+from brownout_jax.model import forward_logits
+from brownout_jax.moe import MoeOptions
+from brownout_jax.params import init_random_params
+
+FIXTURES = {
+    "piqa": {"goal": "To open a jar", "sol1": "twist the lid", "sol2": "eat it", "label": 0},
+    "copa": {
+        "premise": "The man fell.",
+        "choice1": "He slipped.",
+        "choice2": "He sang.",
+        "question": "cause",
+        "label": 0,
+    },
+    "obqa": {
+        "question": {
+            "stem": "The sun is a",
+            "choices": [{"text": "star", "label": "A"}, {"text": "planet", "label": "B"}],
+        },
+        "answerKey": "A",
+    },
+    "ceval": {"question": "1+1=?", "A": "1", "B": "2", "C": "3", "D": "4", "answer": "B"},
+    "mc": {"goal": "Return the", "sol1": "a", "sol2": "b", "sol3": "c", "sol4": "d", "label": 3},
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(FIXTURES))
+def test_task_formats_parse_and_detect(tmp_path, fmt):
+    path = tmp_path / f"{fmt}.jsonl"
+    path.write_text(json.dumps(FIXTURES[fmt]) + "\n" + json.dumps(FIXTURES[fmt]) + "\n")
+    items, used = load_task(path)
+    assert used == fmt and len(items) == 2
+    expected_label = {"piqa": 0, "copa": 0, "obqa": 0, "ceval": 1, "mc": 3}[fmt]
+    assert items[0].label == expected_label
+    assert len(items[0].choices) == {"piqa": 2, "copa": 2, "obqa": 2, "ceval": 4, "mc": 4}[fmt]
+
+
+def test_malformed_lines_are_reported_with_their_number(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    good = json.dumps(FIXTURES["piqa"])
+    path.write_text(good + "\n" + good + "\n{broken\n")
+    with pytest.raises(TaskFormatError, match=r"bad\.jsonl:3"):
+        load_task(path)
+    path.write_text(good + "\n" + json.dumps({**FIXTURES["piqa"], "label": 5}) + "\n")
+    with pytest.raises(TaskFormatError, match=r"bad\.jsonl:2.*label 5"):
+        load_task(path)
+
+
+def test_bundled_demo_task_loads():
+    from pathlib import Path
+
+    import brownout_jax.eval as ev
+
+    path = Path(ev.__file__).parent / "tasks" / "docstring_mc.jsonl"
+    items, fmt = load_task(path)
+    assert fmt == "mc" and len(items) >= 200
+    assert all(len(i.choices) == 4 for i in items)
+
+
+def test_loglikelihood_scoring_equals_direct_computation():
+    config = tiny_model_config()
+    params = init_random_params(config, jax.random.key(1), scale=0.3)
+    rng = np.random.default_rng(0)
+    sequences = [rng.integers(0, config.vocab_size, n).tolist() for n in (9, 14, 5)]
+    starts = [4, 10, 2]
+    sums, counts = continuation_logprobs(params, config, sequences, starts, MoeOptions(), 2)
+    for seq, start, total, count in zip(sequences, starts, sums, counts, strict=True):
+        logits = forward_logits(params, config, jnp.asarray([seq]), jnp.asarray([len(seq)]))
+        logp = jax.nn.log_softmax(logits[0], -1)
+        direct = sum(float(logp[t - 1, seq[t]]) for t in range(start, len(seq)))
+        assert count == len(seq) - start
+        assert total == pytest.approx(direct, rel=1e-5)
+
+
+def test_trace_is_reproducible_with_the_requested_rate_and_burstiness():
+    cfg = WorkloadConfig(request_rate=20.0, duration_s=500.0, burstiness=0.5, seed=3)
+    a = arrival_times(cfg, np.random.default_rng(3))
+    b = arrival_times(cfg, np.random.default_rng(3))
+    assert np.array_equal(a, b)
+    gaps = np.diff(a)
+    assert len(a) / cfg.duration_s == pytest.approx(20.0, rel=0.05)
+    # Gamma shape k: coefficient of variation 1/sqrt(k) (√2 for burstiness 0.5).
+    assert gaps.std() / gaps.mean() == pytest.approx(np.sqrt(2.0), rel=0.1)
+    burst = WorkloadConfig(
+        request_rate=5.0,
+        duration_s=300.0,
+        burst_start_s=100.0,
+        burst_duration_s=100.0,
+        burst_factor=4.0,
+        seed=1,
+    )
+    times = np.asarray([r.arrival_s for r in make_trace(burst, 100)])
+    inside = np.sum((times >= 100) & (times < 200)) / 100.0
+    outside = np.sum((times < 100) | (times >= 200)) / 200.0
+    assert inside / outside == pytest.approx(4.0, rel=0.2)
+
+
+def test_eval_slo_end_to_end_writes_json_and_pngs(tmp_path, tiny_checkpoints, capsys):
+    import matplotlib.image
+
+    config_json = tiny_checkpoints["gqa_norm_topk_dense_layer"] / "config.json"
+    out = tmp_path / "slo"
+    code = cli.main(
+        [
+            "eval",
+            "slo",
+            "--load-format",
+            "dummy",
+            "--config",
+            str(config_json),
+            "--duration",
+            "3",
+            "--request-rate",
+            "10",
+            "--modes",
+            "off,auto",
+            "--max-batch",
+            "2",
+            "--max-model-len",
+            "32",
+            "--prompt-len",
+            "4,12",
+            "--output-len",
+            "4,10",
+            "--ladder",
+            "0,1",
+            "--check-interval",
+            "0.5",
+            "--window",
+            "0.5",
+            "--slo-ttft",
+            "0.001",
+            "--slo-tpot",
+            "0.001",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    report = json.loads((out / "slo.json").read_text())
+    assert [r["mode"] for r in report["runs"]] == ["off", "auto"]
+    fields = {
+        "violation_rate_prefill",
+        "violation_rate_decode",
+        "goodput_rps",
+        "throughput_tokens_per_s",
+        "mean_thresholds",
+        "timeline",
+        "requests",
+        "rejected",
+    }
+    for run in report["runs"]:
+        assert fields <= set(run)
+        assert run["requests"] > 0
+    assert report["runs"][0]["mean_thresholds"] == {"prefill": 1.0, "decode": 1.0}
+    assert report["runs"][1]["mean_thresholds"]["decode"] < 1.0  # the controller acted
+    for name in ("timeline-off.png", "timeline-auto.png", "comparison.png"):
+        assert matplotlib.image.imread(out / name).shape[-1] in (3, 4)
