@@ -488,8 +488,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def enable_compilation_cache() -> None:
+    """Persist compiled steps across runs (a restarted server warms up from disk) unless the
+    user chose a cache directory (JAX_COMPILATION_CACHE_DIR) or none (BROWNOUT_JAX_XLA_CACHE=off)."""
+    import os
+
+    if os.environ.get("BROWNOUT_JAX_XLA_CACHE", "").lower() == "off":
+        return
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        import jax
+
+        cache = os.path.join(os.path.expanduser("~"), ".cache", "brownout-jax", "xla")
+        jax.config.update("jax_compilation_cache_dir", cache)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    enable_compilation_cache()
     from brownout_jax.calibration import CalibrationDataError
     from brownout_jax.checkpoints.errors import CheckpointError
     from brownout_jax.config import UnsupportedConfigError

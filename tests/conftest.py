@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 from pathlib import Path
+
+# One persistent XLA compilation cache for the whole run (and the server subprocesses it
+# starts): engines and servers built with the same shapes reuse each other's executables.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "brownout-jax-test-xla")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import numpy as np
 import pytest
