@@ -490,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def enable_compilation_cache() -> None:
     """Persist compiled steps across runs (a restarted server warms up from disk) unless the
-    user chose a cache directory (JAX_COMPILATION_CACHE_DIR) or none (BROWNOUT_JAX_XLA_CACHE=off)."""
+    user chose a cache directory (JAX_COMPILATION_CACHE_DIR) or none
+    (BROWNOUT_JAX_XLA_CACHE=off)."""
     import os
 
     if os.environ.get("BROWNOUT_JAX_XLA_CACHE", "").lower() == "off":

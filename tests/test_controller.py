@@ -104,7 +104,8 @@ def test_coarse_ladder_recovers():
     clock = FakeClock()
     ctl = SloController(
         ControllerConfig(slo_tpot_s=0.1, window_s=2.0, check_interval_s=5.0),
-        ThresholdLadder((0.0, 0.5, 1.0)), clock,
+        ThresholdLadder((0.0, 0.5, 1.0)),
+        clock,
     )
     trace = [(0.2, 0.5), (0.2, 0.0), (0.01, 0.5), (0.01, 1.0)]  # ×0.8 snaps down, +0.1 up
     for latency, expected in trace:
