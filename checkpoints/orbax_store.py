@@ -10,7 +10,6 @@ Layout of a converted directory::
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from brownout_jax.checkpoints.atomic import atomic_directory
 from brownout_jax.checkpoints.errors import CheckpointError
 from brownout_jax.config import ModelConfig
 from brownout_jax.params import ModelParams, abstract_params
@@ -57,42 +57,23 @@ def save_converted(
 ) -> Path:
     """Writes into a temporary sibling and renames at the end: an interrupted conversion
     leaves no half-written checkpoint behind."""
-    out = Path(out_dir).absolute()
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out}: output directory exists (pass --overwrite to replace it)")
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with atomic_directory(out_dir, overwrite) as tmp:
         for item in sorted(Path(source_dir).iterdir()):
-            if (
-                item.is_file()
-                and item.suffix in _CARRIED_SUFFIXES
-                and "safetensors" not in item.name
-            ):
+            carried = item.suffix in _CARRIED_SUFFIXES and "safetensors" not in item.name
+            if item.is_file() and carried:
                 shutil.copy2(item, tmp / item.name)
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(tmp / PARAMS_DIR, params)
         dtype = jax.tree_util.tree_leaves(params)[0].dtype
-        (tmp / MANIFEST).write_text(
-            json.dumps(
-                {
-                    "format": FORMAT,
-                    "version": FORMAT_VERSION,
-                    "dtype": jnp.dtype(dtype).name,
-                    "fingerprint": fingerprint,
-                    "source": str(Path(source_dir).absolute()),
-                },
-                indent=2,
-            )
-            + "\n"
-        )
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        manifest = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "dtype": jnp.dtype(dtype).name,
+            "fingerprint": fingerprint,
+            "source": str(Path(source_dir).absolute()),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    out = Path(out_dir).absolute()
     return out
 
 

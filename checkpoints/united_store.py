@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from brownout_jax.checkpoints.atomic import atomic_directory
 from brownout_jax.checkpoints.errors import CheckpointError
 from brownout_jax.config import ModelConfig
 from brownout_jax.params import ExpertWeights
@@ -45,13 +44,7 @@ def save_united(
     overwrite: bool = False,
 ) -> Path:
     """Writes into a temporary sibling, renamed at the end: an interrupted run leaves nothing."""
-    out = Path(out_dir).absolute()
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out}: output directory exists (pass --overwrite to replace it)")
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with atomic_directory(out_dir, overwrite) as tmp:
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(tmp / WEIGHTS_DIR, united)
         manifest = {
@@ -67,12 +60,7 @@ def save_united(
             "calibration": calibration,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    out = Path(out_dir).absolute()
     return out
 
 

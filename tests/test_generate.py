@@ -6,34 +6,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import rel_err, tiny_model_config
 
-from brownout_jax.config import ModelConfig
 from brownout_jax.generate import generate
 from brownout_jax.model import forward_logits
 from brownout_jax.moe import ExpertBackend, MoeOptions
 from brownout_jax.params import init_random_params
 from brownout_jax.steps import pack_sampled, unpack_sampled
 
-CONFIG = ModelConfig(
-    vocab_size=128,
-    hidden_size=32,
+CONFIG = tiny_model_config(
     num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-6,
     num_experts=8,
     num_experts_per_tok=2,
-    moe_intermediate_size=16,
-    shared_expert_intermediate_size=24,
-    intermediate_size=40,
-    norm_topk_prob=False,
-    decoder_sparse_step=1,
-    mlp_only_layers=(),
-    qkv_bias=True,
-    tie_word_embeddings=False,
     max_position_embeddings=64,
     eos_token_ids=(0,),
 )
