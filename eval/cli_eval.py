@@ -248,6 +248,12 @@ def run_slo_cmd(args) -> int:
         if tokenizer is None:
             raise ValueError("--dataset needs a tokenizer; dummy weights use synthetic lengths")
         pool = load_prompt_pool(args.dataset, tokenizer, args.prompt_len[1], args.output_len[1])
+    longest = args.prompt_len[1] + args.output_len[1]
+    if longest > args.max_model_len:
+        raise ValueError(
+            f"--prompt-len/--output-len allow {longest} tokens but --max-model-len is "
+            f"{args.max_model_len}"
+        )
     trace = make_trace(workload, config.vocab_size, pool)
     controller = ControllerConfig(
         slo_ttft_s=args.slo_ttft,

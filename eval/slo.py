@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from brownout_jax.controller import ControllerConfig, SloController
 from brownout_jax.engine_metrics import StepRecord
 from brownout_jax.eval.workload import TraceRequest
-from brownout_jax.requests import EngineOverloadedError, GenerationRequest
+from brownout_jax.requests import EngineOverloadedError, GenerationRequest, RequestError
 
 
 @dataclasses.dataclass
@@ -35,8 +35,9 @@ class ModeRun:
     interrupted: bool = False
 
 
-def run_mode(engine, trace: list[TraceRequest], mode: str, base: ControllerConfig,
-             progress: bool = True) -> ModeRun:
+def run_mode(
+    engine, trace: list[TraceRequest], mode: str, base: ControllerConfig, progress: bool = True
+) -> ModeRun:
     """Replays ``trace`` in real time against the engine under one brownout mode (``base``
     gives the SLOs, window and check interval)."""
     # Between runs the engine is idle, so swapping its controller is safe: levels are all
@@ -65,8 +66,8 @@ def run_mode(engine, trace: list[TraceRequest], mode: str, base: ControllerConfi
                         )
                     )
                 )
-            except EngineOverloadedError:
-                run.rejected += 1
+            except (EngineOverloadedError, RequestError):
+                run.rejected += 1  # counted, not fatal: the trace goes on
             bar.update(1)
         for handle in handles:
             run.outputs.append(handle.result())
