@@ -21,7 +21,7 @@ import random
 import re
 from pathlib import Path
 
-from brownout_jax.checkpoints.demo_corpus import Document, documents
+from brownout_jax.checkpoints.demo_corpus import Document, split_documents
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "tasks" / "docstring_mc.jsonl"
 MIN_WORDS, MAX_WORDS = 8, 40
@@ -60,7 +60,8 @@ def split_sentence(sentence: str) -> tuple[str, str]:
 def build_items(num_items: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     pool: list[tuple[int, str, str, str]] = []  # (docstring index, module, goal, ending)
-    for index, doc in enumerate(documents(heldout=True, comments=False)):
+    _, heldout = split_documents(comments=False)
+    for index, doc in enumerate(heldout):
         for sentence in sentences(doc)[:SENTENCES_PER_DOCSTRING]:
             goal, ending = split_sentence(sentence)
             pool.append((index, doc.module, goal, ending))
