@@ -206,7 +206,11 @@ def run_throughput_cmd(args) -> int:
     params, config, tokenizer, model_dir = load_for_eval(args)
     if model_dir is None and not args.no_peer:
         raise ValueError("the transformers peer needs a checkpoint; pass --no-peer with dummy")
-    engine = _engine(params, config, tokenizer, args)
+    from brownout_jax.brownout import ThresholdLadder
+
+    # Compile only the levels measured (plus the exact one every ladder must hold).
+    ladder = ThresholdLadder(tuple(sorted(set(_floats(args.thresholds)) | {1.0})))
+    engine = _engine(params, config, tokenizer, args, ladder)
     try:
         report = run_throughput(
             engine,
