@@ -37,7 +37,9 @@ from brownout_jax.engine_steps import (
     EngineSteps,
     host_decode_batch,
     host_prefill_batch,
+    split_packed,
 )
+from brownout_jax.expert_parallel import is_expert_parallel, make_mesh, replicate, shard_params
 from brownout_jax.moe import MoeOptions
 from brownout_jax.paged_cache import BlockAllocator, KVPool, blocks_needed
 from brownout_jax.params import ModelParams
@@ -112,7 +114,13 @@ class Engine:
         ladder = config.ladder if has_united_experts(params) else _exact_only(config)
         self.ladder = ladder
         self.controller = SloController(config.controller, ladder, clock)
-        self.metrics = EngineMetrics()
+        self._load_rows = 0 if config.mesh is None else config.mesh.num_devices
+        self.metrics = EngineMetrics(
+            num_devices=self._load_rows, num_moe_layers=len(model_config.moe_layers)
+        )
+        mesh = None if config.mesh is None else make_mesh(config.mesh)
+        if mesh is not None and not is_expert_parallel(params):
+            params = shard_params(params, model_config, mesh)
         self._params = params
         self._steps = EngineSteps(
             params,
@@ -121,7 +129,7 @@ class Engine:
             config.buckets(),
             config.num_blocks,
             config.max_batch,
-            MoeOptions(exempt_layers=config.exempt_layers),
+            MoeOptions(exempt_layers=config.exempt_layers, mesh=mesh),
         )
         self._steps.compile(progress=progress)
         self._state = EngineState(
@@ -130,6 +138,8 @@ class Engine:
             ),
             last_tokens=jnp.zeros((config.max_batch,), jnp.int32),
         )
+        if mesh is not None:
+            self._state = replicate(self._state, mesh)
         self._allocator = BlockAllocator(config.num_blocks)
         self._free_slots = list(range(config.max_batch - 1, -1, -1))
         self._incoming: queue.Queue = queue.Queue(maxsize=config.max_queue)
@@ -368,7 +378,9 @@ class Engine:
             self._running.append(seq)
         level = self.controller.threshold("prefill")
         executable = self._steps.prefill(level, rows, length)
-        self._state, packed = executable(self._params, self._state, jax.device_put(host))
+        self._state, packed = executable(
+            self._params, self._state, jax.device_put(host, self._steps.input_sharding)
+        )
         packed.copy_to_host_async()
         self._last_phase = "prefill"
         return _InFlight("prefill", batch, packed, now, self._thresholds())
@@ -405,7 +417,9 @@ class Engine:
         level = self.controller.threshold("decode")
         executable = self._steps.decode(level, batch, width)
         now = self.clock()
-        self._state, packed = executable(self._params, self._state, jax.device_put(host))
+        self._state, packed = executable(
+            self._params, self._state, jax.device_put(host, self._steps.input_sharding)
+        )
         packed.copy_to_host_async()
         self._last_phase = "decode"
         return _InFlight("decode", rows, packed, now, self._thresholds())
@@ -438,12 +452,17 @@ class Engine:
     # -- reading results
 
     def _process(self, step: _InFlight) -> None:
-        tokens, logprobs = unpack_sampled(np.asarray(step.packed))  # the step's one sync
+        packed = np.asarray(step.packed)  # the step's one sync
+        sampled, load = split_packed(packed, self._load_rows)
+        tokens, logprobs = unpack_sampled(sampled)
         now = self.clock()
         latency = now - step.dispatched_at
         with self._lock:
             self.controller.record(step.phase, latency, now)
             self.metrics.record_step(step.phase, latency, len(step.rows), now, step.thresholds)
+            if load is not None:
+                level = step.thresholds[0 if step.phase == "prefill" else 1]
+                self.metrics.record_device_load(step.phase, level, load)
         for i, seq in enumerate(step.rows):
             if seq.finished:
                 continue  # finished or cancelled while this step was in flight

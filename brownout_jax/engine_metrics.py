@@ -28,6 +28,56 @@ class StepRecord:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class DeviceLoadStats:
+    """Expert-parallel load of the steps run in one phase at one brownout threshold, per MoE
+    layer and step (a step's counts are summed over its MoE layers, then divided by their
+    number). A step lasts as long as its busiest device, hence ``busiest_*``: the mean over
+    steps of the largest device's count, and ``*_imbalance`` = busiest / mean over devices."""
+
+    phase: str
+    threshold: float
+    steps: int
+    tokens: tuple[float, ...]  # tokens received (with ≥ 1 assignment on that device)
+    experts: tuple[float, ...]  # distinct experts computed (originals + united)
+    busiest_tokens: float
+    busiest_experts: float
+    token_imbalance: float | None  # None when nothing was routed
+    expert_imbalance: float | None
+
+
+class _LoadAccumulator:
+    """Running sums for one (phase, threshold): per device, and of the per-step maximum."""
+
+    def __init__(self, num_devices: int):
+        self.steps = 0
+        self.sums = np.zeros((num_devices, 2), np.int64)  # (tokens, experts) per device
+        self.max_sums = np.zeros(2, np.int64)
+
+    def add(self, load: np.ndarray) -> None:
+        self.steps += 1
+        self.sums += load
+        self.max_sums += load.max(axis=0)
+
+    def stats(self, phase: str, threshold: float, num_layers: int) -> DeviceLoadStats:
+        per = max(self.steps, 1) * max(num_layers, 1)
+        means = self.sums / per
+        busiest = self.max_sums / per
+        average = means.mean(axis=0)
+        ratio = [float(b / a) if a > 0 else None for b, a in zip(busiest, average, strict=True)]
+        return DeviceLoadStats(
+            phase=phase,
+            threshold=threshold,
+            steps=self.steps,
+            tokens=tuple(float(v) for v in means[:, 0]),
+            experts=tuple(float(v) for v in means[:, 1]),
+            busiest_tokens=float(busiest[0]),
+            busiest_experts=float(busiest[1]),
+            token_imbalance=ratio[0],
+            expert_imbalance=ratio[1],
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class EngineStats:
     running: int
     waiting: int
@@ -50,12 +100,31 @@ class EngineStats:
     compiled_steps: int
     mean_ttft_s: float | None  # over the last finished requests
     mean_tpot_s: float | None
+    # Expert parallelism only (empty on one device): per (phase, threshold) in use so far.
+    device_load: tuple[DeviceLoadStats, ...] = ()
 
 
 class EngineMetrics:
-    def __init__(self, recent: int = 256):
+    def __init__(self, recent: int = 256, num_devices: int = 0, num_moe_layers: int = 0):
         self.registry = CollectorRegistry()
         r = self.registry
+        self.num_devices = num_devices  # of the expert axis; 0: no expert parallelism
+        self.num_moe_layers = num_moe_layers
+        self._loads: dict[tuple[str, float], _LoadAccumulator] = {}
+        if num_devices:
+            # Sums over steps and MoE layers; rate() of each over rate(steps) gives per step.
+            self.c_device_tokens = Counter(
+                "brownout_expert_device_tokens",
+                "Tokens received per expert-parallel device (summed over MoE layers)",
+                ["phase", "device"],
+                registry=r,
+            )
+            self.c_device_experts = Counter(
+                "brownout_expert_device_experts",
+                "Distinct experts computed per expert-parallel device (summed over MoE layers)",
+                ["phase", "device"],
+                registry=r,
+            )
         self.g_running = Gauge("brownout_running_requests", "Sequences running", registry=r)
         self.g_waiting = Gauge("brownout_waiting_requests", "Requests waiting", registry=r)
         self.g_kv = Gauge("brownout_kv_blocks_used", "KV blocks in use", registry=r)
@@ -103,6 +172,16 @@ class EngineMetrics:
         self.h_step.labels(phase).observe(latency_s)
         self.c_tokens.labels("generated").inc(rows)
 
+    def record_device_load(self, phase: str, threshold: float, load: np.ndarray) -> None:
+        """One step's (DEV, 2) load rows: (tokens received, distinct experts) per device."""
+        acc = self._loads.get((phase, threshold))
+        if acc is None:
+            acc = self._loads[(phase, threshold)] = _LoadAccumulator(self.num_devices)
+        acc.add(load)
+        for device, (tokens, experts) in enumerate(load.tolist()):
+            self.c_device_tokens.labels(phase, str(device)).inc(tokens)
+            self.c_device_experts.labels(phase, str(device)).inc(experts)
+
     def record_preemption(self) -> None:
         self.preemptions += 1
         self.c_preempt.inc()
@@ -149,4 +228,8 @@ class EngineMetrics:
             compiled_steps=engine.compiled_steps,
             mean_ttft_s=float(np.mean(ttfts)) if ttfts else None,
             mean_tpot_s=float(np.mean(tpots)) if tpots else None,
+            device_load=tuple(
+                acc.stats(phase, threshold, self.num_moe_layers)
+                for (phase, threshold), acc in sorted(self._loads.items())
+            ),
         )

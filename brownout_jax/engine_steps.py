@@ -3,7 +3,8 @@
 ``(params, EngineState, batch) -> (EngineState, packed)``; the state (KV pool and each slot's
 last sampled token) is donated. A decode step reads its input tokens from the state on
 device, so the host never has to send sampled tokens back: it uploads small int32 arrays
-(slots, positions, block tables, sampling) and reads one packed (B, 2) array per step.
+(slots, positions, block tables, sampling) and reads one packed (B, 2) array per step — on an
+expert-parallel mesh (B + DEV, 2), the step's per-device expert load riding the same sync.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from brownout_jax.brownout import ThresholdLadder
 from brownout_jax.compiled_steps import abstract_tree
 from brownout_jax.config import ModelConfig
 from brownout_jax.dims import Array, Bool, Int
+from brownout_jax.expert_parallel import AXIS, DeviceLoad, abstract_placed, replicated
 from brownout_jax.model import decode, prefill
 from brownout_jax.moe import MoeOptions
 from brownout_jax.paged_cache import KVPool, PagedKVCache
@@ -54,6 +56,31 @@ class DecodeBatch:
     sampling: SamplingParams
 
 
+def _pack(
+    tokens: Int[Array, " B"],
+    logprobs: Array,
+    loads: list[DeviceLoad] | None,
+    options: MoeOptions,
+) -> Int[Array, "R 2"]:
+    """(B, 2) sampled tokens and log-probabilities; on a mesh followed by DEV rows, one per
+    device of the expert axis: (tokens it received, distinct experts it ran), each summed over
+    the MoE layers of the step."""
+    packed = pack_sampled(tokens, logprobs)
+    if loads is None:
+        return packed
+    load = jnp.zeros((options.mesh.shape[AXIS], 2), jnp.int32)
+    for layer in loads:
+        load += jnp.stack([layer.tokens, layer.experts], axis=1).astype(jnp.int32)
+    return jnp.concatenate([packed, load])
+
+
+def split_packed(packed: np.ndarray, num_devices: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Host side of ``_pack``: (sampled (B, 2), per-device load (DEV, 2) or None)."""
+    if num_devices == 0:
+        return packed, None
+    return packed[:-num_devices], packed[-num_devices:]
+
+
 @functools.partial(jax.jit, static_argnames=("config", "moe_options"), donate_argnames=("state",))
 def engine_prefill_step(
     params: ModelParams,
@@ -62,12 +89,14 @@ def engine_prefill_step(
     *,
     config: ModelConfig,
     moe_options: MoeOptions,
-) -> tuple[EngineState, Int[Array, "B 2"]]:
+) -> tuple[EngineState, Int[Array, "R 2"]]:
     cache = PagedKVCache(pool=state.pool, block_tables=batch.block_tables)
-    cache, logits = prefill(params, config, cache, batch.tokens, batch.lengths, moe_options)
+    loads = None if moe_options.mesh is None else []
+    cache, logits = prefill(params, config, cache, batch.tokens, batch.lengths, moe_options, loads)
     tokens, logprobs = sample_tokens(logits, batch.sampling, batch.lengths)
     last = state.last_tokens.at[batch.slots].set(tokens, mode="drop")
-    return EngineState(pool=cache.pool, last_tokens=last), pack_sampled(tokens, logprobs)
+    packed = _pack(tokens, logprobs, loads, moe_options)
+    return EngineState(pool=cache.pool, last_tokens=last), packed
 
 
 @functools.partial(jax.jit, static_argnames=("config", "moe_options"), donate_argnames=("state",))
@@ -78,17 +107,19 @@ def engine_decode_step(
     *,
     config: ModelConfig,
     moe_options: MoeOptions,
-) -> tuple[EngineState, Int[Array, "B 2"]]:
+) -> tuple[EngineState, Int[Array, "R 2"]]:
     num_slots = state.last_tokens.shape[0]
     inputs = state.last_tokens[jnp.minimum(batch.slots, num_slots - 1)]
     cache = PagedKVCache(pool=state.pool, block_tables=batch.block_tables)
+    loads = None if moe_options.mesh is None else []
     cache, logits = decode(
-        params, config, cache, inputs, batch.positions, batch.active, moe_options
+        params, config, cache, inputs, batch.positions, batch.active, moe_options, loads
     )
     tokens, logprobs = sample_tokens(logits, batch.sampling, batch.positions + 1)
     targets = jnp.where(batch.active, batch.slots, num_slots)
     last = state.last_tokens.at[targets].set(tokens, mode="drop")
-    return EngineState(pool=cache.pool, last_tokens=last), pack_sampled(tokens, logprobs)
+    packed = _pack(tokens, logprobs, loads, moe_options)
+    return EngineState(pool=cache.pool, last_tokens=last), packed
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -153,11 +184,17 @@ class EngineSteps:
         self.buckets = buckets
         self.num_slots = num_slots
         self.base_options = base_options
+        # On a mesh the executables take placed arrays: params as sharded, the rest replicated.
+        self.input_sharding = replicated(base_options.mesh)
         dtype = params.embed.dtype
-        self._params = abstract_tree(params)
-        self._state = EngineState(
-            pool=KVPool.abstract(config, num_blocks, buckets.block_size, dtype),
-            last_tokens=jax.ShapeDtypeStruct((num_slots,), jnp.int32),
+        self._params = (
+            abstract_tree(params) if base_options.mesh is None else abstract_placed(params)
+        )
+        self._state = self._abstract(
+            EngineState(
+                pool=KVPool.abstract(config, num_blocks, buckets.block_size, dtype),
+                last_tokens=jax.ShapeDtypeStruct((num_slots,), jnp.int32),
+            )
         )
         self._prefill: dict[tuple[float, int, int], Compiled] = {}
         self._decode: dict[tuple[float, int, int], Compiled] = {}
@@ -165,6 +202,11 @@ class EngineSteps:
 
     def options(self, level: float) -> MoeOptions:
         return dataclasses.replace(self.base_options, threshold=level)
+
+    def _abstract(self, tree):
+        return jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.input_sharding), tree
+        )
 
     def jobs(self) -> list[tuple[str, float, int, int]]:
         b = self.buckets
@@ -188,7 +230,7 @@ class EngineSteps:
             self.jobs(), desc="compiling steps", disable=not progress
         ):
             if phase == "prefill":
-                inputs = abstract_tree(
+                inputs = self._abstract(
                     host_prefill_batch(
                         batch, size, self.buckets.prefill_width(size), self.num_slots
                     )
@@ -202,7 +244,7 @@ class EngineSteps:
                 )
                 self._prefill[(level, batch, size)] = lowered.compile()
             else:
-                inputs = abstract_tree(host_decode_batch(batch, size, self.num_slots))
+                inputs = self._abstract(host_decode_batch(batch, size, self.num_slots))
                 lowered = engine_decode_step.lower(
                     self._params,
                     self._state,

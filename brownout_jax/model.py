@@ -111,9 +111,11 @@ def decoder_layer(
     read_cache: bool,
     moe_options: MoeOptions,
     moe_inputs: list | None = None,
+    device_loads: list | None = None,
 ) -> tuple[Float[Array, "B T D"], ContiguousKVCache | None]:
     """One decoder layer. ``moe_inputs``, when given, collects the MoE block's input (N, D)
-    at trace time (calibration for united experts)."""
+    at trace time (calibration for united experts); ``device_loads`` its per-device load on
+    an expert-parallel mesh (see ``moe_block``)."""
     attn_out, cache = attention_block(
         rms_norm(h, params.input_norm, config.rms_norm_eps),
         params.attention,
@@ -137,6 +139,7 @@ def decoder_layer(
             config.num_experts_per_tok,
             config.norm_topk_prob,
             moe_options.at_layer(layer),
+            device_loads,
         )
     else:
         mlp_out = dense_mlp(x, params.mlp)
@@ -153,6 +156,7 @@ def forward_hidden(
     read_cache: bool,
     moe_options: MoeOptions,
     moe_inputs: list | None = None,
+    device_loads: list | None = None,
 ) -> tuple[Float[Array, "B T D"], ContiguousKVCache | None]:
     h = params.embed[tokens]
     rope = rope_tables(positions, config.head_dim, config.rope_theta, h.dtype)
@@ -169,6 +173,7 @@ def forward_hidden(
             read_cache,
             moe_options,
             moe_inputs,
+            device_loads,
         )
     return rms_norm(h, params.final_norm, config.rms_norm_eps), cache
 
@@ -216,11 +221,21 @@ def prefill(
     tokens: Int[Array, "B T"],
     lengths: Int[Array, " B"],
     moe_options: MoeOptions = DEFAULT_MOE_OPTIONS,
+    device_loads: list | None = None,
 ) -> tuple[ContiguousKVCache, Float[Array, "B V"]]:
-    """Right-padded prompts from position 0 → cache filled, logits of each last real token."""
+    """Right-padded prompts from position 0 → cache filled, logits of each last real token.
+    ``device_loads``: see ``moe_block``."""
     positions, token_mask = _prompt_positions(tokens, lengths)
     hidden, cache = forward_hidden(
-        params, config, tokens, positions, token_mask, cache, False, moe_options
+        params,
+        config,
+        tokens,
+        positions,
+        token_mask,
+        cache,
+        False,
+        moe_options,
+        device_loads=device_loads,
     )
     last = jnp.maximum(lengths - 1, 0)
     last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
@@ -235,8 +250,10 @@ def decode(
     positions: Int[Array, " B"],
     active: Bool[Array, " B"],
     moe_options: MoeOptions = DEFAULT_MOE_OPTIONS,
+    device_loads: list | None = None,
 ) -> tuple[ContiguousKVCache, Float[Array, "B V"]]:
-    """One token per sequence, each at its own position; inactive rows are never routed."""
+    """One token per sequence, each at its own position; inactive rows are never routed.
+    ``device_loads``: see ``moe_block``."""
     hidden, cache = forward_hidden(
         params,
         config,
@@ -246,6 +263,7 @@ def decode(
         cache,
         True,
         moe_options,
+        device_loads=device_loads,
     )
     return cache, lm_logits(params, hidden[:, 0])
 

@@ -42,6 +42,9 @@ class MoeOptions:
     # Brownout threshold of this step (a ladder level); 1.0 compiles no brownout work at all.
     threshold: float = 1.0
     exempt_layers: tuple[int, ...] = ()  # layers that never brown out
+    # Expert parallelism: experts sharded over this mesh's ``expert`` axis, params placed by
+    # ``expert_parallel.shard_params``. A Mesh is hashable, so options stay a static argument.
+    mesh: jax.sharding.Mesh | None = None
 
     def at_layer(self, layer: int) -> MoeOptions:
         if self.threshold < 1.0 and layer in self.exempt_layers:
@@ -122,8 +125,27 @@ def moe_block(
     top_k: int,
     norm_topk_prob: bool,
     options: MoeOptions,
+    device_loads: list | None = None,
 ) -> Float[Array, "N D"]:
+    """``device_loads``, when given on a mesh, collects at trace time this layer's
+    ``expert_parallel.DeviceLoad`` of the routed (brownout-rewritten) ids: the engine's
+    per-device load statistics, computed inside the step so they ride its one host sync."""
     routing = route_top_k(x, params.router, top_k, norm_topk_prob)
+    layout = None
+    if options.mesh is not None:
+        # Imported here: expert_parallel builds on this module.
+        from brownout_jax.expert_parallel import (
+            ExpertLayout,
+            apply_experts_parallel,
+            expert_load_per_device,
+        )
+
+        layout = ExpertLayout.of(params, options.mesh)
+        num_groups = layout.padded_united  # groups past U have no members: never counted
+    elif params.experts.w_gate.ndim != 3:
+        raise ValueError("params are laid out for expert parallelism: pass MoeOptions(mesh=...)")
+    else:
+        num_groups = params.num_united
     if options.threshold < 1.0:
         if params.group_of_expert is None:
             raise ValueError("a brownout threshold below 1 needs united experts (--united)")
@@ -132,11 +154,18 @@ def moe_block(
                 routing.expert_ids,
                 token_mask,
                 params.group_of_expert,
-                params.num_united,
+                num_groups,
                 options.threshold,
             )
         )
-    out = apply_routed_experts(x, routing, params.experts, token_mask, options, params.num_united)
+    if layout is not None:
+        if device_loads is not None:
+            device_loads.append(expert_load_per_device(routing.expert_ids, token_mask, layout))
+        out = apply_experts_parallel(x, routing, params.experts, token_mask, options, layout)
+    else:
+        out = apply_routed_experts(
+            x, routing, params.experts, token_mask, options, params.num_united
+        )
     if params.shared is not None:
         gate = jax.nn.sigmoid(jnp.dot(x, params.shared_gate))
         out = out + gate * dense_mlp(x, params.shared)

@@ -7,6 +7,14 @@ import os
 import tempfile
 from pathlib import Path
 
+# Four host devices for the expert-parallel tests (tests/test_expert_parallel.py). XLA reads
+# the flag once, when the first test touches a device, so it must be set before any of that;
+# every other test keeps running on device 0, the default.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    ).strip()
+
 # One persistent XLA compilation cache for the whole run (and the server subprocesses it
 # starts): engines and servers built with the same shapes reuse each other's executables.
 os.environ.setdefault(
@@ -138,6 +146,21 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
 def tiny_with_tokenizer(tmp_path_factory) -> Path:
     spec = PARITY_SPECS[0]
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tok") / "model", spec, tokenizer=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_executables():
+    """XLA:CPU maps each compiled model step's code in ~200 memory mappings, and JAX's caches
+    keep every executable alive: a whole run crosses the kernel's vm.max_map_count (65530) and
+    the process dies with a segfault inside XLA. Dropping them after each module keeps the run
+    far below that (the persistent cache makes a later recompile a cheap load)."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
 
 
 def rel_err(out, ref) -> float:
