@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from brownout_jax.mesh_config import add_mesh_argument  # no JAX: the parser stays cheap
+
 
 def _parse_ids(text: str) -> list[int]:
     try:
@@ -47,6 +49,7 @@ def _add_generate(sub) -> None:
         "--warmup", action="store_true", help="run once first so timings exclude compilation"
     )
     _add_brownout_options(p)
+    add_mesh_argument(p)
     p.add_argument("--output", choices=("text", "json"), default="text")
     p.set_defaults(run=_run_generate)
 
@@ -248,6 +251,7 @@ def _run_serve(args) -> int:
     from brownout_jax.engine import Engine
     from brownout_jax.serve.server import ServerConfig, serve
 
+    check_mesh(args.mesh)
     model, united = default_model(args.model, args.united)
     config = dataclasses.replace(engine_config_from_args(args), max_queue=args.max_queue)
 
@@ -287,6 +291,19 @@ def _add_engine_options(p) -> None:
     group.add_argument("--block-size", type=int, default=16)
     group.add_argument("--max-model-len", type=int, default=512)
     group.add_argument("--dtype", default="auto")
+    add_mesh_argument(group)
+
+
+def check_mesh(mesh) -> None:
+    """Fails fast, before a model is loaded, when ``--mesh`` does not match JAX's devices."""
+    if mesh is None:
+        return
+    from brownout_jax.expert_parallel import make_mesh
+
+    try:
+        make_mesh(mesh)
+    except ValueError as err:
+        raise ValueError(f"--mesh: {err}") from None
 
 
 def engine_config_from_args(args):
@@ -304,6 +321,7 @@ def engine_config_from_args(args):
         num_blocks=args.kv_blocks,
         max_model_len=args.max_model_len,
         controller=controller,
+        mesh=args.mesh,
     )
 
 
@@ -312,6 +330,7 @@ def _run_bench_burst(args) -> int:
     from brownout_jax.engine import Engine
 
     low, high = (int(v) for v in args.prompt_len.split(","))
+    check_mesh(args.mesh)
     engine = Engine.from_checkpoint(
         args.model, args.united, engine_config_from_args(args), args.dtype
     )
@@ -381,11 +400,19 @@ def _run_generate(args) -> int:
     if args.stop:
         raise ValueError("--stop strings are applied by the server: use them with --server")
     from brownout_jax.checkpoints import load_model
+    from brownout_jax.expert_parallel import expert_parallel_setup
     from brownout_jax.generate import generate
 
+    check_mesh(args.mesh)
     args.model, args.united = default_model(args.model, args.united)
     model = load_model(args.model, args.dtype, progress=args.output == "text", united=args.united)
     prefill_options, decode_options = brownout_options(args, model.config)
+    try:
+        params, (prefill_options, decode_options) = expert_parallel_setup(
+            model.params, model.config, args.mesh, (prefill_options, decode_options)
+        )
+    except ValueError as err:
+        raise ValueError(f"--mesh: {err}") from None
     if args.prompt is not None:
         if model.tokenizer is None:
             raise ValueError(
@@ -397,7 +424,7 @@ def _run_generate(args) -> int:
 
     def run(arrivals: list[float] | None = None):
         return generate(
-            model.params,
+            params,
             model.config,
             [prompt_ids],
             args.max_new_tokens,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import os
 import socket
 import subprocess
@@ -405,3 +406,66 @@ def test_engine_stats_report_device_load_and_brownout_shrinks_the_busiest_device
         # same device: fewer experts everywhere, the busiest device included.
         assert sum(brownout.experts) < sum(exact.experts), phase
         assert brownout.busiest_experts < exact.busiest_experts, phase
+
+
+def _cli(*args: str, devices: int = 4) -> subprocess.CompletedProcess:
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "brownout_jax.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_greedy_generation_on_mesh_equals_one_device():
+    """The bundled demo model (32 experts, way-4 united: 8 per device, 2 united each)."""
+    outputs = {}
+    for threshold in ("1", "0.5"):
+        for mesh in ((), ("--mesh", "expert=4")):
+            result = _cli(
+                "generate",
+                "def absolute(x):",
+                "--max-new-tokens",
+                "12",
+                "--ignore-eos",
+                "--threshold",
+                threshold,
+                *mesh,
+                "--output",
+                "json",
+            )
+            assert result.returncode == 0, result.stderr[-3000:]
+            outputs[threshold, bool(mesh)] = json.loads(result.stdout)
+    for threshold in ("1", "0.5"):
+        one, four = outputs[threshold, False], outputs[threshold, True]
+        assert four["token_ids"] == one["token_ids"], threshold
+        np.testing.assert_allclose(four["logprobs"], one["logprobs"], rtol=1e-5, atol=1e-5)
+    # Brownout at 0.5 really changes the model on this prompt.
+    assert not np.allclose(outputs["0.5", False]["logprobs"], outputs["1", False]["logprobs"])
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_cli_refuses_a_mesh_larger_than_the_devices(command):
+    args = ("generate", "x") if command == "generate" else ("serve", "--port", "0")
+    result = _cli(*args, "--mesh", "expert=8")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "--mesh: mesh expert=8 needs 8 devices, but JAX sees 4" in result.stderr
+    assert "Traceback" not in result.stderr
+    if command == "generate":
+        bad = _cli("generate", "x", "--mesh", "expert=0")
+        assert bad.returncode == 2 and "positive integer" in bad.stderr
+
+
+def test_engine_options_of_the_cli_carry_the_mesh():
+    from brownout_jax.cli import build_parser, engine_config_from_args
+
+    for argv in (["serve"], ["bench", "burst", "--model", "m"]):
+        args = build_parser().parse_args([*argv, "--mesh", "expert=4"])
+        assert engine_config_from_args(args).mesh == MeshConfig(4)
+    assert engine_config_from_args(build_parser().parse_args(["serve"])).mesh is None
