@@ -291,6 +291,19 @@ def _add_engine_options(p) -> None:
     group.add_argument("--block-size", type=int, default=16)
     group.add_argument("--max-model-len", type=int, default=512)
     group.add_argument("--dtype", default="auto")
+    group.add_argument(
+        "--ladder",
+        default="0,0.5,0.75,1",
+        help="brownout levels compiled before serving (each adds a full set of steps; "
+        "the controller's ×0.8 / +0.1 moves snap to them)",
+    )
+    group.add_argument(
+        "--bucket-growth",
+        type=int,
+        default=None,
+        help="ratio between shape buckets (default: 4 on CPU, whose executables are costly "
+        "to keep, else 2)",
+    )
     add_mesh_argument(group)
 
 
@@ -307,13 +320,21 @@ def check_mesh(mesh) -> None:
 
 
 def engine_config_from_args(args):
+    from brownout_jax.brownout import ThresholdLadder
     from brownout_jax.controller import ControllerConfig
     from brownout_jax.engine_config import EngineConfig
 
     controller = ControllerConfig.parse_mode(
         args.brownout, slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot
     )
+    growth = args.bucket_growth
+    if growth is None:
+        import jax
+
+        growth = 4 if jax.default_backend() == "cpu" else 2
     return EngineConfig(
+        ladder=ThresholdLadder.parse(args.ladder),
+        bucket_growth=growth,
         max_batch=args.max_batch,
         max_prefill_batch=args.max_prefill_batch,
         max_prefill_tokens=max(2048, args.max_model_len),

@@ -10,11 +10,14 @@ from brownout_jax.engine_steps import EngineBuckets
 from brownout_jax.mesh_config import MeshConfig
 
 
-def _powers_of_two(start: int, stop: int) -> tuple[int, ...]:
-    """start, 2·start, … up to the first value ≥ stop."""
+def _geometric(start: int, stop: int, growth: int) -> tuple[int, ...]:
+    """start, growth·start, … up to the first value ≥ stop, which is clamped to stop when
+    growth > 2 (a bucket of 4× the largest shape would only pad)."""
     out = [start]
     while out[-1] < stop:
-        out.append(out[-1] * 2)
+        out.append(out[-1] * growth)
+    if growth > 2:
+        out[-1] = max(start, stop)
     return tuple(out)
 
 
@@ -28,6 +31,9 @@ class EngineConfig:
     max_model_len: int = 1024  # prompt + generated tokens of one sequence
     min_prefill_len: int = 16
     max_queue: int = 1024  # requests waiting for admission before RESOURCE_EXHAUSTED
+    # Ratio between consecutive shape buckets: 2 pads least; 4 compiles about half the steps
+    # (on XLA:CPU each step holds hundreds of memory mappings, see map_budget).
+    bucket_growth: int = 2
     ladder: ThresholdLadder = DEFAULT_LADDER
     controller: ControllerConfig = DEFAULT_CONTROLLER
     exempt_layers: tuple[int, ...] = ()  # MoE layers that never brown out
@@ -37,6 +43,8 @@ class EngineConfig:
         for name in ("max_batch", "max_prefill_batch", "block_size", "max_model_len", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.bucket_growth < 2:
+            raise ValueError(f"bucket_growth must be ≥ 2, got {self.bucket_growth}")
         per_sequence = -(-self.max_model_len // self.block_size)
         if self.num_blocks - 1 < per_sequence:
             raise ValueError(
@@ -50,12 +58,13 @@ class EngineConfig:
             )
 
     def buckets(self) -> EngineBuckets:
-        lengths = _powers_of_two(self.min_prefill_len, self.max_model_len)
+        g = self.bucket_growth
+        lengths = _geometric(self.min_prefill_len, self.max_model_len, g)
         max_width = -(-lengths[-1] // self.block_size)
         return EngineBuckets(
-            prefill_batches=_powers_of_two(1, self.max_prefill_batch),
+            prefill_batches=_geometric(1, self.max_prefill_batch, g),
             prefill_lengths=lengths,
-            decode_batches=_powers_of_two(1, self.max_batch),
-            decode_widths=_powers_of_two(1, max_width),
+            decode_batches=_geometric(1, self.max_batch, g),
+            decode_widths=_geometric(1, max_width, g),
             block_size=self.block_size,
         )
