@@ -140,6 +140,7 @@ class Engine:
         )
         if mesh is not None:
             self._state = replicate(self._state, mesh)
+        self._state = self._steps.run_each_once(self._params, self._state, progress=progress)
         self._allocator = BlockAllocator(config.num_blocks)
         self._free_slots = list(range(config.max_batch - 1, -1, -1))
         self._incoming: queue.Queue = queue.Queue(maxsize=config.max_queue)

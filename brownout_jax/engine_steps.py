@@ -25,6 +25,7 @@ from brownout_jax.compiled_steps import abstract_tree
 from brownout_jax.config import ModelConfig
 from brownout_jax.dims import Array, Bool, Int
 from brownout_jax.expert_parallel import AXIS, DeviceLoad, abstract_placed, replicated
+from brownout_jax.map_budget import MappingBudget
 from brownout_jax.model import decode, prefill
 from brownout_jax.moe import MoeOptions
 from brownout_jax.paged_cache import KVPool, PagedKVCache
@@ -226,9 +227,11 @@ class EngineSteps:
 
     def compile(self, progress: bool = True) -> float:
         start = time.perf_counter()
-        for phase, level, batch, size in tqdm(
-            self.jobs(), desc="compiling steps", disable=not progress
-        ):
+        jobs = self.jobs()
+        budget = MappingBudget.for_cpu_compilation(len(jobs), jax.default_backend())
+        for phase, level, batch, size in tqdm(jobs, desc="compiling steps", disable=not progress):
+            if budget is not None:
+                budget.check()
             if phase == "prefill":
                 inputs = self._abstract(
                     host_prefill_batch(
@@ -255,6 +258,35 @@ class EngineSteps:
                 self._decode[(level, batch, size)] = lowered.compile()
         self.compile_seconds = time.perf_counter() - start
         return self.compile_seconds
+
+    def run_each_once(self, params: ModelParams, state: EngineState, progress: bool = True):
+        """Executes every compiled step once and returns the state. The first execution of an
+        XLA:CPU executable is 5–8× slower than later ones (lazy runtime set-up, fresh buffer
+        pages): left to serving, each first use of a (level, bucket) showed up as a latency
+        spike right when the controller moved to a new level. Every row is real work (so the
+        expert loops run) but writes only to the null KV block and a dropped slot, so the
+        state's contents are unchanged for any request."""
+        jobs = [("prefill", *key) for key in self._prefill] + [
+            ("decode", *key) for key in self._decode
+        ]
+        sharding = self.input_sharding
+        for phase, level, batch, size in tqdm(jobs, desc="first runs", disable=not progress):
+            if phase == "prefill":
+                host = host_prefill_batch(
+                    batch, size, self.buckets.prefill_width(size), self.num_slots
+                )
+                host.lengths[:] = size
+                state, packed = self._prefill[(level, batch, size)](
+                    params, state, jax.device_put(host, sharding)
+                )
+            else:
+                host = host_decode_batch(batch, size, self.num_slots)
+                host.active[:] = True
+                state, packed = self._decode[(level, batch, size)](
+                    params, state, jax.device_put(host, sharding)
+                )
+            packed.block_until_ready()
+        return state
 
     def prefill(self, level: float, batch: int, length: int) -> Compiled:
         return self._prefill[(level, batch, length)]

@@ -1,0 +1,49 @@
+"""Warm-up runs every compiled step once without touching any request's state."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from brownout_jax.brownout import ThresholdLadder
+from brownout_jax.engine_config import EngineConfig
+from brownout_jax.engine_steps import EngineState, EngineSteps
+from brownout_jax.moe import MoeOptions
+from brownout_jax.paged_cache import NULL_BLOCK, KVPool
+
+
+def test_first_runs_leave_every_real_block_and_slot_unchanged(tiny_moe):
+    config, _, _, params, _ = tiny_moe
+    engine_config = EngineConfig(
+        max_batch=4, max_prefill_batch=2, block_size=8, num_blocks=12, max_model_len=32
+    )
+    steps = EngineSteps(
+        params,
+        config,
+        ThresholdLadder((0.0, 1.0)),
+        engine_config.buckets(),
+        engine_config.num_blocks,
+        engine_config.max_batch,
+        MoeOptions(),
+    )
+    steps.compile(progress=False)
+    pool = KVPool.allocate(config, engine_config.num_blocks, 8, jnp.float32)
+    keys = jax.random.split(jax.random.key(1), 2 * config.num_layers)
+    pool = KVPool(
+        keys=tuple(
+            jax.random.normal(k, a.shape) for k, a in zip(keys[::2], pool.keys, strict=True)
+        ),
+        values=tuple(
+            jax.random.normal(k, a.shape) for k, a in zip(keys[1::2], pool.values, strict=True)
+        ),
+    )
+    before = jax.tree_util.tree_map(np.asarray, pool)
+    last = jnp.arange(4, dtype=jnp.int32) + 7
+    state = steps.run_each_once(params, EngineState(pool=pool, last_tokens=last), progress=False)
+    np.testing.assert_array_equal(state.last_tokens, np.arange(4) + 7)
+    real = np.arange(engine_config.num_blocks) != NULL_BLOCK
+    for new, old in zip(
+        state.pool.keys + state.pool.values, before.keys + before.values, strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(new)[real], old[real])
