@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from brownout_jax.mesh_config import add_mesh_argument  # no JAX: the parser stays cheap
+
 
 def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(t) for t in text.split(",") if t.strip())
@@ -89,7 +91,11 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--peer-batch", type=int, default=8)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=256)
+    p.add_argument(
+        "--bucket-growth", type=int, help="ratio between shape buckets (default: 4 on CPU, else 2)"
+    )
     _add_model_options(p)
+    add_mesh_argument(p)
     p.set_defaults(run=run_throughput_cmd)
 
     p = kinds.add_parser("slo", help="replay a bursty trace per brownout mode")
@@ -112,9 +118,13 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--accuracy-table", help="`eval accuracy --output json` file")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=256)
+    p.add_argument(
+        "--bucket-growth", type=int, help="ratio between shape buckets (default: 4 on CPU, else 2)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="slo-results", help="output directory (JSON + PNG)")
     _add_model_options(p)
+    add_mesh_argument(p)
     p.set_defaults(run=run_slo_cmd)
 
 
@@ -183,6 +193,8 @@ def run_accuracy(args) -> int:
 
 
 def _engine(params, config, tokenizer, args, ladder=None, controller=None):
+    import jax
+
     from brownout_jax.brownout import DEFAULT_LADDER
     from brownout_jax.engine import Engine
     from brownout_jax.engine_config import EngineConfig
@@ -194,6 +206,8 @@ def _engine(params, config, tokenizer, args, ladder=None, controller=None):
         "max_prefill_tokens": max(2048, args.max_model_len),
         "num_blocks": 1 + args.max_batch * -(-args.max_model_len // 16),
         "ladder": ladder or DEFAULT_LADDER,
+        "bucket_growth": args.bucket_growth or (4 if jax.default_backend() == "cpu" else 2),
+        "mesh": args.mesh,
     }
     if controller is not None:
         fields["controller"] = controller
@@ -201,8 +215,10 @@ def _engine(params, config, tokenizer, args, ladder=None, controller=None):
 
 
 def run_throughput_cmd(args) -> int:
+    from brownout_jax.cli import check_mesh  # cli imports this module: import at run time
     from brownout_jax.eval.throughput import run_throughput
 
+    check_mesh(args.mesh)
     params, config, tokenizer, model_dir = load_for_eval(args)
     if model_dir is None and not args.no_peer:
         raise ValueError("the transformers peer needs a checkpoint; pass --no-peer with dummy")
@@ -230,10 +246,12 @@ def run_throughput_cmd(args) -> int:
 
 def run_slo_cmd(args) -> int:
     from brownout_jax.brownout import ThresholdLadder
+    from brownout_jax.cli import check_mesh  # cli imports this module: import at run time
     from brownout_jax.controller import ControllerConfig
     from brownout_jax.eval.slo import run_mode, summarize, write_results
     from brownout_jax.eval.workload import WorkloadConfig, load_prompt_pool, make_trace
 
+    check_mesh(args.mesh)
     params, config, tokenizer, _ = load_for_eval(args)
     workload = WorkloadConfig(
         request_rate=args.request_rate,

@@ -149,6 +149,8 @@ def test_eval_slo_end_to_end_writes_json_and_pngs(tmp_path, tiny_checkpoints, ca
             "0.001",
             "--out",
             str(out),
+            "--mesh",  # the engine's experts sharded over the 4 test devices
+            "expert=4",
         ]
     )
     assert code == 0
