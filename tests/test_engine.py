@@ -198,7 +198,7 @@ def test_no_compilation_after_warmup_across_levels_and_batches(tiny_moe):
     config, _, _, browned, _ = tiny_moe
     # An SLO nobody meets: the controller shrinks the thresholds at every check.
     controller = ControllerConfig(
-        mode="auto", slo_ttft_s=1e-6, slo_tpot_s=1e-6, window_s=1.0, check_interval_s=0.02
+        mode="auto", slo_ttft_s=1e-6, slo_tpot_s=1e-6, window_s=1.0, check_interval_s=1e-6
     )
     engine = Engine(
         browned,
@@ -229,3 +229,17 @@ def test_no_compilation_after_warmup_across_levels_and_batches(tiny_moe):
     engine.shutdown()
     assert counter.count == 0
     assert len({t for pair in used for t in pair}) >= 2  # the levels really changed
+
+
+def test_no_decode_step_copies_the_kv_pool(engine):
+    """The pool is donated and updated in place; a step that copies it (XLA:CPU did, for
+    one-row decode batches) costs a full pool copy per layer per token."""
+    import re
+
+    pool = engine._state.pool.keys[0]
+    flat = (pool.shape[0] * pool.shape[1], *pool.shape[2:])
+    shapes = {",".join(map(str, s)) for s in (pool.shape, flat)}
+    assert engine._steps.buckets.decode_batches[0] >= 2
+    for key, executable in engine._steps._decode.items():
+        copied = re.findall(r"= f32\[([\d,]+)\]\S* copy\(", executable.as_text())
+        assert not shapes & set(copied), f"decode step {key} copies the KV pool"

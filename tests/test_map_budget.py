@@ -49,7 +49,7 @@ def test_bucket_growth_four_compiles_fewer_steps_and_still_covers_every_shape():
     fine = EngineConfig(max_batch=16, max_model_len=512).buckets()
     coarse = EngineConfig(max_batch=16, max_model_len=512, bucket_growth=4).buckets()
     assert coarse.prefill_lengths == (16, 64, 256, 512)
-    assert coarse.decode_batches == (1, 4, 16)
+    assert coarse.decode_batches == (2, 8, 16)
     for b in (fine, coarse):
         assert b.prefill_lengths[-1] >= 512 and b.decode_batches[-1] >= 16
         assert b.decode_widths[-1] * b.block_size >= 512
