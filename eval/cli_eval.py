@@ -80,6 +80,7 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--output", choices=("table", "json"), default="table")
     _add_model_options(p)
+    add_mesh_argument(p)
     p.set_defaults(run=run_accuracy)
 
     p = kinds.add_parser("throughput", help="engine vs transformers on the same prompts")
@@ -130,10 +131,13 @@ def add_eval_parser(sub) -> None:
 
 def run_accuracy(args) -> int:
     from brownout_jax.brownout import DEFAULT_LADDER
+    from brownout_jax.cli import check_mesh
     from brownout_jax.eval.scoring import perplexity, score_items
     from brownout_jax.eval.tasks import load_task
+    from brownout_jax.expert_parallel import expert_parallel_setup
     from brownout_jax.moe import MoeOptions
 
+    check_mesh(args.mesh)
     params, config, tokenizer, _ = load_for_eval(args)
     if tokenizer is None:
         raise ValueError("eval accuracy needs a checkpoint with a tokenizer")
@@ -149,9 +153,15 @@ def run_accuracy(args) -> int:
         text = Path(args.ppl_file).read_text(encoding="utf-8")
         ppl_ids = tokenizer.encode(text, add_special_tokens=False)
     rows = []
-    for threshold in _floats(args.thresholds):
-        level = DEFAULT_LADDER.snap(threshold)
-        options = MoeOptions(threshold=level, exempt_layers=exempt)
+    levels = [DEFAULT_LADDER.snap(t) for t in _floats(args.thresholds)]
+    # On a mesh the experts are placed once and every level's options carry the mesh.
+    params, per_level = expert_parallel_setup(
+        params,
+        config,
+        args.mesh,
+        tuple(MoeOptions(threshold=level, exempt_layers=exempt) for level in levels),
+    )
+    for level, options in zip(levels, per_level, strict=True):
         result = score_items(
             params,
             config,

@@ -173,3 +173,19 @@ def test_eval_slo_end_to_end_writes_json_and_pngs(tmp_path, tiny_checkpoints, ca
     assert report["runs"][1]["mean_thresholds"]["decode"] < 1.0  # the controller acted
     for name in ("timeline-off.png", "timeline-auto.png", "comparison.png"):
         assert matplotlib.image.imread(out / name).shape[-1] in (3, 4)
+
+
+def test_eval_accuracy_on_a_mesh_equals_one_device(capsys):
+    """The bundled demo model and task, 12 items, exact and browned-out: scores with the
+    experts sharded over the 4 test devices equal one device's."""
+    reports = []
+    for mesh in ([], ["--mesh", "expert=4"]):
+        args = ["eval", "accuracy", "--limit", "12", "--thresholds", "1.0,0.5", "--output", "json"]
+        assert cli.main(args + mesh) == 0
+        reports.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    one, sharded = (
+        [(r["threshold"], r["accuracy"], r["accuracy_norm"]) for r in rep["rows"]]
+        for rep in reports
+    )
+    assert one == sharded
+    assert [t for t, _, _ in one] == [1.0, 0.5]
