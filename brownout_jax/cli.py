@@ -320,21 +320,18 @@ def check_mesh(mesh) -> None:
 
 
 def engine_config_from_args(args):
+    import jax
+
     from brownout_jax.brownout import ThresholdLadder
     from brownout_jax.controller import ControllerConfig
-    from brownout_jax.engine_config import EngineConfig
+    from brownout_jax.engine_config import EngineConfig, default_bucket_growth
 
     controller = ControllerConfig.parse_mode(
         args.brownout, slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot
     )
-    growth = args.bucket_growth
-    if growth is None:
-        import jax
-
-        growth = 4 if jax.default_backend() == "cpu" else 2
     return EngineConfig(
         ladder=ThresholdLadder.parse(args.ladder),
-        bucket_growth=growth,
+        bucket_growth=args.bucket_growth or default_bucket_growth(jax.default_backend()),
         max_batch=args.max_batch,
         max_prefill_batch=args.max_prefill_batch,
         max_prefill_tokens=max(2048, args.max_model_len),

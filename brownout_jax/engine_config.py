@@ -11,14 +11,19 @@ from brownout_jax.mesh_config import MeshConfig
 
 
 def _geometric(start: int, stop: int, growth: int) -> tuple[int, ...]:
-    """start, growth·start, … up to the first value ≥ stop, which is clamped to stop when
-    growth > 2 (a bucket of 4× the largest shape would only pad)."""
+    """start, growth·start, … up to stop, the last one clamped to stop (a bucket past the
+    largest shape would only pad)."""
     out = [start]
     while out[-1] < stop:
         out.append(out[-1] * growth)
-    if growth > 2:
-        out[-1] = max(start, stop)
+    out[-1] = max(start, stop)
     return tuple(out)
+
+
+def default_bucket_growth(backend: str) -> int:
+    """4 on XLA:CPU, where every compiled step holds hundreds of memory mappings for the
+    whole run (see map_budget); 2 elsewhere, which pads least."""
+    return 4 if backend == "cpu" else 2
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -207,7 +207,7 @@ def _engine(params, config, tokenizer, args, ladder=None, controller=None):
 
     from brownout_jax.brownout import DEFAULT_LADDER
     from brownout_jax.engine import Engine
-    from brownout_jax.engine_config import EngineConfig
+    from brownout_jax.engine_config import EngineConfig, default_bucket_growth
 
     fields = {
         "max_batch": args.max_batch,
@@ -216,7 +216,7 @@ def _engine(params, config, tokenizer, args, ladder=None, controller=None):
         "max_prefill_tokens": max(2048, args.max_model_len),
         "num_blocks": 1 + args.max_batch * -(-args.max_model_len // 16),
         "ladder": ladder or DEFAULT_LADDER,
-        "bucket_growth": args.bucket_growth or (4 if jax.default_backend() == "cpu" else 2),
+        "bucket_growth": args.bucket_growth or default_bucket_growth(jax.default_backend()),
         "mesh": args.mesh,
     }
     if controller is not None:
