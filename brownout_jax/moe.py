@@ -3,13 +3,16 @@
 ``moe_block`` = router (softmax, top-k, optional renormalisation) → routed experts → plus the
 sigmoid-gated shared expert. The routed-expert computation is a single call,
 ``apply_routed_experts(tokens, router output, stacked weights, token mask, options)``; the
-brownout routing and the Pallas kernels plug in behind it without touching the model.
+brownout routing, the C++ CPU kernel and the Pallas kernels plug in behind it without touching
+the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -23,22 +26,50 @@ from brownout_jax.expert_matmul import (
     apply_experts_sorted,
     tiling_for,
 )
+from brownout_jax.grouped_experts import apply_experts_cpu_kernel, apply_experts_pallas
 from brownout_jax.params import DenseMlpParams, ExpertWeights, MoeParams
 
 
 class ExpertBackend(enum.Enum):
-    SORTED_TILES = "sorted_tiles"  # cost ∝ non-empty experts (the default)
-    DENSE = "dense"  # every expert on every token: the reference
+    AUTO = "auto"  # the C++ CPU kernel on CPU when it is built, else SORTED_TILES
+    CPU_KERNEL = "cpu_kernel"  # C++ grouped SwiGLU through XLA FFI (brownout_jax.cpu_kernels)
+    SORTED_TILES = "sorted_tiles"  # pure JAX, cost ∝ non-empty experts: the reference path
+    DENSE = "dense"  # every expert on every token: the slow, obviously correct twin
     PALLAS = "pallas"  # grouped-matmul Triton kernels (GPU; pallas_kernels/)
     PALLAS_INTERPRET = "pallas_interpret"  # the same kernels in Pallas interpret mode (tests)
+
+
+@functools.cache
+def _say_cpu_kernel_missing(reason: str) -> None:
+    # Once per process: the fallback is legitimate (no compiler at install) but slow.
+    logging.getLogger("brownout_jax").warning(
+        "CPU expert kernel unavailable (%s); routed experts use the pure-JAX "
+        "reference path, several times slower on CPU",
+        reason,
+    )
+
+
+def resolve_backend(backend: ExpertBackend) -> ExpertBackend:
+    """AUTO → the C++ kernel on a CPU backend when its library loads, else the sorted tiles."""
+    if backend is not ExpertBackend.AUTO:
+        return backend
+    if jax.default_backend() != "cpu":
+        return ExpertBackend.SORTED_TILES
+    from brownout_jax.cpu_kernels import load_library
+
+    library = load_library()
+    if library.available:
+        return ExpertBackend.CPU_KERNEL
+    _say_cpu_kernel_missing(library.unavailable_reason)
+    return ExpertBackend.SORTED_TILES
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class MoeOptions:
     """Static choices of how routed experts run; part of every step function's cache key."""
 
-    backend: ExpertBackend = ExpertBackend.SORTED_TILES
-    tiling: ExpertTiling | None = None  # None: picked from the step's static shape
+    backend: ExpertBackend = ExpertBackend.AUTO
+    tiling: ExpertTiling | None = None  # sorted tiles only; None: from the step's static shape
     # Brownout threshold of this step (a ladder level); 1.0 compiles no brownout work at all.
     threshold: float = 1.0
     exempt_layers: tuple[int, ...] = ()  # layers that never brown out
@@ -84,14 +115,17 @@ def apply_routed_experts(
     num_united: int = 0,
 ) -> Float[Array, "N D"]:
     """The MoE function boundary: tokens + router output + stacked weights → output."""
-    if options.backend is ExpertBackend.DENSE:
+    backend = resolve_backend(options.backend)
+    if backend is ExpertBackend.DENSE:
         return apply_experts_dense(
             x, routing.expert_ids, routing.expert_weights, experts, token_mask
         )
-    if options.backend in (ExpertBackend.PALLAS, ExpertBackend.PALLAS_INTERPRET):
-        from pallas_kernels.moe_dispatch import apply_experts_pallas  # GPU path, imported lazily
-
-        interpret = True if options.backend is ExpertBackend.PALLAS_INTERPRET else None
+    if backend is ExpertBackend.CPU_KERNEL:
+        return apply_experts_cpu_kernel(
+            x, routing.expert_ids, routing.expert_weights, experts, token_mask
+        )
+    if backend in (ExpertBackend.PALLAS, ExpertBackend.PALLAS_INTERPRET):
+        interpret = True if backend is ExpertBackend.PALLAS_INTERPRET else None
         return apply_experts_pallas(
             x, routing.expert_ids, routing.expert_weights, experts, token_mask, interpret=interpret
         )

@@ -2,8 +2,9 @@
 
 Modules, one job each: ``tiling`` (block sizes and presets), ``metadata`` (tile → group/row
 arrays, computed in XLA), ``grouped_matmul`` (the Triton kernel bodies and the pallas_call),
-``api`` (the public entry points), ``reference`` (per-group loops), ``moe_dispatch`` (the MoE
-block's ``pallas`` backends) and ``bench`` (``brownout-jax bench kernels``).
+``api`` (the public entry points), ``reference`` (per-group loops) and ``bench``
+(``brownout-jax bench kernels``). The MoE block's glue (sort by expert, gather back) is
+``brownout_jax.grouped_experts``, shared with the C++ CPU kernel.
 """
 
 from pallas_kernels.api import grouped_matmul, moe_down, moe_gate_up

@@ -30,7 +30,7 @@ from pallas_kernels import (
     moe_gate_up_reference,
     tiling_for_rows,
 )
-from pallas_kernels.moe_dispatch import apply_experts_pallas
+from brownout_jax.grouped_experts import apply_experts_pallas
 from pallas_kernels.tiling import fit_stages
 
 SMALL = KernelTiling(bm=8, bn=16, bk=16)  # interpret mode only (Triton's dot needs ≥ 16)

@@ -1,0 +1,99 @@
+"""The grouped SwiGLU expert FFN on CPU as an XLA FFI custom call: checked, jittable.
+
+``grouped_swiglu(x, group_sizes, w_gate, w_up, w_down, row_weights)`` computes, for every row
+r of ``x`` in group g (rows sorted by group; group g owns the next ``group_sizes[g]`` rows),
+
+    y[r] = row_weights[r] · (SiLU(x[r] · w_gate[g]) ⊙ (x[r] · w_up[g])) · w_down[g]
+
+in float32, reading each non-empty group's weights once, in place, from the stacked arrays in
+their stored dtype; empty groups cost nothing; rows past ``sum(group_sizes)`` come out zero.
+It runs on XLA:CPU's intra-op thread pool (the caller's thread included). Shapes are checked
+here, at trace time, with errors that name the operand. Inside ``jit`` and ``shard_map`` it is
+an ordinary custom call (per device under a mesh); it has no gradient and no batching rule.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from brownout_jax.cpu_kernels.library import GROUPED_SWIGLU_TARGET, Isa, load_library
+
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+class KernelUnavailableError(RuntimeError):
+    """The compiled library is missing or cannot run the requested ISA copy here."""
+
+
+def _check(x, group_sizes, w_gate, w_up, w_down, row_weights) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"grouped_swiglu: x must be (M, D), got shape {x.shape}")
+    m, d = x.shape
+    if w_gate.ndim != 3 or w_gate.shape[1] != d:
+        raise ValueError(f"grouped_swiglu: w_gate must be (G, D={d}, F), got {w_gate.shape}")
+    g, _, f = w_gate.shape
+    if w_up.shape != (g, d, f):
+        raise ValueError(f"grouped_swiglu: w_up must be {(g, d, f)} like w_gate, got {w_up.shape}")
+    if w_down.shape != (g, f, d):
+        raise ValueError(f"grouped_swiglu: w_down must be {(g, f, d)}, got {w_down.shape}")
+    if group_sizes.shape != (g,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(
+            f"grouped_swiglu: group_sizes must be ({g},) integers, got "
+            f"{group_sizes.shape} {group_sizes.dtype}"
+        )
+    if row_weights is not None and row_weights.shape != (m,):
+        raise ValueError(f"grouped_swiglu: row_weights must be ({m},), got {row_weights.shape}")
+    if jnp.dtype(x.dtype) not in _DTYPES:
+        raise ValueError(f"grouped_swiglu: x must be float32 or bfloat16, got {x.dtype}")
+    dtypes = {jnp.dtype(w.dtype) for w in (w_gate, w_up, w_down)}
+    if len(dtypes) != 1 or dtypes.pop() not in _DTYPES:
+        raise ValueError(
+            "grouped_swiglu: w_gate, w_up and w_down must all be float32 or all bfloat16, got "
+            f"{w_gate.dtype}, {w_up.dtype}, {w_down.dtype}"
+        )
+
+
+def grouped_swiglu(
+    x: Float[Array, "M D"],
+    group_sizes: Int[Array, " G"],
+    w_gate: Float[Array, "G D F"],
+    w_up: Float[Array, "G D F"],
+    w_down: Float[Array, "G F D"],
+    row_weights: Float[Array, " M"] | None = None,
+    *,
+    isa: Isa = Isa.AUTO,
+    max_threads: int = 0,
+) -> Float[Array, "M D"]:
+    """See the module docstring. ``isa`` forces one vector copy (tests; AUTO picks the best
+    this CPU runs for these dtypes); ``max_threads`` caps the threads (0: XLA's pool size)."""
+    _check(x, group_sizes, w_gate, w_up, w_down, row_weights)
+    library = load_library()
+    if not library.available:
+        raise KernelUnavailableError(f"grouped_swiglu: {library.unavailable_reason}")
+    all_bf16 = jnp.dtype(x.dtype) == jnp.bfloat16 and jnp.dtype(w_gate.dtype) == jnp.bfloat16
+    if library.isa_name(Isa(isa), all_bf16) is None:
+        raise KernelUnavailableError(
+            f"grouped_swiglu: this CPU cannot run the {Isa(isa).name} copy"
+            + ("" if all_bf16 else " (AVX512_BF16 needs bfloat16 x and weights)")
+        )
+    m, d = x.shape
+    f = w_gate.shape[2]
+    if row_weights is None:
+        row_weights = jnp.ones((m,), jnp.float32)
+    y, _hidden = jax.ffi.ffi_call(
+        GROUPED_SWIGLU_TARGET,
+        (jax.ShapeDtypeStruct((m, d), jnp.float32), jax.ShapeDtypeStruct((m, f), jnp.float32)),
+    )(
+        x,
+        group_sizes.astype(jnp.int32),
+        w_gate,
+        w_up,
+        w_down,
+        row_weights.astype(jnp.float32),
+        isa=np.int64(int(isa)),
+        max_threads=np.int64(max_threads),
+    )
+    return y

@@ -1,0 +1,60 @@
+// The grouped SwiGLU problem as plain data, shared by the FFI front (ffi_grouped_swiglu.cc)
+// and the per-ISA kernel translation units. Deliberately free of std:: templates: the ISA
+// units are compiled with different -m flags, and an inline std:: function instantiated in
+// two of them could be merged by the linker into the AVX-512 copy and run on a CPU without
+// AVX-512.
+#ifndef BROWNOUT_CSRC_PROBLEM_H_
+#define BROWNOUT_CSRC_PROBLEM_H_
+
+#include <cstdint>
+
+namespace brownout {
+
+enum class ElementType : int32_t { kF32 = 0, kBF16 = 1 };
+
+// Rows x[M, D] are sorted by group; group g owns rows [row0[g], row0[g] + rows[g]).
+// Only the active groups (rows > 0) are listed. Weights are stacked per group in their stored
+// layout: w_gate, w_up (G, D, F) and w_down (G, F, D), row-major, float32 or bfloat16.
+struct Problem {
+  const void* x;             // (M, D)
+  ElementType x_type;
+  const void* w_gate;        // (G, D, F)
+  const void* w_up;          // (G, D, F)
+  const void* w_down;        // (G, F, D)
+  ElementType weight_type;
+  const float* row_weights;  // (M,) routing weight of each row, applied to its output
+  float* y;                  // (M, D) output
+  // (M, F) scratch for SiLU(x·w_gate) · (x·w_up): float32 rows, except in the bf16-dot
+  // copy, which stores bfloat16 rows (its down projection multiplies bf16 pairs).
+  void* h;
+  int64_t m, d, f;
+  const int64_t* active_group;  // (num_active,) group id
+  const int64_t* active_row0;   // (num_active,) first row
+  const int64_t* active_rows;   // (num_active,) row count (> 0)
+  int64_t num_active;
+};
+
+// One vector ISA's kernels. Work is cut into items that the caller schedules on threads:
+// gate/up items are (active group, column panel of F), down items (active group, column panel
+// of D); an item writes only its own rows × panel, so items never race. Every gate/up item
+// must finish before any down item starts (down reads whole rows of h).
+struct IsaKernels {
+  const char* name;
+  int64_t gate_up_panel;  // columns of F per gate/up item
+  int64_t down_panel;     // columns of D per down item
+  void (*gate_up_item)(const Problem&, int64_t item);
+  void (*down_item)(const Problem&, int64_t item);
+};
+
+// Defined in one translation unit each; the AVX units exist on x86-64 builds only. The
+// AVX-512-BF16 copy multiplies bf16 pairs (vdpbf16ps) and takes bf16 x and weights only.
+const IsaKernels& GenericKernels();
+#if defined(BROWNOUT_HAVE_X86_KERNELS)
+const IsaKernels& Avx2Kernels();
+const IsaKernels& Avx512Kernels();
+const IsaKernels& Avx512Bf16Kernels();
+#endif
+
+}  // namespace brownout
+
+#endif  // BROWNOUT_CSRC_PROBLEM_H_
