@@ -10,7 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from brownout_jax.mesh_config import add_mesh_argument  # no JAX: the parser stays cheap
+from brownout_jax.expert_backend import add_experts_backend_argument, experts_backend_from_args
+from brownout_jax.mesh_config import add_mesh_argument  # no JAX: the parsers stay cheap
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -43,13 +44,16 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the EOS token")
     p.add_argument(
-        "--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16"
+        "--dtype",
+        default="auto",
+        help="auto (bf16; fp32 on a CPU without the compiled kernel), float32, bfloat16",
     )
     p.add_argument(
         "--warmup", action="store_true", help="run once first so timings exclude compilation"
     )
     _add_brownout_options(p)
     add_mesh_argument(p)
+    add_experts_backend_argument(p)
     p.add_argument("--output", choices=("text", "json"), default="text")
     p.set_defaults(run=_run_generate)
 
@@ -100,7 +104,10 @@ def brownout_options(args, config) -> tuple:
     if k < 0:
         raise ValueError(f"--exempt-edge-layers must be ≥ 0, got {k}")
     exempt = tuple(moe[:k]) + tuple(moe[len(moe) - k :]) if k else ()
-    return tuple(MoeOptions(threshold=chosen[p], exempt_layers=exempt) for p in chosen)
+    backend = experts_backend_from_args(args)
+    return tuple(
+        MoeOptions(threshold=chosen[p], exempt_layers=exempt, backend=backend) for p in chosen
+    )
 
 
 def _add_convert(sub) -> None:
@@ -305,6 +312,7 @@ def _add_engine_options(p) -> None:
         "to keep, else 2)",
     )
     add_mesh_argument(group)
+    add_experts_backend_argument(group)
 
 
 def check_mesh(mesh) -> None:
@@ -340,6 +348,7 @@ def engine_config_from_args(args):
         max_model_len=args.max_model_len,
         controller=controller,
         mesh=args.mesh,
+        experts_backend=experts_backend_from_args(args),
     )
 
 

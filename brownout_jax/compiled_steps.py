@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax.stages import Compiled
 from tqdm.auto import tqdm
 
+from brownout_jax.bit_storage import storage_dtype
 from brownout_jax.brownout import ThresholdLadder
 from brownout_jax.config import ModelConfig
 from brownout_jax.kv_cache import ContiguousKVCache
@@ -45,8 +46,12 @@ def abstract_tree(tree):
 
 def _abstract_cache(config: ModelConfig, batch: int, cache_len: int, dtype) -> ContiguousKVCache:
     shape = (batch, cache_len, config.num_kv_heads, config.head_dim)
-    layer = jax.ShapeDtypeStruct(shape, dtype)
-    return ContiguousKVCache(keys=(layer,) * config.num_layers, values=(layer,) * config.num_layers)
+    layer = jax.ShapeDtypeStruct(shape, storage_dtype(dtype))
+    return ContiguousKVCache(
+        keys=(layer,) * config.num_layers,
+        values=(layer,) * config.num_layers,
+        dtype=jnp.dtype(dtype),
+    )
 
 
 class CompiledSteps:

@@ -129,7 +129,9 @@ class Engine:
             config.buckets(),
             config.num_blocks,
             config.max_batch,
-            MoeOptions(exempt_layers=config.exempt_layers, mesh=mesh),
+            MoeOptions(
+                exempt_layers=config.exempt_layers, mesh=mesh, backend=config.experts_backend
+            ),
         )
         self._steps.compile(progress=progress)
         self._state = EngineState(

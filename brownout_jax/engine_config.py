@@ -7,6 +7,7 @@ import dataclasses
 from brownout_jax.brownout import DEFAULT_LADDER, ThresholdLadder
 from brownout_jax.controller import DEFAULT_CONTROLLER, ControllerConfig
 from brownout_jax.engine_steps import EngineBuckets
+from brownout_jax.expert_backend import ExpertBackend
 from brownout_jax.mesh_config import MeshConfig
 
 
@@ -43,6 +44,7 @@ class EngineConfig:
     controller: ControllerConfig = DEFAULT_CONTROLLER
     exempt_layers: tuple[int, ...] = ()  # MoE layers that never brown out
     mesh: MeshConfig | None = None  # expert parallelism over this many devices; None: one
+    experts_backend: ExpertBackend = ExpertBackend.AUTO  # how routed experts run
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_prefill_batch", "block_size", "max_model_len", "max_queue"):

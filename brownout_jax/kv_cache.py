@@ -10,22 +10,30 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import struct
 
+from brownout_jax.bit_storage import from_storage, storage_dtype, to_storage
 from brownout_jax.config import ModelConfig
 from brownout_jax.dims import Array, Float, Int
 
 
 @struct.dataclass
 class ContiguousKVCache:
-    keys: tuple[Float[Array, "B S G C"], ...]  # one entry per layer
-    values: tuple[Float[Array, "B S G C"], ...]
+    # One (B, S, G, C) entry per layer, ``dtype`` values stored as bit_storage.storage_dtype.
+    keys: tuple[Array, ...]
+    values: tuple[Array, ...]
+    dtype: jnp.dtype = struct.field(pytree_node=False)
 
     @classmethod
     def allocate(
         cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32
     ) -> ContiguousKVCache:
         shape = (batch, max_len, config.num_kv_heads, config.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-        return cls(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in zeros))
+        stored = storage_dtype(dtype)
+        zeros = tuple(jnp.zeros(shape, stored) for _ in range(config.num_layers))
+        return cls(
+            keys=zeros,
+            values=tuple(jnp.zeros(shape, stored) for _ in zeros),
+            dtype=jnp.dtype(dtype),
+        )
 
     @property
     def max_len(self) -> int:
@@ -41,9 +49,11 @@ class ContiguousKVCache:
         """Stores each token's key/value at its position; positions past the end are dropped."""
         rows = jnp.arange(k.shape[0])[:, None]
         keys, values = list(self.keys), list(self.values)
-        keys[layer] = keys[layer].at[rows, positions].set(k.astype(keys[layer].dtype), mode="drop")
-        values[layer] = (
-            values[layer].at[rows, positions].set(v.astype(values[layer].dtype), mode="drop")
+        keys[layer] = keys[layer].at[rows, positions].set(
+            to_storage(k.astype(self.dtype)), mode="drop"
+        )
+        values[layer] = values[layer].at[rows, positions].set(
+            to_storage(v.astype(self.dtype)), mode="drop"
         )
         return self.replace(keys=tuple(keys), values=tuple(values))
 
@@ -51,6 +61,6 @@ class ContiguousKVCache:
         self, layer: int
     ) -> tuple[Float[Array, "B S G C"], Float[Array, "B S G C"], Int[Array, "B S"]]:
         """Keys, values and the position held by each slot (attention masks slots > query)."""
-        k = self.keys[layer]
+        k = from_storage(self.keys[layer], self.dtype)
         slot_positions = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), k.shape[:2])
-        return k, self.values[layer], slot_positions
+        return k, from_storage(self.values[layer], self.dtype), slot_positions

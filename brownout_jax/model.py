@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from brownout_jax.bit_storage import take_rows
 from brownout_jax.config import ModelConfig
 from brownout_jax.dims import Array, Bool, Float, Int
 from brownout_jax.kv_cache import ContiguousKVCache
@@ -158,7 +159,7 @@ def forward_hidden(
     moe_inputs: list | None = None,
     device_loads: list | None = None,
 ) -> tuple[Float[Array, "B T D"], ContiguousKVCache | None]:
-    h = params.embed[tokens]
+    h = take_rows(params.embed, tokens)
     rope = rope_tables(positions, config.head_dim, config.rope_theta, h.dtype)
     for layer, layer_params in enumerate(params.layers):
         h, cache = decoder_layer(

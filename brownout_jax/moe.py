@@ -10,7 +10,6 @@ the model.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import functools
 import logging
 
@@ -20,6 +19,7 @@ from flax import struct
 
 from brownout_jax.brownout import route_with_brownout
 from brownout_jax.dims import Array, Bool, Float, Int
+from brownout_jax.expert_backend import ExpertBackend
 from brownout_jax.expert_matmul import (
     ExpertTiling,
     apply_experts_dense,
@@ -28,15 +28,6 @@ from brownout_jax.expert_matmul import (
 )
 from brownout_jax.grouped_experts import apply_experts_cpu_kernel, apply_experts_pallas
 from brownout_jax.params import DenseMlpParams, ExpertWeights, MoeParams
-
-
-class ExpertBackend(enum.Enum):
-    AUTO = "auto"  # the C++ CPU kernel on CPU when it is built, else SORTED_TILES
-    CPU_KERNEL = "cpu_kernel"  # C++ grouped SwiGLU through XLA FFI (brownout_jax.cpu_kernels)
-    SORTED_TILES = "sorted_tiles"  # pure JAX, cost ∝ non-empty experts: the reference path
-    DENSE = "dense"  # every expert on every token: the slow, obviously correct twin
-    PALLAS = "pallas"  # grouped-matmul Triton kernels (GPU; pallas_kernels/)
-    PALLAS_INTERPRET = "pallas_interpret"  # the same kernels in Pallas interpret mode (tests)
 
 
 @functools.cache

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from brownout_jax.bit_storage import from_storage, storage_dtype, to_storage
 from brownout_jax.config import ModelConfig
 from brownout_jax.dims import Array, Float, Int
 
@@ -21,24 +22,32 @@ NULL_BLOCK = 0
 
 @struct.dataclass
 class KVPool:
-    """The persistent block pool: one (blocks, block_size, G, C) array per layer for k and v."""
+    """The persistent block pool: one (blocks, block_size, G, C) array per layer for k and v,
+    of ``dtype`` values stored as ``bit_storage.storage_dtype(dtype)`` (bf16 as its bits)."""
 
-    keys: tuple[Float[Array, "NB BS G C"], ...]
-    values: tuple[Float[Array, "NB BS G C"], ...]
+    keys: tuple[Array, ...]
+    values: tuple[Array, ...]
+    dtype: jnp.dtype = struct.field(pytree_node=False)
 
     @classmethod
     def allocate(cls, config: ModelConfig, num_blocks: int, block_size: int, dtype) -> KVPool:
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        stored = storage_dtype(dtype)
         return cls(
-            keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-            values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+            keys=tuple(jnp.zeros(shape, stored) for _ in range(config.num_layers)),
+            values=tuple(jnp.zeros(shape, stored) for _ in range(config.num_layers)),
+            dtype=jnp.dtype(dtype),
         )
 
     @classmethod
     def abstract(cls, config: ModelConfig, num_blocks: int, block_size: int, dtype) -> KVPool:
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        layer = jax.ShapeDtypeStruct(shape, dtype)
-        return cls(keys=(layer,) * config.num_layers, values=(layer,) * config.num_layers)
+        layer = jax.ShapeDtypeStruct(shape, storage_dtype(dtype))
+        return cls(
+            keys=(layer,) * config.num_layers,
+            values=(layer,) * config.num_layers,
+            dtype=jnp.dtype(dtype),
+        )
 
 
 @struct.dataclass
@@ -70,9 +79,9 @@ class PagedKVCache:
         for store, new in ((keys, k), (values, v)):
             pool = store[layer]
             flat = pool.reshape(-1, *pool.shape[2:])
-            flat = flat.at[slots].set(new.reshape(-1, *new.shape[2:]).astype(pool.dtype))
-            store[layer] = flat.reshape(pool.shape)
-        return self.replace(pool=KVPool(keys=tuple(keys), values=tuple(values)))
+            rows = to_storage(new.reshape(-1, *new.shape[2:]).astype(self.pool.dtype))
+            store[layer] = flat.at[slots].set(rows).reshape(pool.shape)
+        return self.replace(pool=self.pool.replace(keys=tuple(keys), values=tuple(values)))
 
     def read(
         self, layer: int
@@ -81,7 +90,7 @@ class PagedKVCache:
         bs = self.block_size
 
         def gather(pool):
-            blocks = pool[self.block_tables]  # (B, W, BS, G, C)
+            blocks = from_storage(pool[self.block_tables], self.pool.dtype)  # (B, W, BS, G, C)
             return blocks.reshape(b, width * bs, *pool.shape[2:])
 
         slot_positions = jnp.broadcast_to(jnp.arange(width * bs, dtype=jnp.int32), (b, width * bs))

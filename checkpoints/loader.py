@@ -37,9 +37,14 @@ class LoadedModel:
 
 
 def resolve_dtype(name: str | None):
-    """``auto``: bfloat16 on accelerators, float32 on CPU (where bf16 matmuls are slow)."""
+    """``auto``: bfloat16, except on a CPU without the compiled expert kernel: there the
+    pure-JAX expert path is pathological in bf16 (XLA:CPU upcasts the whole expert stack)."""
     if name in (None, "auto"):
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+        if jax.default_backend() != "cpu":
+            return jnp.bfloat16
+        from brownout_jax.cpu_kernels import load_library
+
+        return jnp.bfloat16 if load_library().available else jnp.float32
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
     return DTYPES[name]

@@ -30,7 +30,7 @@ def test_first_runs_leave_every_real_block_and_slot_unchanged(tiny_moe):
     steps.compile(progress=False)
     pool = KVPool.allocate(config, engine_config.num_blocks, 8, jnp.float32)
     keys = jax.random.split(jax.random.key(1), 2 * config.num_layers)
-    pool = KVPool(
+    pool = pool.replace(
         keys=tuple(
             jax.random.normal(k, a.shape) for k, a in zip(keys[::2], pool.keys, strict=True)
         ),

@@ -15,6 +15,7 @@ from conftest import rel_err, tiny_model_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from brownout_jax.grouped_experts import apply_experts_pallas
 from pallas_kernels import (
     DECODE,
     PREFILL,
@@ -30,7 +31,6 @@ from pallas_kernels import (
     moe_gate_up_reference,
     tiling_for_rows,
 )
-from brownout_jax.grouped_experts import apply_experts_pallas
 from pallas_kernels.tiling import fit_stages
 
 SMALL = KernelTiling(bm=8, bn=16, bk=16)  # interpret mode only (Triton's dot needs ≥ 16)
