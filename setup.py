@@ -23,7 +23,7 @@ X86 = platform.machine().lower() in ("x86_64", "amd64")
 COMMON_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-fno-math-errno"]
 AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]
 SOURCE_FLAGS = {
-    "ffi_grouped_swiglu.cc": [],
+    "ffi_expert_kernels.cc": [],
     "isa_generic.cc": [],
     **(
         {

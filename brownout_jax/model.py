@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from brownout_jax.bit_storage import take_rows
 from brownout_jax.config import ModelConfig
+from brownout_jax.dense import matmul, matmul_f32
 from brownout_jax.dims import Array, Bool, Float, Int
 from brownout_jax.kv_cache import ContiguousKVCache
 from brownout_jax.moe import DEFAULT_MOE_OPTIONS, MoeOptions, dense_mlp, moe_block
@@ -48,7 +49,7 @@ def apply_rope(
 
 
 def _project(x, w, b):
-    y = jnp.dot(x, w)
+    y = matmul(x, w)
     return y if b is None else y + b
 
 
@@ -97,7 +98,7 @@ def attention_block(
         key_positions = positions
     mask = key_positions[:, None, :] <= positions[:, :, None]
     out = attend(q, k, v, mask).reshape(b, t, config.num_heads * c)
-    return jnp.dot(out, params.wo), cache
+    return matmul(out, params.wo), cache
 
 
 def decoder_layer(
@@ -196,8 +197,13 @@ def collect_moe_inputs(
 
 
 def lm_logits(params: ModelParams, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
-    head = params.embed.T if params.lm_head is None else params.lm_head
-    return jnp.dot(hidden, head).astype(jnp.float32)
+    if params.lm_head is None:
+        # Tied: XLA's dot reads the embedding transposed in place (a kernel call would need a
+        # transposed copy of the table).
+        return jnp.dot(hidden, params.embed.T).astype(jnp.float32)
+    # The float32 logits straight from the fp32 accumulator, not rounded to the activations'
+    # dtype first.
+    return matmul_f32(hidden, params.lm_head)
 
 
 def forward_logits(

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from brownout_jax.brownout import route_with_brownout
+from brownout_jax.dense import swiglu_mlp
 from brownout_jax.dims import Array, Bool, Float, Int
 from brownout_jax.expert_backend import ExpertBackend
 from brownout_jax.expert_matmul import (
@@ -138,9 +139,7 @@ def expected_active_experts(num_experts: int, num_united: int, options: MoeOptio
 
 
 def dense_mlp(x: Float[Array, "N D"], params: DenseMlpParams) -> Float[Array, "N D"]:
-    gate = jnp.dot(x, params.w_gate)
-    up = jnp.dot(x, params.w_up)
-    return jnp.dot(jax.nn.silu(gate) * up, params.w_down)
+    return swiglu_mlp(x, params.w_gate, params.w_up, params.w_down)
 
 
 def moe_block(

@@ -1,12 +1,12 @@
-"""CPU kernels for grouped expert matmuls: C++ (``csrc/``) behind XLA FFI, with a pure-JAX
-reference beside them. Depends on jax (and, for the reference, the Pallas kernels' per-group
+"""CPU kernels for grouped expert matmuls (and the plain matmul of the dense layers): C++
+(``csrc/``) behind XLA FFI, with a pure-JAX reference beside them. Depends on jax (and, for the reference, the Pallas kernels' per-group
 references), not on the model.
 
 Modules: ``library`` (find, load, register the compiled library; run-time ISA choice),
 ``api`` (the checked, jittable entry point) and ``reference`` (the slow twin).
 """
 
-from brownout_jax.cpu_kernels.api import KernelUnavailableError, grouped_swiglu
+from brownout_jax.cpu_kernels.api import KernelUnavailableError, grouped_swiglu, linear
 from brownout_jax.cpu_kernels.library import Isa, KernelLibrary, load_library
 from brownout_jax.cpu_kernels.reference import grouped_swiglu_reference
 
@@ -16,5 +16,6 @@ __all__ = [
     "KernelUnavailableError",
     "grouped_swiglu",
     "grouped_swiglu_reference",
+    "linear",
     "load_library",
 ]

@@ -1,5 +1,6 @@
-"""The grouped SwiGLU expert FFN on CPU as an XLA FFI custom call: checked, jittable.
+"""The CPU kernels as XLA FFI custom calls: checked, jittable.
 
+**grouped_swiglu** — the routed experts' FFN.
 ``grouped_swiglu(x, group_sizes, w_gate, w_up, w_down, row_weights)`` computes, for every row
 r of ``x`` in group g (rows sorted by group; group g owns the next ``group_sizes[g]`` rows),
 
@@ -7,9 +8,16 @@ r of ``x`` in group g (rows sorted by group; group g owns the next ``group_sizes
 
 in float32, reading each non-empty group's weights once, in place, from the stacked arrays in
 their stored dtype; empty groups cost nothing; rows past ``sum(group_sizes)`` come out zero.
-It runs on XLA:CPU's intra-op thread pool (the caller's thread included). Shapes are checked
-here, at trace time, with errors that name the operand. Inside ``jit`` and ``shard_map`` it is
-an ordinary custom call (per device under a mesh); it has no gradient and no batching rule.
+
+**linear** — ``x (M, K) · w (K, N)`` in float32 from float32 or bfloat16 operands, for the dense
+layers (attention projections, shared expert, LM head): XLA:CPU converts a whole bf16 weight
+to f32 around a bf16 dot (for the LM head, 1.2 GB written per step), and streams weights at
+~a quarter of the machine's bandwidth for decode-sized M.
+
+Both run on XLA:CPU's intra-op thread pool (the caller's thread included). Shapes are checked
+here, at trace time, with errors that name the operand. Inside ``jit`` and ``shard_map`` they
+are ordinary custom calls (per device under a mesh); they have no gradient and no batching
+rule of their own (the model's ``dense`` module adds a gradient through XLA's dot).
 """
 
 from __future__ import annotations
@@ -19,7 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from brownout_jax.cpu_kernels.library import GROUPED_SWIGLU_TARGET, Isa, load_library
+from brownout_jax.cpu_kernels.library import (
+    GROUPED_SWIGLU_TARGET,
+    LINEAR_TARGET,
+    Isa,
+    load_library,
+)
 
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
@@ -56,6 +69,18 @@ def _check(x, group_sizes, w_gate, w_up, w_down, row_weights) -> None:
         )
 
 
+def _check_runnable(op: str, x_dtype, w_dtype, isa: Isa) -> None:
+    library = load_library()
+    if not library.available:
+        raise KernelUnavailableError(f"{op}: {library.unavailable_reason}")
+    all_bf16 = jnp.dtype(x_dtype) == jnp.bfloat16 and jnp.dtype(w_dtype) == jnp.bfloat16
+    if library.isa_name(Isa(isa), all_bf16) is None:
+        raise KernelUnavailableError(
+            f"{op}: this CPU cannot run the {Isa(isa).name} copy"
+            + ("" if all_bf16 else " (AVX512_BF16 needs bfloat16 x and weights)")
+        )
+
+
 def grouped_swiglu(
     x: Float[Array, "M D"],
     group_sizes: Int[Array, " G"],
@@ -70,15 +95,7 @@ def grouped_swiglu(
     """See the module docstring. ``isa`` forces one vector copy (tests; AUTO picks the best
     this CPU runs for these dtypes); ``max_threads`` caps the threads (0: XLA's pool size)."""
     _check(x, group_sizes, w_gate, w_up, w_down, row_weights)
-    library = load_library()
-    if not library.available:
-        raise KernelUnavailableError(f"grouped_swiglu: {library.unavailable_reason}")
-    all_bf16 = jnp.dtype(x.dtype) == jnp.bfloat16 and jnp.dtype(w_gate.dtype) == jnp.bfloat16
-    if library.isa_name(Isa(isa), all_bf16) is None:
-        raise KernelUnavailableError(
-            f"grouped_swiglu: this CPU cannot run the {Isa(isa).name} copy"
-            + ("" if all_bf16 else " (AVX512_BF16 needs bfloat16 x and weights)")
-        )
+    _check_runnable("grouped_swiglu", x.dtype, w_gate.dtype, isa)
     m, d = x.shape
     f = w_gate.shape[2]
     if row_weights is None:
@@ -97,3 +114,22 @@ def grouped_swiglu(
         max_threads=np.int64(max_threads),
     )
     return y
+
+
+def linear(
+    x: Float[Array, "M K"],
+    w: Float[Array, "K N"],
+    *,
+    isa: Isa = Isa.AUTO,
+    max_threads: int = 0,
+) -> Float[Array, "M N"]:
+    """``x · w`` in float32, reading ``w`` once per 96 rows of x, in place, in its dtype."""
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+        raise ValueError(f"linear: x must be (M, K) and w (K, N), got {x.shape} and {w.shape}")
+    for name, a in (("x", x), ("w", w)):
+        if jnp.dtype(a.dtype) not in _DTYPES:
+            raise ValueError(f"linear: {name} must be float32 or bfloat16, got {a.dtype}")
+    _check_runnable("linear", x.dtype, w.dtype, isa)
+    return jax.ffi.ffi_call(
+        LINEAR_TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
+    )(x, w, isa=np.int64(int(isa)), max_threads=np.int64(max_threads))

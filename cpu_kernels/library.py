@@ -19,6 +19,7 @@ from pathlib import Path
 ENV_VARIABLE = "BROWNOUT_JAX_CPU_KERNELS"
 LIBRARY_STEM = "_grouped_experts"
 GROUPED_SWIGLU_TARGET = "brownout_grouped_swiglu"
+LINEAR_TARGET = "brownout_linear"
 
 
 class Isa(enum.IntEnum):
@@ -75,10 +76,14 @@ def load_library() -> KernelLibrary:
         handle = ctypes.CDLL(str(path))
         handle.BrownoutCpuKernelIsa.restype = ctypes.c_char_p
         handle.BrownoutCpuKernelIsa.argtypes = (ctypes.c_int64, ctypes.c_int32)
-        capsule = handle.BrownoutGroupedSwiglu
+        targets = {
+            GROUPED_SWIGLU_TARGET: handle.BrownoutGroupedSwiglu,
+            LINEAR_TARGET: handle.BrownoutLinear,
+        }
     except (OSError, AttributeError) as err:
         return KernelLibrary(path, f"{path} cannot be loaded: {err}")
     import jax  # after the cheap checks: reporting "not built" needs no JAX
 
-    jax.ffi.register_ffi_target(GROUPED_SWIGLU_TARGET, jax.ffi.pycapsule(capsule), platform="cpu")
+    for name, symbol in targets.items():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     return KernelLibrary(path, None, handle)

@@ -54,10 +54,12 @@ inline __m512i LoadRow(const uint16_t* p, int64_t valid) {
 }
 
 // A bf16 pair (a[k], a[k+1]) broadcast to every lane; the odd last element pairs with 0.
-inline __m512bh BroadcastPair(const uint16_t* p, bool has_second) {
-  uint32_t pair = p[0];
-  if (has_second) pair |= static_cast<uint32_t>(p[1]) << 16;
-  return (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+template <bool kPair>
+inline __m512bh BroadcastPair(const uint16_t* p) {
+  int32_t pair = p[0];
+  // One 32-bit load, folded into the broadcast (not two 16-bit loads and a shift).
+  if (kPair) __builtin_memcpy(&pair, p, sizeof(pair));
+  return (__m512bh)_mm512_set1_epi32(pair);
 }
 
 inline void Interleave(__m512i a, __m512i b, __m512bh* lo, __m512bh* hi) {
@@ -81,6 +83,36 @@ inline void StoreBf16(uint16_t* p, __m512 v, int64_t valid) {
   _mm256_mask_storeu_epi16(p, Mask16(valid), bits);
 }
 
+// One depth step (a pair of rows k, k+1; or the odd last row k alone) of a gate/up tile.
+template <int MR, int Q, bool kFull, bool kPair>
+inline void GateUpStep(const uint16_t* __restrict x, int64_t ldx, const uint16_t* __restrict wg,
+                       const uint16_t* __restrict wu, int64_t ldw, int64_t k, int64_t ncols,
+                       __m512 (&g_lo)[MR][Q], __m512 (&g_hi)[MR][Q], __m512 (&u_lo)[MR][Q],
+                       __m512 (&u_hi)[MR][Q]) {
+  const __m512i zero = _mm512_setzero_si512();
+  __m512bh glo[Q], ghi[Q], ulo[Q], uhi[Q];
+#pragma GCC unroll 4
+  for (int q = 0; q < Q; ++q) {
+    const int64_t valid = ncols - 32 * q;
+    const int64_t at = k * ldw + 32 * q;
+    Interleave(LoadRow<kFull>(wg + at, valid), kPair ? LoadRow<kFull>(wg + at + ldw, valid) : zero,
+               &glo[q], &ghi[q]);
+    Interleave(LoadRow<kFull>(wu + at, valid), kPair ? LoadRow<kFull>(wu + at + ldw, valid) : zero,
+               &ulo[q], &uhi[q]);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    const __m512bh xp = BroadcastPair<kPair>(x + r * ldx + k);
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q) {
+      g_lo[r][q] = _mm512_dpbf16_ps(g_lo[r][q], glo[q], xp);
+      g_hi[r][q] = _mm512_dpbf16_ps(g_hi[r][q], ghi[q], xp);
+      u_lo[r][q] = _mm512_dpbf16_ps(u_lo[r][q], ulo[q], xp);
+      u_hi[r][q] = _mm512_dpbf16_ps(u_hi[r][q], uhi[q], xp);
+    }
+  }
+}
+
 template <int MR, bool kFull>
 inline void GateUpTile(const uint16_t* __restrict x, int64_t ldx, const uint16_t* __restrict wg,
                        const uint16_t* __restrict wu, int64_t ldw, int64_t depth, int64_t ncols,
@@ -94,30 +126,12 @@ inline void GateUpTile(const uint16_t* __restrict x, int64_t ldx, const uint16_t
       g_lo[r][q] = g_hi[r][q] = u_lo[r][q] = u_hi[r][q] = _mm512_setzero_ps();
     }
   }
-  for (int64_t k = 0; k < depth; k += 2) {
-    const bool pair = k + 1 < depth;
-    const __m512i zero = _mm512_setzero_si512();
-    __m512bh glo[Q], ghi[Q], ulo[Q], uhi[Q];
-#pragma GCC unroll 4
-    for (int q = 0; q < Q; ++q) {
-      const int64_t valid = ncols - 32 * q;
-      const int64_t at = k * ldw + 32 * q;
-      Interleave(LoadRow<kFull>(wg + at, valid),
-                 pair ? LoadRow<kFull>(wg + at + ldw, valid) : zero, &glo[q], &ghi[q]);
-      Interleave(LoadRow<kFull>(wu + at, valid),
-                 pair ? LoadRow<kFull>(wu + at + ldw, valid) : zero, &ulo[q], &uhi[q]);
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m512bh xp = BroadcastPair(x + r * ldx + k, pair);
-#pragma GCC unroll 4
-      for (int q = 0; q < Q; ++q) {
-        g_lo[r][q] = _mm512_dpbf16_ps(g_lo[r][q], glo[q], xp);
-        g_hi[r][q] = _mm512_dpbf16_ps(g_hi[r][q], ghi[q], xp);
-        u_lo[r][q] = _mm512_dpbf16_ps(u_lo[r][q], ulo[q], xp);
-        u_hi[r][q] = _mm512_dpbf16_ps(u_hi[r][q], uhi[q], xp);
-      }
-    }
+  int64_t k = 0;
+  for (; k + 1 < depth; k += 2) {
+    GateUpStep<MR, Q, kFull, true>(x, ldx, wg, wu, ldw, k, ncols, g_lo, g_hi, u_lo, u_hi);
+  }
+  if (k < depth) {
+    GateUpStep<MR, Q, kFull, false>(x, ldx, wg, wu, ldw, k, ncols, g_lo, g_hi, u_lo, u_hi);
   }
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
@@ -133,6 +147,31 @@ inline void GateUpTile(const uint16_t* __restrict x, int64_t ldx, const uint16_t
   }
 }
 
+// One depth step of a down tile (a pair of rows of w_down, or the odd last row alone).
+template <int MR, bool kFull, bool kPair>
+inline void DownStep(const uint16_t* __restrict h, int64_t ldh, const uint16_t* __restrict wd,
+                     int64_t ldw, int64_t k, int64_t ncols, __m512 (&lo)[MR][2],
+                     __m512 (&hi)[MR][2]) {
+  const __m512i zero = _mm512_setzero_si512();
+  __m512bh wlo[2], whi[2];
+#pragma GCC unroll 2
+  for (int q = 0; q < 2; ++q) {
+    const int64_t valid = ncols - 32 * q;
+    const int64_t at = k * ldw + 32 * q;
+    Interleave(LoadRow<kFull>(wd + at, valid), kPair ? LoadRow<kFull>(wd + at + ldw, valid) : zero,
+               &wlo[q], &whi[q]);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    const __m512bh hp = BroadcastPair<kPair>(h + r * ldh + k);
+#pragma GCC unroll 2
+    for (int q = 0; q < 2; ++q) {
+      lo[r][q] = _mm512_dpbf16_ps(lo[r][q], wlo[q], hp);
+      hi[r][q] = _mm512_dpbf16_ps(hi[r][q], whi[q], hp);
+    }
+  }
+}
+
 template <int MR, bool kFull>
 inline void DownTile(const uint16_t* __restrict h, int64_t ldh, const uint16_t* __restrict wd,
                      int64_t ldw, int64_t depth, int64_t ncols, const float* __restrict row_weight,
@@ -140,30 +179,12 @@ inline void DownTile(const uint16_t* __restrict h, int64_t ldh, const uint16_t* 
   __m512 lo[MR][2], hi[MR][2];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) lo[r][0] = lo[r][1] = hi[r][0] = hi[r][1] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < depth; k += 2) {
-    const bool pair = k + 1 < depth;
-    const __m512i zero = _mm512_setzero_si512();
-    __m512bh wlo[2], whi[2];
-#pragma GCC unroll 2
-    for (int q = 0; q < 2; ++q) {
-      const int64_t valid = ncols - 32 * q;
-      Interleave(LoadRow<kFull>(wd + k * ldw + 32 * q, valid),
-                 pair ? LoadRow<kFull>(wd + (k + 1) * ldw + 32 * q, valid) : zero, &wlo[q],
-                 &whi[q]);
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m512bh hp = BroadcastPair(h + r * ldh + k, pair);
-#pragma GCC unroll 2
-      for (int q = 0; q < 2; ++q) {
-        lo[r][q] = _mm512_dpbf16_ps(lo[r][q], wlo[q], hp);
-        hi[r][q] = _mm512_dpbf16_ps(hi[r][q], whi[q], hp);
-      }
-    }
-  }
+  int64_t k = 0;
+  for (; k + 1 < depth; k += 2) DownStep<MR, kFull, true>(h, ldh, wd, ldw, k, ncols, lo, hi);
+  if (k < depth) DownStep<MR, kFull, false>(h, ldh, wd, ldw, k, ncols, lo, hi);
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
-    const __m512 scale = _mm512_set1_ps(row_weight[r]);
+    const __m512 scale = _mm512_set1_ps(row_weight == nullptr ? 1.0f : row_weight[r]);
 #pragma GCC unroll 2
     for (int q = 0; q < 2; ++q) {
       float* out = y + r * ldy + 32 * q;
@@ -196,7 +217,8 @@ inline void DownRows(const Problem& p, int64_t row0, int64_t rows, const uint16_
   const uint16_t* h = static_cast<const uint16_t*>(p.h);
   int64_t r = 0;
   for (; r + MR <= rows; r += MR) {
-    DownTile<MR, kFull>(h + (row0 + r) * p.f, p.f, wd, p.d, p.f, ncols, p.row_weights + row0 + r,
+    DownTile<MR, kFull>(h + (row0 + r) * p.f, p.f, wd, p.d, p.f, ncols,
+                        p.row_weights == nullptr ? nullptr : p.row_weights + row0 + r,
                         p.y + (row0 + r) * p.d + col0, p.d);
   }
   if (r < rows) {
@@ -232,7 +254,8 @@ void DownItem(const Problem& p, int64_t item) {
   }
 }
 
-const IsaKernels kKernels = {"avx512_bf16", kGateUpCols, kDownCols, &GateUpItem, &DownItem};
+const IsaKernels kKernels = {"avx512_bf16", ElementType::kBF16, kGateUpCols,
+                             kDownCols,     &GateUpItem,       &DownItem};
 
 }  // namespace avx512_bf16
 

@@ -22,11 +22,13 @@ struct Problem {
   const void* w_up;          // (G, D, F)
   const void* w_down;        // (G, F, D)
   ElementType weight_type;
-  const float* row_weights;  // (M,) routing weight of each row, applied to its output
+  const float* row_weights;  // (M,) routing weight of each row, applied to its output; or null
   float* y;                  // (M, D) output
-  // (M, F) scratch for SiLU(x·w_gate) · (x·w_up): float32 rows, except in the bf16-dot
-  // copy, which stores bfloat16 rows (its down projection multiplies bf16 pairs).
+  // (M, F) input of the down projection: SiLU(x·w_gate) · (x·w_up) written by the gate/up
+  // items, as float32 rows, or bfloat16 rows in the bf16-dot copy (it multiplies bf16 pairs).
+  // linear() runs the down items alone with h = its input.
   void* h;
+  ElementType h_type;
   int64_t m, d, f;
   const int64_t* active_group;  // (num_active,) group id
   const int64_t* active_row0;   // (num_active,) first row
@@ -37,9 +39,11 @@ struct Problem {
 // One vector ISA's kernels. Work is cut into items that the caller schedules on threads:
 // gate/up items are (active group, column panel of F), down items (active group, column panel
 // of D); an item writes only its own rows × panel, so items never race. Every gate/up item
-// must finish before any down item starts (down reads whole rows of h).
+// must finish before any down item starts (down reads whole rows of h). The active "groups"
+// may list one group several times with disjoint row ranges (linear() cuts its rows so).
 struct IsaKernels {
   const char* name;
+  ElementType hidden_type;  // what gate/up items store in h (and down items read)
   int64_t gate_up_panel;  // columns of F per gate/up item
   int64_t down_panel;     // columns of D per down item
   void (*gate_up_item)(const Problem&, int64_t item);

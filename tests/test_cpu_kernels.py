@@ -21,6 +21,7 @@ from brownout_jax.cpu_kernels import (
     KernelUnavailableError,
     grouped_swiglu,
     grouped_swiglu_reference,
+    linear,
     load_library,
 )
 
@@ -227,3 +228,25 @@ def test_fallback_when_the_library_is_missing(monkeypatch, caplog):
         load_library.cache_clear()
         moe._say_cpu_kernel_missing.cache_clear()
     assert moe.resolve_backend(moe.ExpertBackend.AUTO) is moe.ExpertBackend.CPU_KERNEL
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 7, 5), (16, 130, 70), (200, 64, 300), (3, 257, 1000)])
+@pytest.mark.parametrize("x_dtype,w_dtype", [(F32, F32), (F32, BF16), (BF16, F32), (BF16, BF16)])
+def test_linear_every_copy_matches_float64(m, k, n, x_dtype, w_dtype):
+    """The dense layers' matmul: odd sizes (edge panels, odd depth), rows over one chunk."""
+    rng = np.random.default_rng(m * 1000 + n)
+    x = jnp.asarray(rng.standard_normal((m, k)), x_dtype)
+    w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), w_dtype)
+    ref = np.asarray(jnp.asarray(x, F32), np.float64) @ np.asarray(jnp.asarray(w, F32), np.float64)
+    for isa in _copies(x_dtype, w_dtype):
+        out = np.asarray(linear(x, w, isa=isa))
+        assert out.dtype == np.float32 and out.shape == (m, n)
+        assert rel_err(out, ref) <= 1e-5
+    np.testing.assert_array_equal(np.asarray(linear(x, w)), np.asarray(linear(x, w, max_threads=1)))
+
+
+def test_linear_shapes_are_checked():
+    with pytest.raises(ValueError, match="x must be"):
+        linear(jnp.ones((3, 4)), jnp.ones((5, 2)))
+    with pytest.raises(ValueError, match="w must be float32 or bfloat16"):
+        linear(jnp.ones((3, 4)), jnp.ones((4, 2), jnp.float16))

@@ -1,6 +1,7 @@
-// XLA FFI front of the grouped SwiGLU kernel: decodes and checks the buffers, lists the
-// active groups, picks the ISA copy at run time and runs the work items on XLA's own
-// intra-op thread pool.
+// XLA FFI front of the CPU expert kernels: decodes and checks the buffers, lists the active
+// row groups, picks the ISA copy at run time and runs the work items on XLA's own intra-op
+// thread pool. Two handlers share it: the grouped SwiGLU of the routed experts, and a plain
+// matmul (linear) for the dense layers, which runs the down-projection items alone.
 //
 // Threads. The handler receives XLA:CPU's intra-op pool (the one XLA's own parallel loops
 // use) and schedules (threads − 1) workers on it; the calling thread works too. Workers take
@@ -14,7 +15,6 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <string>
 #include <thread>
 #include <vector>
 
@@ -27,6 +27,10 @@ namespace brownout {
 namespace {
 
 enum IsaRequest : int64_t { kAuto = 0, kGeneric = 1, kAvx2 = 2, kAvx512 = 3, kAvx512Bf16 = 4 };
+
+// Rows per active slot of linear(): a chunk's input rows stay in L2 while the weight panels
+// stream past them.
+constexpr int64_t kLinearRowChunk = 96;
 
 bool CpuHasAvx512() {
 #if defined(BROWNOUT_HAVE_X86_KERNELS)
@@ -76,14 +80,21 @@ const IsaKernels* SelectKernels(int64_t request, bool all_bf16) {
 }
 
 struct SharedWork {
-  Problem problem;
+  Problem problem{};
   const IsaKernels* kernels = nullptr;
+  std::vector<int64_t> active_group, active_row0, active_rows;
   int64_t gate_up_items = 0;
   int64_t down_items = 0;
   std::atomic<int64_t> next_gate_up{0};
   std::atomic<int64_t> done_gate_up{0};
   std::atomic<int64_t> next_down{0};
   std::atomic<int64_t> done_down{0};
+
+  void AddRows(int64_t group, int64_t row0, int64_t rows) {
+    active_group.push_back(group);
+    active_row0.push_back(row0);
+    active_rows.push_back(rows);
+  }
 };
 
 void Relax(int spins) {
@@ -111,7 +122,31 @@ void WorkOn(SharedWork& w) {
   }
 }
 
-int64_t Dims(const ffi::AnyBuffer& b, int64_t i) { return b.dimensions()[i]; }
+// Fills in the item counts from the active list and runs every item; returns when all are
+// done. with_gate_up = false runs the down items alone (linear).
+void Run(ffi::ThreadPool& pool, const std::shared_ptr<SharedWork>& work, bool with_gate_up,
+         int64_t max_threads) {
+  SharedWork& w = *work;
+  const int64_t slots = static_cast<int64_t>(w.active_group.size());
+  Problem& p = w.problem;
+  p.active_group = w.active_group.data();
+  p.active_row0 = w.active_row0.data();
+  p.active_rows = w.active_rows.data();
+  p.num_active = slots;
+  const IsaKernels& k = *w.kernels;
+  w.gate_up_items = with_gate_up ? slots * ((p.f + k.gate_up_panel - 1) / k.gate_up_panel) : 0;
+  w.down_items = slots * ((p.d + k.down_panel - 1) / k.down_panel);
+  int64_t threads = pool.num_threads();
+  if (max_threads > 0 && threads > max_threads) threads = max_threads;
+  if (threads > w.down_items) threads = w.down_items;
+  for (int64_t t = 1; t < threads; ++t) {
+    pool.Schedule([work] { WorkOn(*work); });
+  }
+  WorkOn(w);
+  for (int spins = 0; w.done_down.load(std::memory_order_acquire) < w.down_items; ++spins) {
+    Relax(spins);
+  }
+}
 
 bool IsF32OrBf16(ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::BF16; }
 
@@ -119,31 +154,37 @@ ElementType TypeOf(ffi::DataType t) {
   return t == ffi::DataType::BF16 ? ElementType::kBF16 : ElementType::kF32;
 }
 
+int64_t Dim(const ffi::AnyBuffer& b, int64_t i) { return b.dimensions()[i]; }
+
+ffi::Error NoIsa() {
+  return ffi::Error::InvalidArgument(
+      "this CPU lacks the requested ISA copy (or it needs bf16 x and weights)");
+}
+
 ffi::Error GroupedSwigluImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
                              ffi::Buffer<ffi::S32> group_sizes, ffi::AnyBuffer w_gate,
                              ffi::AnyBuffer w_up, ffi::AnyBuffer w_down,
                              ffi::Buffer<ffi::F32> row_weights, ffi::ResultBuffer<ffi::F32> y,
                              ffi::ResultBuffer<ffi::F32> h, int64_t isa, int64_t max_threads) {
-  const auto xd = x.dimensions();
-  if (xd.size() != 2) return ffi::Error::InvalidArgument("grouped_swiglu: x must be (M, D)");
-  const int64_t m = xd[0], d = xd[1];
+  if (x.dimensions().size() != 2) {
+    return ffi::Error::InvalidArgument("grouped_swiglu: x must be (M, D)");
+  }
+  const int64_t m = Dim(x, 0), d = Dim(x, 1);
   if (w_gate.dimensions().size() != 3 || w_up.dimensions().size() != 3 ||
       w_down.dimensions().size() != 3) {
     return ffi::Error::InvalidArgument("grouped_swiglu: weights must be 3-D stacks");
   }
-  const int64_t g = Dims(w_gate, 0), f = Dims(w_gate, 2);
-  if (Dims(w_gate, 1) != d || Dims(w_up, 0) != g || Dims(w_up, 1) != d || Dims(w_up, 2) != f ||
-      Dims(w_down, 0) != g || Dims(w_down, 1) != f || Dims(w_down, 2) != d) {
+  const int64_t g = Dim(w_gate, 0), f = Dim(w_gate, 2);
+  if (Dim(w_gate, 1) != d || Dim(w_up, 0) != g || Dim(w_up, 1) != d || Dim(w_up, 2) != f ||
+      Dim(w_down, 0) != g || Dim(w_down, 1) != f || Dim(w_down, 2) != d) {
     return ffi::Error::InvalidArgument(
         "grouped_swiglu: w_gate, w_up must be (G, D, F) and w_down (G, F, D)");
   }
   const ffi::DataType wt = w_gate.element_type();
-  if (w_up.element_type() != wt || w_down.element_type() != wt || !IsF32OrBf16(wt)) {
+  if (w_up.element_type() != wt || w_down.element_type() != wt || !IsF32OrBf16(wt) ||
+      !IsF32OrBf16(x.element_type())) {
     return ffi::Error::InvalidArgument(
-        "grouped_swiglu: weights must all be float32 or all bfloat16");
-  }
-  if (!IsF32OrBf16(x.element_type())) {
-    return ffi::Error::InvalidArgument("grouped_swiglu: x must be float32 or bfloat16");
+        "grouped_swiglu: x and the weights must be float32 or bfloat16 (weights all alike)");
   }
   if (group_sizes.element_count() != static_cast<size_t>(g) ||
       row_weights.element_count() != static_cast<size_t>(m) ||
@@ -152,15 +193,11 @@ ffi::Error GroupedSwigluImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
     return ffi::Error::InvalidArgument(
         "grouped_swiglu: group_sizes (G,), row_weights (M,), y (M, D), h (M, F) expected");
   }
-  const bool all_bf16 = wt == ffi::DataType::BF16 && x.element_type() == ffi::DataType::BF16;
-  const IsaKernels* kernels = SelectKernels(isa, all_bf16);
-  if (kernels == nullptr) {
-    return ffi::Error::InvalidArgument(
-        "grouped_swiglu: this CPU lacks the requested ISA (or it needs bf16 x and weights)");
-  }
-
   auto work = std::make_shared<SharedWork>();
-  std::vector<int64_t> active_group, active_row0, active_rows;
+  work->kernels = SelectKernels(isa, wt == ffi::DataType::BF16 &&
+                                         x.element_type() == ffi::DataType::BF16);
+  if (work->kernels == nullptr) return NoIsa();
+
   const int32_t* sizes = group_sizes.typed_data();
   int64_t row = 0;
   for (int64_t i = 0; i < g && row < m; ++i) {
@@ -168,20 +205,16 @@ ffi::Error GroupedSwigluImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
     // group_sizes belong to no group).
     int64_t rows = sizes[i] > 0 ? sizes[i] : 0;
     if (rows > m - row) rows = m - row;
-    if (rows == 0) continue;
-    active_group.push_back(i);
-    active_row0.push_back(row);
-    active_rows.push_back(rows);
+    if (rows > 0) work->AddRows(i, row, rows);
     row += rows;
   }
   float* out = y->typed_data();
   if (row < m) std::memset(out + row * d, 0, sizeof(float) * (m - row) * d);
-  const int64_t num_active = static_cast<int64_t>(active_group.size());
-  if (num_active == 0 || d == 0 || f == 0) {
-    if (row > 0) std::memset(out, 0, sizeof(float) * row * d);
+  if (work->active_group.empty() || d == 0) return ffi::Error::Success();
+  if (f == 0) {
+    std::memset(out, 0, sizeof(float) * row * d);
     return ffi::Error::Success();
   }
-
   Problem& p = work->problem;
   p.x = x.untyped_data();
   p.x_type = TypeOf(x.element_type());
@@ -192,37 +225,57 @@ ffi::Error GroupedSwigluImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   p.row_weights = row_weights.typed_data();
   p.y = out;
   p.h = h->untyped_data();
+  p.h_type = work->kernels->hidden_type;
   p.m = m;
   p.d = d;
   p.f = f;
-  p.active_group = active_group.data();
-  p.active_row0 = active_row0.data();
-  p.active_rows = active_rows.data();
-  p.num_active = num_active;
-  work->kernels = kernels;
-  work->gate_up_items = num_active * ((f + kernels->gate_up_panel - 1) / kernels->gate_up_panel);
-  work->down_items = num_active * ((d + kernels->down_panel - 1) / kernels->down_panel);
+  Run(pool, work, /*with_gate_up=*/true, max_threads);
+  return ffi::Error::Success();
+}
 
-  int64_t threads = pool.num_threads();
-  if (max_threads > 0 && threads > max_threads) threads = max_threads;
-  const int64_t items = work->gate_up_items < work->down_items ? work->gate_up_items
-                                                               : work->down_items;
-  if (threads > items) threads = items;
-  for (int64_t t = 1; t < threads; ++t) {
-    pool.Schedule([work] { WorkOn(*work); });
+ffi::Error LinearImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                      ffi::ResultBuffer<ffi::F32> y, int64_t isa, int64_t max_threads) {
+  if (x.dimensions().size() != 2 || w.dimensions().size() != 2 || Dim(w, 0) != Dim(x, 1)) {
+    return ffi::Error::InvalidArgument("linear: x must be (M, K) and w (K, N)");
   }
-  WorkOn(*work);
-  for (int spins = 0; work->done_down.load(std::memory_order_acquire) < work->down_items;
-       ++spins) {
-    Relax(spins);
+  if (!IsF32OrBf16(x.element_type()) || !IsF32OrBf16(w.element_type())) {
+    return ffi::Error::InvalidArgument("linear: x and w must be float32 or bfloat16");
   }
+  const int64_t m = Dim(x, 0), k = Dim(x, 1), n = Dim(w, 1);
+  if (y->element_count() != static_cast<size_t>(m * n)) {
+    return ffi::Error::InvalidArgument("linear: y must be (M, N)");
+  }
+  auto work = std::make_shared<SharedWork>();
+  work->kernels = SelectKernels(isa, x.element_type() == ffi::DataType::BF16 &&
+                                         w.element_type() == ffi::DataType::BF16);
+  if (work->kernels == nullptr) return NoIsa();
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  if (k == 0) {
+    std::memset(y->typed_data(), 0, sizeof(float) * m * n);
+    return ffi::Error::Success();
+  }
+  for (int64_t row = 0; row < m; row += kLinearRowChunk) {
+    work->AddRows(0, row, m - row < kLinearRowChunk ? m - row : kLinearRowChunk);
+  }
+  // The down items compute y = h · w_down[0] over (row chunk, column panel) items.
+  Problem& p = work->problem;
+  p.w_down = w.untyped_data();
+  p.weight_type = TypeOf(w.element_type());
+  p.row_weights = nullptr;
+  p.y = y->typed_data();
+  p.h = const_cast<void*>(x.untyped_data());
+  p.h_type = TypeOf(x.element_type());
+  p.m = m;
+  p.d = n;
+  p.f = k;
+  Run(pool, work, /*with_gate_up=*/false, max_threads);
   return ffi::Error::Success();
 }
 
 }  // namespace
 }  // namespace brownout
 
-// The library is built with hidden visibility; the handler is its one exported symbol.
+// The library is built with hidden visibility; the handlers and the ISA query are its exports.
 #pragma GCC visibility push(default)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BrownoutGroupedSwiglu, brownout::GroupedSwigluImpl,
                               ffi::Ffi::Bind()
@@ -237,11 +290,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BrownoutGroupedSwiglu, brownout::GroupedSwigluImpl
                                   .Ret<ffi::Buffer<ffi::F32>>()  // h (M, F), scratch
                                   .Attr<int64_t>("isa")
                                   .Attr<int64_t>("max_threads"));
-#pragma GCC visibility pop
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BrownoutLinear, brownout::LinearImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()         // x (M, K)
+                                  .Arg<ffi::AnyBuffer>()         // w (K, N)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y (M, N)
+                                  .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("max_threads"));
 
 // The ISA copy a request resolves to on this CPU ("" when it lacks it); for logs and tests.
-extern "C" __attribute__((visibility("default"))) const char* BrownoutCpuKernelIsa(
-    int64_t request, int32_t all_bf16) {
+extern "C" const char* BrownoutCpuKernelIsa(int64_t request, int32_t all_bf16) {
   const brownout::IsaKernels* kernels = brownout::SelectKernels(request, all_bf16 != 0);
   return kernels == nullptr ? "" : kernels->name;
 }
+#pragma GCC visibility pop

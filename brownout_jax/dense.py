@@ -1,0 +1,80 @@
+"""The model's dense matmuls (attention projections, dense and shared-expert MLPs, LM head):
+the C++ CPU kernel (``cpu_kernels.linear``) on a CPU backend when it is built, XLA's dot
+elsewhere.
+
+Why not XLA's dot on CPU: for a bf16 dot XLA:CPU converts the whole weight to f32 first (the
+LM head of Qwen1.5-MoE: 1.2 GB written per decode step; a 2-layer model's decode step took
+1.9 s), and even in f32 it streams a decode-sized (few-row) matmul at about a quarter of the
+machine's read bandwidth. The kernel reads weights once, in place, in their dtype. It has no
+gradient of its own: training (the demo's) differentiates through XLA's dot instead.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from brownout_jax.dims import Array, Float
+
+_KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+def use_cpu_kernel(*arrays) -> bool:
+    """Decided at trace time: a CPU backend, the library built, float32/bfloat16 operands."""
+    if jax.default_backend() != "cpu":
+        return False
+    if any(jnp.dtype(a.dtype) not in _KERNEL_DTYPES for a in arrays):
+        return False
+    from brownout_jax.cpu_kernels import load_library
+
+    return load_library().available
+
+
+@jax.custom_vjp
+def _kernel_matmul(x: Float[Array, "M K"], w: Float[Array, "K N"]) -> Float[Array, "M N"]:
+    from brownout_jax.cpu_kernels import linear
+
+    return linear(x, w)
+
+
+def _kernel_matmul_fwd(x, w):
+    return _kernel_matmul(x, w), (x, w)
+
+
+def _kernel_matmul_bwd(residuals, grad):
+    x, w = residuals
+    grad_x = jnp.dot(grad, w.T.astype(grad.dtype)).astype(x.dtype)
+    grad_w = jnp.dot(x.T.astype(grad.dtype), grad).astype(w.dtype)
+    return grad_x, grad_w
+
+
+_kernel_matmul.defvjp(_kernel_matmul_fwd, _kernel_matmul_bwd)
+
+
+def matmul_f32(x: Float[Array, "... K"], w: Float[Array, "K N"]) -> Float[Array, "... N"]:
+    """``x · w`` accumulated and returned in float32."""
+    if not use_cpu_kernel(x, w):
+        return jnp.dot(x, w, preferred_element_type=jnp.float32)
+    lead = x.shape[:-1]
+    y = _kernel_matmul(x.reshape(-1, x.shape[-1]), w)
+    return y.reshape(*lead, w.shape[-1])
+
+
+def matmul(x: Float[Array, "... K"], w: Float[Array, "K N"]) -> Float[Array, "... N"]:
+    """``x · w`` in the activation dtype (fp32 accumulation), as HF's ``nn.Linear``."""
+    if not use_cpu_kernel(x, w):
+        return jnp.dot(x, w)
+    return matmul_f32(x, w).astype(x.dtype)
+
+
+@functools.partial(jax.named_call, name="swiglu_mlp")
+def swiglu_mlp(
+    x: Float[Array, "N D"],
+    w_gate: Float[Array, "D F"],
+    w_up: Float[Array, "D F"],
+    w_down: Float[Array, "F D"],
+) -> Float[Array, "N D"]:
+    """SiLU(x · w_gate) ⊙ (x · w_up) · w_down, the dense and shared-expert MLP."""
+    return matmul(jax.nn.silu(matmul(x, w_gate)) * matmul(x, w_up), w_down)
