@@ -1,15 +1,17 @@
 """``brownout-jax bench moe-layer``: one MoE layer at Qwen1.5-MoE size, brownout on and off.
 
-Random bf16 weights (fp32 accumulation), a router with a fixed Zipf-like popularity skew, way-4
-contiguous united experts. For every (batch, threshold): median latency, distinct expert
-weights read, bytes read and achieved GB/s, beside the machine's own read bandwidth measured in
-the same run. This is a benchmark, not a test: its figures go to docs/BENCHMARKS.md.
+Random weights (bf16 by default, fp32 accumulation), a router with a fixed Zipf-like popularity
+skew, way-4 contiguous united experts. For every (backend, batch, threshold): median latency,
+distinct expert weights read, bytes read and achieved GB/s, and GFLOP/s of the real
+assignments, beside the machine's own read bandwidth and dense matmul peak measured in the
+same run. This is a benchmark, not a test: its figures go to docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import statistics
 import time
 
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from brownout_jax.brownout import route_with_brownout
-from brownout_jax.moe import MoeOptions, moe_block, route_top_k
+from brownout_jax.moe import ExpertBackend, MoeOptions, moe_block, resolve_backend, route_top_k
 from brownout_jax.params import DenseMlpParams, ExpertWeights, MoeParams
 
 
@@ -49,10 +51,12 @@ def zipf_router(
 
 
 def default_weight_dtype():
-    """bf16 on accelerators. On CPU float32: XLA:CPU runs bf16 slices in f32 and, inside the
-    tile loop, hoists the upcast of the *whole* stacked weight array out of the loop (a 1.3 GB
-    pass per call at Qwen size), which would measure that pathology, not the layer."""
-    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    """What ``--dtype auto`` serves with: bf16, except on a CPU without the compiled kernel,
+    where the pure-JAX path runs bf16 slices in f32 and hoists the upcast of the *whole*
+    stacked weight array out of its tile loop (a 1.3 GB pass per call at Qwen size)."""
+    from brownout_jax.checkpoints.loader import resolve_dtype
+
+    return resolve_dtype("auto")
 
 
 def make_layer(shape: MoeLayerShape, way: int, skew: float, dtype, seed: int = 0):
@@ -102,6 +106,34 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return nbytes / statistics.median(times) / 1e9
 
 
+def measure_matmul_peak(dtype, repeats: int = 5) -> float:
+    """GFLOP/s of the best dense matmul this machine runs at a prefill-like shape (512 ×
+    2048 · 2048 × 5632) in ``dtype``: XLA's dot (fp32 accumulation) or the model's
+    ``dense.matmul_f32`` (the CPU kernel on CPU when built)."""
+    from brownout_jax.dense import matmul_f32
+
+    x = jnp.ones((512, 2048), dtype)
+    w = jnp.full((2048, 5632), 0.01, dtype)
+    best = 0.0
+    for fn in (lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32), matmul_f32):
+        run = jax.jit(fn)
+        run(x, w).block_until_ready()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run(x, w).block_until_ready()
+            times.append(time.perf_counter() - start)
+        best = max(best, 2 * 512 * 2048 * 5632 / statistics.median(times) / 1e9)
+    return best
+
+
+def layer_flops(shape: MoeLayerShape, tokens: int) -> int:
+    """Multiply-adds × 2 of one layer: routed top-k FFNs, shared expert, router."""
+    routed = tokens * shape.top_k * 3 * shape.hidden * shape.intermediate
+    shared = tokens * 3 * shape.hidden * shape.shared_intermediate
+    return 2 * (routed + shared + tokens * shape.hidden * shape.experts)
+
+
 @functools.partial(jax.jit, static_argnames=("top_k", "options"))
 def _layer(x, params, mask, *, top_k, options):
     return moe_block(x, params, mask, top_k, False, options)
@@ -127,10 +159,12 @@ def run_moe_layer_bench(
     repeats: int = 10,
     shape: MoeLayerShape = QWEN_MOE_LAYER,
     weight_dtype=None,
+    backends: tuple[ExpertBackend, ...] = (ExpertBackend.AUTO,),
 ) -> dict:
     dtype = jnp.dtype(weight_dtype or default_weight_dtype())
     params, direction = make_layer(shape, way, skew, dtype)
     bandwidth = measure_read_bandwidth()
+    matmul_peak = measure_matmul_peak(dtype)
     expert_bytes = 3 * shape.hidden * shape.intermediate * dtype.itemsize
     fixed_bytes = (
         3 * shape.hidden * shape.shared_intermediate + shape.hidden * shape.experts
@@ -139,11 +173,11 @@ def run_moe_layer_bench(
     cases = [("decode", b) for b in batches] + (
         [("prefill", prefill_tokens)] if prefill_tokens else []
     )
-    for phase, n in cases:
+    for backend, (phase, n) in itertools.product(backends, cases):
         x = tokens_for(n, shape, direction, seed=n, dtype=dtype)
         mask = jnp.ones(n, bool)
         for threshold in thresholds:
-            options = MoeOptions(threshold=threshold)
+            options = MoeOptions(threshold=threshold, backend=backend)
             run = functools.partial(_layer, top_k=shape.top_k, options=options)
             run(x, params, mask).block_until_ready()  # compile + warm
             times = []
@@ -156,6 +190,7 @@ def run_moe_layer_bench(
             nbytes = distinct * expert_bytes + fixed_bytes
             rows.append(
                 {
+                    "backend": resolve_backend(backend).value,
                     "phase": phase,
                     "tokens": n,
                     "threshold": threshold,
@@ -163,20 +198,27 @@ def run_moe_layer_bench(
                     "distinct_experts": distinct,
                     "bytes_read_mb": round(nbytes / 1e6, 1),
                     "achieved_gb_s": round(nbytes / latency / 1e9, 2),
+                    "gflop_s": round(layer_flops(shape, n) / latency / 1e9, 1),
                     "top6_share": round(top6, 3),
                 }
             )
-    by_key = {(r["phase"], r["tokens"], r["threshold"]): r["median_ms"] for r in rows}
     summary = {}
-    if ("decode", 32, 0.0) in by_key and ("decode", 32, 1.0) in by_key:
-        summary["decode32_t0_over_t1"] = round(
-            by_key[("decode", 32, 0.0)] / by_key[("decode", 32, 1.0)], 3
-        )
-    at_one = [r for r in rows if r["threshold"] == 1.0 and r["phase"] == "decode"]
-    if at_one:
-        summary["best_t1_decode_fraction_of_bandwidth"] = round(
-            max(r["achieved_gb_s"] for r in at_one) / bandwidth, 3
-        )
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        mine = [r for r in rows if r["backend"] == backend]
+        by_key = {(r["phase"], r["tokens"], r["threshold"]): r for r in mine}
+        part = {}
+        if ("decode", 32, 0.0) in by_key and ("decode", 32, 1.0) in by_key:
+            one = by_key[("decode", 32, 1.0)]
+            part["decode32_t0_over_t1"] = round(
+                by_key[("decode", 32, 0.0)]["median_ms"] / one["median_ms"], 3
+            )
+            part["decode32_t1_fraction_of_bandwidth"] = round(one["achieved_gb_s"] / bandwidth, 3)
+        prefill = [r for r in mine if r["phase"] == "prefill" and r["threshold"] == 1.0]
+        if prefill:
+            part["prefill_t1_fraction_of_matmul_peak"] = round(
+                prefill[0]["gflop_s"] / matmul_peak, 3
+            )
+        summary[backend] = part
     return {
         "device": str(jax.devices()[0].device_kind),
         "backend": jax.default_backend(),
@@ -185,6 +227,7 @@ def run_moe_layer_bench(
         "weight_dtype": dtype.name,
         "zipf_skew": skew,
         "read_bandwidth_gb_s": round(bandwidth, 2),
+        "matmul_peak_gflop_s": round(matmul_peak, 1),
         "rows": rows,
         "summary": summary,
     }
@@ -193,13 +236,15 @@ def run_moe_layer_bench(
 def format_table(result: dict) -> str:
     lines = [
         f"device {result['device']} ({result['backend']}), read bandwidth "
-        f"{result['read_bandwidth_gb_s']} GB/s, way {result['way']}, weights "
-        f"{result['weight_dtype']}, zipf skew {result['zipf_skew']}",
-        "| phase | tokens | threshold | median ms | distinct experts | MB read | GB/s "
-        "| top-6 share |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"{result['read_bandwidth_gb_s']} GB/s, matmul peak {result['matmul_peak_gflop_s']} "
+        f"GFLOP/s, way {result['way']}, weights {result['weight_dtype']}, zipf skew "
+        f"{result['zipf_skew']}",
+        "| experts backend | phase | tokens | threshold | median ms | distinct experts | MB read "
+        "| GB/s | GFLOP/s | top-6 share |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     keys = (
+        "backend",
         "phase",
         "tokens",
         "threshold",
@@ -207,6 +252,7 @@ def format_table(result: dict) -> str:
         "distinct_experts",
         "bytes_read_mb",
         "achieved_gb_s",
+        "gflop_s",
         "top6_share",
     )
     for r in result["rows"]:

@@ -10,7 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-from brownout_jax.expert_backend import add_experts_backend_argument, experts_backend_from_args
+from brownout_jax.expert_backend import (
+    CLI_CHOICES,
+    add_experts_backend_argument,
+    experts_backend_from_args,
+)
 from brownout_jax.mesh_config import add_mesh_argument  # no JAX: the parsers stay cheap
 
 
@@ -209,7 +213,12 @@ def _add_bench(sub) -> None:
         "--weight-dtype",
         choices=("bfloat16", "float32"),
         default=None,
-        help="default: bfloat16 on accelerators, float32 on CPU (see docs)",
+        help="default: as --dtype auto (bfloat16; float32 on a CPU without the kernel)",
+    )
+    p.add_argument(
+        "--experts-backends",
+        default="auto",
+        help="comma list of experts backends to measure side by side, e.g. cpu-kernel,reference",
     )
     p.add_argument("--output", choices=("table", "json"), default="table")
     p.set_defaults(run=_run_bench_moe_layer)
@@ -369,6 +378,15 @@ def _run_bench_burst(args) -> int:
     return 0
 
 
+def _experts_backends(text: str) -> tuple:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in CLI_CHOICES]
+    if unknown or not names:
+        choices = ", ".join(CLI_CHOICES)
+        raise ValueError(f"--experts-backends: {unknown or text!r}; choose from {choices}")
+    return tuple(CLI_CHOICES[name] for name in names)
+
+
 def _run_bench_moe_layer(args) -> int:
     from brownout_jax.bench_moe import format_table, run_moe_layer_bench
 
@@ -380,6 +398,7 @@ def _run_bench_moe_layer(args) -> int:
         skew=args.skew,
         repeats=args.repeats,
         weight_dtype=args.weight_dtype,
+        backends=_experts_backends(args.experts_backends),
     )
     print(json.dumps(result) if args.output == "json" else format_table(result))
     return 0
