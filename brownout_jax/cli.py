@@ -289,13 +289,24 @@ def _add_engine_options(p) -> None:
     group.add_argument("--max-prefill-batch", type=int, default=4)
     group.add_argument("--kv-blocks", type=int, default=512, help="KV blocks in the pool")
     group.add_argument("--block-size", type=int, default=16)
-    group.add_argument("--max-model-len", type=int, default=512)
+    group.add_argument(
+        "--max-model-len",
+        type=int,
+        help="prompt + generated tokens per request (default: the model's "
+        "max_position_embeddings, capped by what the KV pool holds)",
+    )
     group.add_argument("--dtype", default="auto")
     group.add_argument(
         "--ladder",
         default="0,0.5,0.75,1",
         help="brownout levels compiled before serving (each adds a full set of steps; "
         "the controller's ×0.8 / +0.1 moves snap to them)",
+    )
+    group.add_argument(
+        "--allow-context-extrapolation",
+        action="store_true",
+        help="let --max-model-len exceed the model's max_position_embeddings: positions past "
+        "it were never trained and RoPE extrapolates (quality not guaranteed)",
     )
     group.add_argument(
         "--bucket-growth",
@@ -334,10 +345,10 @@ def engine_config_from_args(args):
         bucket_growth=args.bucket_growth or default_bucket_growth(jax.default_backend()),
         max_batch=args.max_batch,
         max_prefill_batch=args.max_prefill_batch,
-        max_prefill_tokens=max(2048, args.max_model_len),
         block_size=args.block_size,
         num_blocks=args.kv_blocks,
         max_model_len=args.max_model_len,
+        allow_context_extrapolation=args.allow_context_extrapolation,
         controller=controller,
         mesh=args.mesh,
     )

@@ -106,6 +106,7 @@ class Engine:
         progress: bool = True,
     ):
         self.model_config = model_config
+        config = config.for_model(model_config.max_position_embeddings)
         self.config = config
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -191,6 +192,11 @@ class Engine:
     @property
     def compiled_steps(self) -> int:
         return self._steps.count
+
+    @property
+    def max_model_len(self) -> int:
+        """Prompt + generated tokens one request may use (see EngineConfig.for_model)."""
+        return self.config.max_model_len
 
     @property
     def alive(self) -> bool:

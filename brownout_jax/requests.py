@@ -65,14 +65,17 @@ def validate_request(request: GenerationRequest, vocab_size: int, max_model_len:
     if request.max_new_tokens < 1:
         raise RequestError("max_tokens", f"must be ≥ 1, got {request.max_new_tokens}")
     if len(ids) >= max_model_len:
+        verb = "exceed" if len(ids) > max_model_len else "fill"
         raise RequestError(
-            "prompt", f"{len(ids)} tokens leave no room in the context of {max_model_len}"
+            "prompt",
+            f"{len(ids)} prompt tokens {verb} the context limit of {max_model_len} tokens "
+            "(max_model_len), leaving no room to generate",
         )
     if len(ids) + request.max_new_tokens > max_model_len:
         raise RequestError(
             "max_tokens",
-            f"prompt ({len(ids)}) + max_tokens ({request.max_new_tokens}) exceeds the context "
-            f"length {max_model_len}",
+            f"prompt ({len(ids)} tokens) + max_tokens ({request.max_new_tokens}) exceeds the "
+            f"context limit of {max_model_len} tokens (max_model_len)",
         )
     if not request.temperature >= 0:
         raise RequestError("temperature", f"must be ≥ 0, got {request.temperature}")
