@@ -497,6 +497,7 @@ class Engine:
             finish = FinishReason.LENGTH
         if finish is not None:
             delta += seq.text.flush()
+            metrics.finished = now  # before the event: a reader of it sees a complete record
         seq.handle._push(TokenEvent(token, logprob, delta, finish, None, thresholds))
         if finish is not None:
             self._finish(seq, finish, event_sent=True)
@@ -511,7 +512,8 @@ class Engine:
         if seq.finished:
             return
         seq.finished = True
-        seq.handle.metrics.finished = self.clock()
+        if seq.handle.metrics.finished is None:
+            seq.handle.metrics.finished = self.clock()
         if not event_sent:
             seq.handle._push(TokenEvent(None, None, "", reason, error, self._thresholds()))
         seq.handle.done = True
