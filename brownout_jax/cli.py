@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from brownout_jax.mesh_config import add_mesh_argument  # no JAX: the parser stays cheap
+from brownout_jax.serve.cli_serve import add_http_arguments  # no JAX, no web stack either
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -230,11 +231,14 @@ def _run_bench_kernels(args) -> int:
 
 
 def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="serve a model over gRPC (brownout.v1)")
+    p = sub.add_parser(
+        "serve", help="serve a model over gRPC (brownout.v1) and an OpenAI-compatible HTTP API"
+    )
     p.add_argument("--model", help="checkpoint directory (default: the bundled demo model)")
     p.add_argument("--united", help="united experts (default with the demo: its way-4 set)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50051, help="0 = an ephemeral port")
+    p.add_argument("--host", default="127.0.0.1", help="address both fronts bind")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 = an ephemeral port")
+    add_http_arguments(p)
     p.add_argument("--brownout", default="auto", help="auto, off or fixed=X")
     p.add_argument("--slo-ttft", type=float, default=1.0, help="prefill step SLO, seconds")
     p.add_argument("--slo-tpot", type=float, default=0.2, help="decode step SLO, seconds")
@@ -249,8 +253,10 @@ def _add_serve(sub) -> None:
 
 def _run_serve(args) -> int:
     from brownout_jax.engine import Engine
-    from brownout_jax.serve.server import ServerConfig, serve
+    from brownout_jax.serve.cli_serve import server_config_from_args
+    from brownout_jax.serve.server import serve
 
+    server_config = server_config_from_args(args)  # flag errors before the model loads
     check_mesh(args.mesh)
     model, united = default_model(args.model, args.united)
     config = dataclasses.replace(engine_config_from_args(args), max_queue=args.max_queue)
@@ -258,15 +264,7 @@ def _run_serve(args) -> int:
     def make_engine():
         return Engine.from_checkpoint(model, united, config, args.dtype, progress=False)
 
-    return serve(
-        make_engine,
-        ServerConfig(
-            host=args.host,
-            port=args.port,
-            metrics_port=args.metrics_port,
-            grace_s=args.grace,
-        ),
-    )
+    return serve(make_engine, server_config)
 
 
 def _add_bench_burst(kinds) -> None:

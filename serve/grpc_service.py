@@ -1,19 +1,12 @@
-"""The brownout.v1 gRPC server: Generation service, standard health, reflection, metrics.
+"""The brownout.v1 gRPC front: the Generation service, standard health, reflection and the
+optional API key check. Its life cycle (warm-up, drain) is serve/server.py's.
 
-Life cycle: the gRPC server starts first with health NOT_SERVING (so probes see a warming
-server, and calls get UNAVAILABLE), then the engine loads and compiles every step, then health
-turns SERVING. SIGTERM/SIGINT: health NOT_SERVING, the engine stops admitting and drains the
-requests it accepted within the grace period, then the server stops and the process exits 0.
-A dead engine loop turns health NOT_SERVING and fails its requests with INTERNAL.
+While the engine warms up calls get UNAVAILABLE and health says NOT_SERVING; a dead engine
+loop turns health NOT_SERVING (on both fronts) and fails its requests with INTERNAL.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import signal
-import sys
-import threading
-import time
 from concurrent import futures
 
 import grpc
@@ -32,17 +25,9 @@ from brownout_jax.requests import (
 )
 from brownout_jax.serve import brownout_pb2 as pb
 from brownout_jax.serve import brownout_pb2_grpc as pb_grpc
+from brownout_jax.serve.serving_state import ApiKey, ServingState
 
 SERVICE = "brownout.v1.Generation"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 50051  # 0: an ephemeral port, printed when ready
-    max_workers: int = 128  # concurrent RPCs served (each stream holds one)
-    metrics_port: int | None = None
-    grace_s: float = 30.0  # drain time on SIGTERM/SIGINT
 
 
 def request_from_proto(message: pb.GenerateRequest) -> GenerationRequest:
@@ -73,17 +58,15 @@ def _timing(metrics: RequestMetrics) -> pb.Timing:
 
 
 class GenerationService(pb_grpc.GenerationServicer):
-    def __init__(self, health_servicer: health.HealthServicer):
-        self.engine = None  # set once warm-up is done
-        self.health = health_servicer
-        self.draining = False
+    def __init__(self, state: ServingState):
+        self.state = state
 
     # -- helpers
 
     def _engine_or_abort(self, context):
-        if self.engine is None:
+        if self.state.engine is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the server is warming up")
-        return self.engine
+        return self.state.engine
 
     def _submit(self, request: pb.GenerateRequest, context):
         engine = self._engine_or_abort(context)
@@ -110,8 +93,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             yield event
 
     def mark_not_serving(self) -> None:
-        self.health.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.state.set_serving(False)
 
     @staticmethod
     def _response(handle, event: TokenEvent, text: str, ids, logprobs) -> pb.GenerateResponse:
@@ -157,7 +139,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         engine = self._engine_or_abort(context)
         stats = engine.stats()
         return pb.StatusResponse(
-            model=engine.model_name,
+            model=self.state.model_name,
             prefill_threshold=stats.prefill_threshold,
             decode_threshold=stats.decode_threshold,
             controller_mode=stats.controller_mode,
@@ -179,13 +161,59 @@ def _or(value, default):
     return default if value is None else value
 
 
-def serve(make_engine, config: ServerConfig, log=print) -> int:
-    """Runs until SIGTERM/SIGINT; ``make_engine()`` builds the engine (load + compile)."""
+class ApiKeyInterceptor(grpc.ServerInterceptor):
+    """Refuses Generation calls without ``authorization: Bearer KEY`` metadata with
+    UNAUTHENTICATED; health and reflection stay open (probes carry no key)."""
+
+    def __init__(self, api_key: ApiKey):
+        self._api_key = api_key
+
+        def deny(request, context):
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or wrong API key: send call metadata authorization: Bearer KEY",
+            )
+
+        self._deny = deny
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or not details.method.startswith(f"/{SERVICE}/"):
+            return handler
+        metadata = dict(details.invocation_metadata or ())
+        if self._api_key.accepts(metadata.get("authorization")):
+            return handler
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if handler.response_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        return make(
+            self._deny,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def start_grpc_server(state: ServingState, host: str, port: int, max_workers: int):
+    """The Generation service, health and reflection, started; returns (server, bound port)."""
     health_servicer = health.HealthServicer()
-    service = GenerationService(health_servicer)
-    service.mark_not_serving()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers))
-    pb_grpc.add_GenerationServicer_to_server(service, server)
+
+    def publish(serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        health_servicer.set(SERVICE, status)
+        health_servicer.set("", status)
+
+    state.on_change(publish)
+    interceptors = [] if state.api_key is None else [ApiKeyInterceptor(state.api_key)]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors
+    )
+    pb_grpc.add_GenerationServicer_to_server(GenerationService(state), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (
@@ -195,40 +223,8 @@ def serve(make_engine, config: ServerConfig, log=print) -> int:
         ),
         server,
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise OSError(f"cannot bind {config.host}:{config.port}")
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"gRPC: cannot bind {host}:{port}")
     server.start()
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-
-    start = time.perf_counter()
-    engine = make_engine()
-    service.engine = engine
-    if config.metrics_port is not None:
-        from prometheus_client import start_http_server
-
-        start_http_server(config.metrics_port, addr=config.host, registry=engine.metrics.registry)
-    health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    log(
-        f"brownout-jax serving {engine.model_name} on {config.host}:{port} "
-        f"(warm-up {time.perf_counter() - start:.1f}s, {engine.compiled_steps} steps compiled)",
-        flush=True,
-    )
-    while not stop.wait(0.2):
-        if not engine.alive:
-            service.mark_not_serving()
-    log("brownout-jax: draining", flush=True)
-    service.mark_not_serving()
-    try:
-        engine.shutdown(drain=True, timeout=config.grace_s)
-    except TimeoutError:
-        log(f"brownout-jax: drain exceeded {config.grace_s}s; cancelling the rest", flush=True)
-        engine.shutdown(drain=False, timeout=10)
-    except EngineDeadError as err:
-        log(f"brownout-jax: engine had failed: {err}", file=sys.stderr, flush=True)
-    server.stop(grace=5).wait()
-    log("brownout-jax: stopped", flush=True)
-    return 0
+    return server, bound

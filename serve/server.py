@@ -1,0 +1,118 @@
+"""``brownout-jax serve``: one engine behind two fronts, gRPC (brownout.v1) and the
+OpenAI-compatible HTTP API, with one life cycle.
+
+Both fronts listen first and answer "not serving" (gRPC health NOT_SERVING and UNAVAILABLE,
+HTTP /health 503) while the engine loads and compiles every step; then both turn serving.
+SIGTERM/SIGINT: both turn not serving, the engine stops admitting and drains the requests it
+accepted (from either front) within the grace period, then the fronts close and the process
+exits 0. A dead engine loop turns both not serving and fails its requests (INTERNAL / 500).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import signal
+import sys
+import threading
+import time
+
+from brownout_jax.requests import EngineDeadError
+from brownout_jax.serve.serving_state import ApiKey, ServingState
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int | None = 50051  # gRPC; 0: an ephemeral port; None: no gRPC front
+    http_port: int | None = 8000  # 0: an ephemeral port; None: no HTTP front
+    max_workers: int = 128  # concurrent gRPC calls served (each stream holds one)
+    metrics_port: int | None = None
+    grace_s: float = 30.0  # drain time on SIGTERM/SIGINT
+    api_key: ApiKey | None = dataclasses.field(default=None, repr=False)
+    served_model_name: str | None = None  # default: the checkpoint directory's name
+
+    def __post_init__(self) -> None:
+        if self.port is None and self.http_port is None:
+            raise ValueError("--no-grpc with --no-http leaves nothing to serve")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assume it is reachable from elsewhere
+
+
+def serve(make_engine, config: ServerConfig, log=print) -> int:
+    """Runs until SIGTERM/SIGINT; ``make_engine()`` builds the engine (load + compile)."""
+    state = ServingState(config.api_key, config.served_model_name)
+    if config.api_key is None and not is_loopback(config.host):
+        log(
+            f"brownout-jax: warning: serving on {config.host} without an API key: anyone who "
+            "can reach the port can use the model (set BROWNOUT_JAX_API_KEY or --api-key)",
+            file=sys.stderr,
+            flush=True,
+        )
+    fronts = []
+    grpc_server = http_front = None
+    if config.port is not None:
+        from brownout_jax.serve.grpc_service import start_grpc_server
+
+        grpc_server, grpc_port = start_grpc_server(
+            state, config.host, config.port, config.max_workers
+        )
+        fronts.append(f"gRPC {config.host}:{grpc_port}")
+    if config.http_port is not None:
+        from brownout_jax.serve.http_server import HttpFront
+
+        http_front = HttpFront(state, config.host, config.http_port)
+        http_front.start()
+        fronts.append(f"HTTP http://{config.host}:{http_front.port}")
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    log(f"brownout-jax: warming up; listening on {', '.join(fronts)}", flush=True)
+
+    start = time.perf_counter()
+    try:
+        engine = make_engine()
+    except BaseException:
+        _close(http_front, grpc_server)
+        raise
+    state.engine = engine
+    if config.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(config.metrics_port, addr=config.host, registry=engine.metrics.registry)
+    state.set_serving(True)
+    log(
+        f"brownout-jax serving {state.model_name} on {', '.join(fronts)} "
+        f"(context {engine.max_model_len} tokens, warm-up {time.perf_counter() - start:.1f}s, "
+        f"{engine.compiled_steps} steps compiled)",
+        flush=True,
+    )
+    while not stop.wait(0.2):
+        if not engine.alive:
+            state.set_serving(False)
+    log("brownout-jax: draining", flush=True)
+    state.start_draining()
+    try:
+        engine.shutdown(drain=True, timeout=config.grace_s)
+    except TimeoutError:
+        log(f"brownout-jax: drain exceeded {config.grace_s}s; cancelling the rest", flush=True)
+        engine.shutdown(drain=False, timeout=10)
+    except EngineDeadError as err:
+        log(f"brownout-jax: engine had failed: {err}", file=sys.stderr, flush=True)
+    _close(http_front, grpc_server)
+    log("brownout-jax: stopped", flush=True)
+    return 0
+
+
+def _close(http_front, grpc_server) -> None:
+    if http_front is not None:
+        http_front.stop()
+    if grpc_server is not None:
+        grpc_server.stop(grace=5).wait()
