@@ -29,6 +29,9 @@ def _add_generate(sub) -> None:
         "--model", help="HF checkpoint or `brownout-jax convert` output (default: the demo model)"
     )
     p.add_argument("--server", help="HOST:PORT of a running `brownout-jax serve`: stream from it")
+    p.add_argument(
+        "--api-key", help="the server's API key, for --server (default: $BROWNOUT_JAX_API_KEY)"
+    )
     p.add_argument("text", nargs="?", help="prompt text (same as --prompt)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
