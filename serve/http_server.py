@@ -130,16 +130,34 @@ async def parse_body(request: Request, model_type):
         raise _validation_error(err.errors()) from None
 
 
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
+def _is_union_tag(part) -> bool:
+    """pydantic names the union member a value failed in its error path (``prompt.list[int]``)."""
+    return isinstance(part, str) and (part in _TYPE_NAMES or "[" in part)
+
+
 def _validation_error(errors: list) -> OpenAIError:
-    """pydantic's first complaint, naming the field (a JSON path below the body)."""
+    """pydantic's first complaint, naming the field (a JSON path below the body); a value
+    that fits no member of a union is told which forms it may take."""
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
         return OpenAIError(400, f"the request body is not valid JSON: {first.get('msg')}")
+    loc = [part for part in first.get("loc", ()) if part != "body"]
     if not loc:
         return OpenAIError(400, f"the request body: {first.get('msg')}")
-    path = ".".join(loc)
-    return OpenAIError(400, f"{path}: {first.get('msg')}", param=loc[0])
+    tag_at = next((i for i, part in enumerate(loc) if _is_union_tag(part)), None)
+    if tag_at is None:
+        path = ".".join(map(str, loc))
+        return OpenAIError(400, f"{path}: {first.get('msg')}", param=path)
+    path = ".".join(map(str, loc[:tag_at]))
+    forms = []
+    for error in errors:
+        tail = [p for p in error.get("loc", ()) if p != "body"]
+        if tail[:tag_at] == loc[:tag_at] and len(tail) > tag_at and tail[tag_at] not in forms:
+            forms.append(tail[tag_at])
+    return OpenAIError(400, f"{path}: must be one of {', '.join(forms)}", param=path)
 
 
 class HttpApi:
@@ -423,5 +441,6 @@ class HttpFront:
         """Stops accepting, lets open responses finish (they already have their last token
         after a drain), then closes."""
         self._server.should_exit = True
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout)
         self._socket.close()

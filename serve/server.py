@@ -58,30 +58,43 @@ def serve(make_engine, config: ServerConfig, log=print) -> int:
         )
     fronts = []
     grpc_server = http_front = None
-    if config.port is not None:
-        from brownout_jax.serve.grpc_service import start_grpc_server
-
-        grpc_server, grpc_port = start_grpc_server(
-            state, config.host, config.port, config.max_workers
-        )
-        fronts.append(f"gRPC {config.host}:{grpc_port}")
-    if config.http_port is not None:
-        from brownout_jax.serve.http_server import HttpFront
-
-        http_front = HttpFront(state, config.host, config.http_port)
-        http_front.start()
-        fronts.append(f"HTTP http://{config.host}:{http_front.port}")
     stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    log(f"brownout-jax: warming up; listening on {', '.join(fronts)}", flush=True)
-
-    start = time.perf_counter()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        engine = make_engine()
+        if config.port is not None:
+            from brownout_jax.serve.grpc_service import start_grpc_server
+
+            grpc_server, grpc_port = start_grpc_server(
+                state, config.host, config.port, config.max_workers
+            )
+            fronts.append(f"gRPC {config.host}:{grpc_port}")
+        if config.http_port is not None:
+            from brownout_jax.serve.http_server import HttpFront
+
+            http_front = HttpFront(state, config.host, config.http_port)
+            http_front.start()
+            fronts.append(f"HTTP http://{config.host}:{http_front.port}")
+        log(f"brownout-jax: warming up; listening on {', '.join(fronts)}", flush=True)
+        _run(make_engine, config, state, stop, fronts, log)
     except BaseException:
-        _close(http_front, grpc_server)
+        # Failed (e.g. in warm-up): the caller gets its signals back. After a drain they stay
+        # caught, so a repeated SIGTERM while the process exits cannot turn exit 0 into a kill.
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         raise
+    finally:
+        if http_front is not None:
+            http_front.stop()
+        if grpc_server is not None:
+            grpc_server.stop(grace=5).wait()
+    log("brownout-jax: stopped", flush=True)
+    return 0
+
+
+def _run(make_engine, config: ServerConfig, state, stop, fronts, log) -> None:
+    """Warm-up, serving until ``stop``, then the drain."""
+    start = time.perf_counter()
+    engine = make_engine()
     state.engine = engine
     if config.metrics_port is not None:
         from prometheus_client import start_http_server
@@ -106,13 +119,3 @@ def serve(make_engine, config: ServerConfig, log=print) -> int:
         engine.shutdown(drain=False, timeout=10)
     except EngineDeadError as err:
         log(f"brownout-jax: engine had failed: {err}", file=sys.stderr, flush=True)
-    _close(http_front, grpc_server)
-    log("brownout-jax: stopped", flush=True)
-    return 0
-
-
-def _close(http_front, grpc_server) -> None:
-    if http_front is not None:
-        http_front.stop()
-    if grpc_server is not None:
-        grpc_server.stop(grace=5).wait()

@@ -22,6 +22,7 @@ from brownout_jax.requests import (
     validate_request,
 )
 from brownout_jax.serve.http_server import HttpFront
+from brownout_jax.serve.server import ServerConfig, serve
 from brownout_jax.serve.serving_state import ApiKey, ServingState
 
 KEY = "test-key-7f3a"
@@ -147,6 +148,8 @@ def test_health_models_version_metrics(front, engine):
         ({"stop": [""]}, "stop", []),
         ({"stop_token_ids": [500]}, "stop_token_ids", []),
         ({"max_tokens": "many"}, "max_tokens", []),
+        ({"prompt": 5}, "prompt", ["str, list[int]"]),
+        ({"stop": 3}, "stop", ["str, list[str]"]),
         ({"n": 2}, "n", ["n = 1"]),
         ({"logprobs": 2}, "logprobs", []),
         ({"brownout": "never"}, "brownout", ["not supported by this server yet"]),
@@ -273,3 +276,26 @@ def test_dropped_stream_cancels_its_request(front, engine):
     connection.sock.close()  # the client goes away mid-stream
     connection.close()
     assert engine.cancelled.wait(30)
+
+
+class _WarmUpFailed(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("host", "key", "warned"),
+    [("0.0.0.0", None, True), ("0.0.0.0", KEY, False), ("127.0.0.1", None, False)],
+)
+def test_non_loopback_without_key_warns(host, key, warned):
+    lines = []
+
+    def make_engine():
+        raise _WarmUpFailed("no model here")
+
+    config = ServerConfig(
+        host=host, port=0, http_port=0, api_key=None if key is None else ApiKey(key)
+    )
+    with pytest.raises(_WarmUpFailed):  # the fronts close again, and the error surfaces
+        serve(make_engine, config, log=lambda *a, **_: lines.append(" ".join(map(str, a))))
+    assert any("without an API key" in line for line in lines) == warned
+    assert all(KEY not in line for line in lines)
