@@ -205,6 +205,16 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout_s: float) -> float
     raise TimeoutError(f"{url} was not healthy within {timeout_s:.0f}s")
 
 
+def _save_metrics(url: str, path: Path) -> None:
+    """The server's Prometheus text after the run (brownout-jax: thresholds, steps, finishes),
+    where it has /metrics."""
+    with (
+        contextlib.suppress(urllib.error.URLError, OSError),
+        urllib.request.urlopen(f"{url}/metrics", timeout=10) as response,
+    ):
+        path.write_bytes(response.read())
+
+
 def stop_server(process: subprocess.Popen, timeout_s: float = 120) -> int:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -232,6 +242,7 @@ def run_one(cfg: CompareConfig, name: str, server: list[str], env: dict, port: i
                 " ".join(server) + "\n" + " ".join(bench) + "\n"
             )
             subprocess.run(bench, check=True)
+            _save_metrics(f"http://127.0.0.1:{port}", cfg.out_dir / f"{name}.metrics.txt")
         finally:
             code = stop_server(process)
     result = json.loads((cfg.out_dir / result_name).read_text())

@@ -7,8 +7,11 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import json
+import os
 import re
 import signal
+import subprocess
+import sys
 import time
 import urllib.parse
 
@@ -292,6 +295,19 @@ def test_api_key_on_both_fronts_then_sigterm_drains_both(tiny_with_tokenizer, st
     with pytest.raises(openai.AuthenticationError):
         _client(proc, "sk-wrong").models.list()
     assert _client(proc, KEY).completions.create(model="model", prompt=[5, 6], max_tokens=2)
+    remote = [sys.executable, "-m", "brownout_jax.cli", "generate", "--server", proc.target]
+    remote += ["--prompt-ids", "5,6", "--max-new-tokens", "2"]
+    no_key = {k: v for k, v in os.environ.items() if k != "BROWNOUT_JAX_API_KEY"}
+    refused = subprocess.run(remote, capture_output=True, text=True, timeout=300, env=no_key)
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+    allowed = subprocess.run(
+        remote,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "BROWNOUT_JAX_API_KEY": KEY},
+    )
+    assert allowed.returncode == 0, allowed.stderr
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(proc.target))
     reply = health.Check(health_pb2.HealthCheckRequest(service=""))  # open without a key
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
