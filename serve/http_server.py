@@ -226,7 +226,6 @@ class HttpApi:
                 retry_after_s=5,
             ) from None
         except EngineDeadError:
-            self.state.set_serving(False)
             raise self.engine_failed() from None
 
     def engine_failed(self, detail: str | None = None) -> OpenAIError:

@@ -35,9 +35,9 @@ class PreparedRequest:
         return dict(self.field_names).get(engine_field, engine_field)
 
 
-def client_error(err: RequestError, prepared_fields: PreparedRequest | None) -> OpenAIError:
+def client_error(err: RequestError, prepared: PreparedRequest) -> OpenAIError:
     """A 400 for a field the engine's validation refused, under the name the client sent."""
-    field = err.field if prepared_fields is None else prepared_fields.client_field(err.field)
+    field = prepared.client_field(err.field)
     message = str(err)
     if field != err.field and message.startswith(f"{err.field}:"):
         message = f"{field}:{message[len(err.field) + 1 :]}"
