@@ -3,6 +3,7 @@ Host-only (no JAX compilation), plus the transformers import that serve/generate
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -62,8 +63,15 @@ _NO_TORCH = "import sys; sys.modules['torch'] = None; "  # find_spec('torch') is
 
 
 def _stderr_of(code: str) -> str:
+    # A fresh environment: this test process may have set the variable itself by loading a
+    # tokenizer in an earlier test.
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
     run = subprocess.run(
-        [sys.executable, "-c", _NO_TORCH + code], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", _NO_TORCH + code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert run.returncode == 0, run.stderr
     return run.stderr
