@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 from brownout_jax.mesh_config import add_mesh_argument  # no JAX: the parser stays cheap
-from brownout_jax.serve.cli_serve import add_http_arguments  # no JAX, no web stack either
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -241,6 +240,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--united", help="united experts (default with the demo: its way-4 set)")
     p.add_argument("--host", default="127.0.0.1", help="address both fronts bind")
     p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 = an ephemeral port")
+    from brownout_jax.serve.cli_serve import add_http_arguments  # no JAX, no web stack
+
     add_http_arguments(p)
     p.add_argument("--brownout", default="auto", help="auto, off or fixed=X")
     p.add_argument("--slo-ttft", type=float, default=1.0, help="prefill step SLO, seconds")
