@@ -33,6 +33,9 @@ def _add_generate(sub) -> None:
         "--model", help="HF checkpoint or `brownout-jax convert` output (default: the demo model)"
     )
     p.add_argument("--server", help="HOST:PORT of a running `brownout-jax serve`: stream from it")
+    p.add_argument(
+        "--api-key", help="the server's API key, for --server (default: $BROWNOUT_JAX_API_KEY)"
+    )
     p.add_argument("text", nargs="?", help="prompt text (same as --prompt)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
@@ -246,11 +249,16 @@ def _run_bench_kernels(args) -> int:
 
 
 def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="serve a model over gRPC (brownout.v1)")
+    p = sub.add_parser(
+        "serve", help="serve a model over gRPC (brownout.v1) and an OpenAI-compatible HTTP API"
+    )
     p.add_argument("--model", help="checkpoint directory (default: the bundled demo model)")
     p.add_argument("--united", help="united experts (default with the demo: its way-4 set)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50051, help="0 = an ephemeral port")
+    p.add_argument("--host", default="127.0.0.1", help="address both fronts bind")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 = an ephemeral port")
+    from brownout_jax.serve.cli_serve import add_http_arguments  # no JAX, no web stack
+
+    add_http_arguments(p)
     p.add_argument("--brownout", default="auto", help="auto, off or fixed=X")
     p.add_argument("--slo-ttft", type=float, default=1.0, help="prefill step SLO, seconds")
     p.add_argument("--slo-tpot", type=float, default=0.2, help="decode step SLO, seconds")
@@ -265,8 +273,10 @@ def _add_serve(sub) -> None:
 
 def _run_serve(args) -> int:
     from brownout_jax.engine import Engine
-    from brownout_jax.serve.server import ServerConfig, serve
+    from brownout_jax.serve.cli_serve import server_config_from_args
+    from brownout_jax.serve.server import serve
 
+    server_config = server_config_from_args(args)  # flag errors before the model loads
     check_mesh(args.mesh)
     model, united = default_model(args.model, args.united)
     config = dataclasses.replace(engine_config_from_args(args), max_queue=args.max_queue)
@@ -274,15 +284,7 @@ def _run_serve(args) -> int:
     def make_engine():
         return Engine.from_checkpoint(model, united, config, args.dtype, progress=False)
 
-    return serve(
-        make_engine,
-        ServerConfig(
-            host=args.host,
-            port=args.port,
-            metrics_port=args.metrics_port,
-            grace_s=args.grace,
-        ),
-    )
+    return serve(make_engine, server_config)
 
 
 def _add_bench_burst(kinds) -> None:
@@ -305,13 +307,24 @@ def _add_engine_options(p) -> None:
     group.add_argument("--max-prefill-batch", type=int, default=4)
     group.add_argument("--kv-blocks", type=int, default=512, help="KV blocks in the pool")
     group.add_argument("--block-size", type=int, default=16)
-    group.add_argument("--max-model-len", type=int, default=512)
+    group.add_argument(
+        "--max-model-len",
+        type=int,
+        help="prompt + generated tokens per request (default: the model's "
+        "max_position_embeddings, capped by what the KV pool holds)",
+    )
     group.add_argument("--dtype", default="auto")
     group.add_argument(
         "--ladder",
         default="0,0.5,0.75,1",
         help="brownout levels compiled before serving (each adds a full set of steps; "
         "the controller's ×0.8 / +0.1 moves snap to them)",
+    )
+    group.add_argument(
+        "--allow-context-extrapolation",
+        action="store_true",
+        help="let --max-model-len exceed the model's max_position_embeddings: positions past "
+        "it were never trained and RoPE extrapolates (quality not guaranteed)",
     )
     group.add_argument(
         "--bucket-growth",
@@ -351,10 +364,10 @@ def engine_config_from_args(args):
         bucket_growth=args.bucket_growth or default_bucket_growth(jax.default_backend()),
         max_batch=args.max_batch,
         max_prefill_batch=args.max_prefill_batch,
-        max_prefill_tokens=max(2048, args.max_model_len),
         block_size=args.block_size,
         num_blocks=args.kv_blocks,
         max_model_len=args.max_model_len,
+        allow_context_extrapolation=args.allow_context_extrapolation,
         controller=controller,
         mesh=args.mesh,
         experts_backend=experts_backend_from_args(args),

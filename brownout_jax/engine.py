@@ -106,6 +106,7 @@ class Engine:
         progress: bool = True,
     ):
         self.model_config = model_config
+        config = config.for_model(model_config.max_position_embeddings)
         self.config = config
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -193,6 +194,11 @@ class Engine:
     @property
     def compiled_steps(self) -> int:
         return self._steps.count
+
+    @property
+    def max_model_len(self) -> int:
+        """Prompt + generated tokens one request may use (see EngineConfig.for_model)."""
+        return self.config.max_model_len
 
     @property
     def alive(self) -> bool:
@@ -493,6 +499,7 @@ class Engine:
             finish = FinishReason.LENGTH
         if finish is not None:
             delta += seq.text.flush()
+            metrics.finished = now  # before the event: a reader of it sees a complete record
         seq.handle._push(TokenEvent(token, logprob, delta, finish, None, thresholds))
         if finish is not None:
             self._finish(seq, finish, event_sent=True)
@@ -507,7 +514,8 @@ class Engine:
         if seq.finished:
             return
         seq.finished = True
-        seq.handle.metrics.finished = self.clock()
+        if seq.handle.metrics.finished is None:
+            seq.handle.metrics.finished = self.clock()
         if not event_sent:
             seq.handle._push(TokenEvent(None, None, "", reason, error, self._thresholds()))
         seq.handle.done = True

@@ -31,10 +31,16 @@ def default_bucket_growth(backend: str) -> int:
 class EngineConfig:
     max_batch: int = 16  # decode slots (sequences running at once)
     max_prefill_batch: int = 4  # prompts per prefill step
-    max_prefill_tokens: int = 2048  # padded prompt tokens per prefill step
+    # Padded prompt tokens per prefill step; None: max(2048, max_model_len).
+    max_prefill_tokens: int | None = None
     block_size: int = 16
     num_blocks: int = 512  # KV blocks in the pool (block 0 is reserved)
-    max_model_len: int = 1024  # prompt + generated tokens of one sequence
+    # Prompt + generated tokens of one sequence. None: the model's max_position_embeddings,
+    # capped by what the KV pool holds (see for_model).
+    max_model_len: int | None = None
+    # Let max_model_len exceed max_position_embeddings: positions past it were never trained
+    # and RoPE extrapolates, so quality is not guaranteed; off unless asked for.
+    allow_context_extrapolation: bool = False
     min_prefill_len: int = 16
     max_queue: int = 1024  # requests waiting for admission before RESOURCE_EXHAUSTED
     # Ratio between consecutive shape buckets: 2 pads least; 4 compiles about half the steps
@@ -48,23 +54,57 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_prefill_batch", "block_size", "max_model_len", "max_queue"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {value}")
         if self.bucket_growth < 2:
             raise ValueError(f"bucket_growth must be ≥ 2, got {self.bucket_growth}")
+        if self.num_blocks < 2:
+            raise ValueError(f"num_blocks must be ≥ 2 (one is reserved), got {self.num_blocks}")
+        if self.max_model_len is None:
+            return  # checked again once for_model resolves it
         per_sequence = -(-self.max_model_len // self.block_size)
         if self.num_blocks - 1 < per_sequence:
             raise ValueError(
                 f"num_blocks ({self.num_blocks}, one reserved) cannot hold one sequence of "
                 f"max_model_len {self.max_model_len} in blocks of {self.block_size}"
             )
-        if self.max_prefill_tokens < self.max_model_len:
+        if self.max_prefill_tokens is not None and self.max_prefill_tokens < self.max_model_len:
             raise ValueError(
                 f"max_prefill_tokens ({self.max_prefill_tokens}) must be ≥ max_model_len "
                 f"({self.max_model_len}) so that any prompt can be prefilled"
             )
 
+    @property
+    def kv_capacity(self) -> int:
+        """Tokens the KV pool holds for one sequence (block 0 is reserved)."""
+        return (self.num_blocks - 1) * self.block_size
+
+    def for_model(self, max_position_embeddings: int) -> EngineConfig:
+        """This config with its context limit settled against the model: ``max_model_len``
+        defaults to the model's positions capped by the KV pool, and may exceed the positions
+        only with ``allow_context_extrapolation``. The one place the engine's context limit
+        is set."""
+        length = self.max_model_len
+        if length is None:
+            length = min(max_position_embeddings, self.kv_capacity)
+        elif length > max_position_embeddings and not self.allow_context_extrapolation:
+            raise ValueError(
+                f"max_model_len (--max-model-len) {length} exceeds the model's "
+                f"max_position_embeddings {max_position_embeddings}: positions past it were never "
+                "trained and RoPE would extrapolate; leave it unset to use the model's limit, or "
+                "force it with allow_context_extrapolation (--allow-context-extrapolation)"
+            )
+        prefill = self.max_prefill_tokens
+        return dataclasses.replace(
+            self,
+            max_model_len=length,
+            max_prefill_tokens=max(2048, length) if prefill is None else prefill,
+        )
+
     def buckets(self) -> EngineBuckets:
+        if self.max_model_len is None:
+            raise ValueError("resolve the context limit first: EngineConfig.for_model")
         g = self.bucket_growth
         lengths = _geometric(self.min_prefill_len, self.max_model_len, g)
         max_width = -(-lengths[-1] // self.block_size)

@@ -6,6 +6,7 @@ import dataclasses
 import enum
 import queue
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -65,14 +66,17 @@ def validate_request(request: GenerationRequest, vocab_size: int, max_model_len:
     if request.max_new_tokens < 1:
         raise RequestError("max_tokens", f"must be ≥ 1, got {request.max_new_tokens}")
     if len(ids) >= max_model_len:
+        verb = "exceed" if len(ids) > max_model_len else "fill"
         raise RequestError(
-            "prompt", f"{len(ids)} tokens leave no room in the context of {max_model_len}"
+            "prompt",
+            f"{len(ids)} prompt tokens {verb} the context limit of {max_model_len} tokens "
+            "(max_model_len), leaving no room to generate",
         )
     if len(ids) + request.max_new_tokens > max_model_len:
         raise RequestError(
             "max_tokens",
-            f"prompt ({len(ids)}) + max_tokens ({request.max_new_tokens}) exceeds the context "
-            f"length {max_model_len}",
+            f"prompt ({len(ids)} tokens) + max_tokens ({request.max_new_tokens}) exceeds the "
+            f"context limit of {max_model_len} tokens (max_model_len)",
         )
     if not request.temperature >= 0:
         raise RequestError("temperature", f"must be ≥ 0, got {request.temperature}")
@@ -160,10 +164,28 @@ class RequestHandle:
         self.metrics = RequestMetrics(arrival=time.monotonic(), prompt_tokens=0)
         self._events: queue.Queue[TokenEvent] = queue.Queue()
         self._engine = engine
+        self._on_event: Callable[[], None] | None = None
         self.done = False
 
     def _push(self, event: TokenEvent) -> None:
         self._events.put(event)
+        if self._on_event is not None:
+            self._on_event()
+
+    def notify(self, on_event: Callable[[], None]) -> None:
+        """Calls ``on_event()`` from the engine thread after each event is queued, so that an
+        event loop can wait without a blocked thread per request (the HTTP front's streams);
+        it must return at once and never raise. Read the events with :meth:`ready_events`."""
+        self._on_event = on_event
+
+    def ready_events(self) -> list[TokenEvent]:
+        """The events queued so far, without waiting (the finishing one is the last ever)."""
+        ready = []
+        while True:
+            try:
+                ready.append(self._events.get_nowait())
+            except queue.Empty:
+                return ready
 
     def cancel(self) -> None:
         self._engine.cancel(self)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -54,6 +55,10 @@ def load_tokenizer(directory: str | Path):
     directory = Path(directory)
     if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
         return None
+    # transformers greets a torch-less import with an advisory "PyTorch was not found"
+    # warning; the tokenizer is all we take from it, so that advice is noise. setdefault: a
+    # user who sets the variable keeps their choice.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers import AutoTokenizer  # heavy import, only when a tokenizer exists
 
     try:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import grpc
 
 from brownout_jax.serve import brownout_pb2 as pb
 from brownout_jax.serve.client import GenerationClient
+from brownout_jax.serve.serving_state import API_KEY_ENV
+
+
+def api_key_from(flag: str | None) -> str | None:
+    return flag if flag is not None else os.environ.get(API_KEY_ENV)
 
 
 def request_from_args(args) -> pb.GenerateRequest:
@@ -32,7 +38,7 @@ def run_remote_generate(args) -> int:
     request = request_from_args(args)
     tokens, logprobs, text = [], [], []
     last = None
-    with GenerationClient(args.server) as client:
+    with GenerationClient(args.server, api_key_from(args.api_key)) as client:
         try:
             for response in client.stream(request):
                 tokens.extend(response.token_ids)

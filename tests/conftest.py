@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import signal
+import subprocess
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 # Four host devices for the expert-parallel tests (tests/test_expert_parallel.py). XLA reads
@@ -215,3 +220,74 @@ def tiny_moe():
         params, config, sequences, 4, "contiguous", DistillConfig(max_steps=60), progress=False
     )
     return config, params, united, attach_united(params, config, united), reports
+
+
+# Small engine shapes every server test shares (each process compiles its steps; the persistent
+# cache above makes a second process with the same shapes load them instead).
+SERVER_BASE_ARGS = (
+    "--max-batch",
+    "4",
+    "--max-prefill-batch",
+    "2",
+    "--block-size",
+    "16",
+    "--brownout",
+    "off",
+    "--dtype",
+    "float32",
+)
+
+
+class ServerProcess:
+    """``brownout-jax serve`` as a separate process on 127.0.0.1, both fronts on ephemeral
+    ports; ``target`` is the gRPC HOST:PORT and ``http`` the HTTP base URL (None when off).
+    Its output is read on a thread (a full pipe would stall the server) into ``lines``."""
+
+    def __init__(self, model, *args, env: dict | None = None, timeout: float = 600):
+        command = [sys.executable, "-m", "brownout_jax.cli", "serve", "--model", str(model)]
+        self.process = subprocess.Popen(
+            [*command, "--port", "0", "--http-port", "0", *SERVER_BASE_ARGS, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=None if env is None else {**os.environ, **env},
+        )
+        self.lines: list[str] = []
+        self.target = self.http = None
+        self._listening = threading.Event()
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._ready.wait(timeout) or self.process.poll() is not None:
+            self.process.kill()
+            raise RuntimeError("server did not become ready:\n" + self.output)
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+            if "listening on" in line:
+                grpc_at = re.search(r"gRPC (127\.0\.0\.1:\d+)", line)
+                http_at = re.search(r"HTTP (http://127\.0\.0\.1:\d+)", line)
+                self.target = grpc_at.group(1) if grpc_at else None
+                self.http = http_at.group(1) if http_at else None
+                self._listening.set()
+            if "serving" in line and " on " in line:
+                self._ready.set()
+        self._ready.set()  # exited: __init__ reports the output
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, timeout: float = 120) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=timeout)
+        self._reader.join(10)
+        return code
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """``start_server(model, *flags, env=None)`` → a ready :class:`ServerProcess`."""
+    return ServerProcess

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
-import re
 import signal
-import subprocess
-import sys
 import time
 
 import grpc
@@ -18,67 +15,12 @@ from brownout_jax.generate import generate
 from brownout_jax.serve import brownout_pb2 as pb
 from brownout_jax.serve.client import GenerationClient
 
-SERVER_ARGS = [
-    "--max-batch",
-    "4",
-    "--max-prefill-batch",
-    "2",
-    "--kv-blocks",
-    "16",
-    "--block-size",
-    "16",
-    "--max-model-len",
-    "32",
-    "--brownout",
-    "off",
-    "--dtype",
-    "float32",
-]
-
-
-class ServerProcess:
-    def __init__(self, model, *extra):
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "brownout_jax.cli",
-                "serve",
-                "--model",
-                str(model),
-                "--port",
-                "0",
-                *SERVER_ARGS,
-                *extra,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines = []
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if not line:
-                raise RuntimeError("server exited early:\n" + "".join(self.lines))
-            self.lines.append(line)
-            match = re.search(r"serving .* on (127\.0\.0\.1:\d+)", line)
-            if match:
-                self.target = match.group(1)
-                return
-        raise TimeoutError("server did not become ready")
-
-    def stop(self, timeout=120) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=timeout)
-        self.lines.extend(self.process.stdout.readlines())
-        return code
+SERVER_ARGS = ("--kv-blocks", "16", "--max-model-len", "32", "--no-http")
 
 
 @pytest.fixture(scope="module")
-def server(tiny_with_tokenizer):
-    proc = ServerProcess(tiny_with_tokenizer, "--max-queue", "3")
+def server(tiny_with_tokenizer, start_server):
+    proc = start_server(tiny_with_tokenizer, *SERVER_ARGS, "--max-queue", "3")
     yield proc
     assert proc.stop() == 0
 
@@ -184,8 +126,8 @@ def test_health_and_status(server, client):
     assert status.kv_blocks_total == 15 and status.compiled_steps > 0
 
 
-def test_sigterm_drains_in_flight_requests(tiny_with_tokenizer):
-    proc = ServerProcess(tiny_with_tokenizer)
+def test_sigterm_drains_in_flight_requests(tiny_with_tokenizer, start_server):
+    proc = start_server(tiny_with_tokenizer, *SERVER_ARGS)
     channel = grpc.insecure_channel(proc.target)
     health = health_pb2_grpc.HealthStub(channel)
     with GenerationClient(proc.target) as c:

@@ -1,0 +1,230 @@
+"""The brownout.v1 gRPC front: the Generation service, standard health, reflection and the
+optional API key check. Its life cycle (warm-up, drain) is serve/server.py's.
+
+While the engine warms up calls get UNAVAILABLE and health says NOT_SERVING; a dead engine
+loop turns health NOT_SERVING (on both fronts) and fails its requests with INTERNAL.
+"""
+
+from __future__ import annotations
+
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from brownout_jax.requests import (
+    EngineClosedError,
+    EngineDeadError,
+    EngineOverloadedError,
+    FinishReason,
+    GenerationRequest,
+    RequestError,
+    RequestMetrics,
+    TokenEvent,
+)
+from brownout_jax.serve import brownout_pb2 as pb
+from brownout_jax.serve import brownout_pb2_grpc as pb_grpc
+from brownout_jax.serve.serving_state import ApiKey, ServingState
+
+SERVICE = "brownout.v1.Generation"
+
+
+def request_from_proto(message: pb.GenerateRequest) -> GenerationRequest:
+    if message.prompt and message.prompt_token_ids:
+        raise RequestError("prompt", "give either prompt or prompt_token_ids, not both")
+    return GenerationRequest(
+        prompt_token_ids=tuple(message.prompt_token_ids),
+        prompt=message.prompt if not message.prompt_token_ids else None,
+        max_new_tokens=message.max_tokens,
+        temperature=message.temperature,
+        top_k=message.top_k,
+        top_p=message.top_p if message.HasField("top_p") else 1.0,
+        seed=message.seed,
+        stop=tuple(message.stop),
+        stop_token_ids=tuple(message.stop_token_ids),
+        ignore_eos=message.ignore_eos,
+        request_id=message.request_id if message.HasField("request_id") else None,
+    )
+
+
+def _timing(metrics: RequestMetrics) -> pb.Timing:
+    return pb.Timing(
+        ttft_s=metrics.ttft or 0.0,
+        tpot_s=metrics.tpot_mean or 0.0,
+        queue_s=metrics.queue_time or 0.0,
+        e2e_s=metrics.e2e or 0.0,
+    )
+
+
+class GenerationService(pb_grpc.GenerationServicer):
+    def __init__(self, state: ServingState):
+        self.state = state
+
+    # -- helpers
+
+    def _engine_or_abort(self, context):
+        if self.state.engine is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is warming up")
+        return self.state.engine
+
+    def _submit(self, request: pb.GenerateRequest, context):
+        engine = self._engine_or_abort(context)
+        try:
+            handle = engine.submit(request_from_proto(request))
+        except RequestError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except EngineOverloadedError as err:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{err}; retry later")
+        except EngineClosedError as err:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        except EngineDeadError as err:
+            self.mark_not_serving()
+            context.abort(grpc.StatusCode.INTERNAL, str(err))
+        # A cancelled or expired RPC stops its generation and frees its KV blocks.
+        context.add_callback(handle.cancel)
+        return handle
+
+    def _events(self, handle, context):
+        for event in handle.events():
+            if event.finish_reason is FinishReason.ERROR:
+                self.mark_not_serving()
+                context.abort(grpc.StatusCode.INTERNAL, event.error or "generation failed")
+            yield event
+
+    def mark_not_serving(self) -> None:
+        self.state.set_serving(False)
+
+    @staticmethod
+    def _response(handle, event: TokenEvent, text: str, ids, logprobs) -> pb.GenerateResponse:
+        response = pb.GenerateResponse(
+            request_id=handle.request_id,
+            text=text,
+            token_ids=ids,
+            logprobs=logprobs,
+            thresholds=pb.Thresholds(prefill=event.thresholds[0], decode=event.thresholds[1]),
+        )
+        if event.finish_reason is not None:
+            metrics = handle.metrics
+            response.finish_reason = event.finish_reason.value
+            response.usage.CopyFrom(
+                pb.Usage(
+                    prompt_tokens=metrics.prompt_tokens, completion_tokens=metrics.completion_tokens
+                )
+            )
+            response.timing.CopyFrom(_timing(metrics))
+        return response
+
+    # -- RPCs
+
+    def Generate(self, request, context):
+        handle = self._submit(request, context)
+        for event in self._events(handle, context):
+            ids = [event.token_id] if event.token_id is not None else []
+            logprobs = [event.logprob] if event.logprob is not None else []
+            yield self._response(handle, event, event.text, ids, logprobs)
+
+    def GenerateUnary(self, request, context):
+        handle = self._submit(request, context)
+        ids, logprobs, text, last = [], [], [], None
+        for event in self._events(handle, context):
+            if event.token_id is not None:
+                ids.append(event.token_id)
+                logprobs.append(event.logprob)
+            text.append(event.text)
+            last = event
+        return self._response(handle, last, "".join(text), ids, logprobs)
+
+    def GetStatus(self, request, context):
+        engine = self._engine_or_abort(context)
+        stats = engine.stats()
+        return pb.StatusResponse(
+            model=self.state.model_name,
+            prefill_threshold=stats.prefill_threshold,
+            decode_threshold=stats.decode_threshold,
+            controller_mode=stats.controller_mode,
+            slo_ttft_s=stats.slo_ttft_s,
+            slo_tpot_s=stats.slo_tpot_s,
+            queue_depth=stats.waiting,
+            running=stats.running,
+            kv_blocks_used=stats.kv_blocks_used,
+            kv_blocks_total=stats.kv_blocks_total,
+            prefill_slo_attainment=_or(stats.prefill_slo_attainment, -1.0),
+            decode_slo_attainment=_or(stats.decode_slo_attainment, -1.0),
+            preemptions=stats.preemptions,
+            warmup_s=stats.compile_seconds,
+            compiled_steps=stats.compiled_steps,
+        )
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+class ApiKeyInterceptor(grpc.ServerInterceptor):
+    """Refuses Generation calls without ``authorization: Bearer KEY`` metadata with
+    UNAUTHENTICATED; health and reflection stay open (probes carry no key)."""
+
+    def __init__(self, api_key: ApiKey):
+        self._api_key = api_key
+
+        def deny(request, context):
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or wrong API key: send call metadata authorization: Bearer KEY",
+            )
+
+        self._deny = deny
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or not details.method.startswith(f"/{SERVICE}/"):
+            return handler
+        metadata = dict(details.invocation_metadata or ())
+        if self._api_key.accepts(metadata.get("authorization")):
+            return handler
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if handler.response_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        return make(
+            self._deny,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def start_grpc_server(state: ServingState, host: str, port: int, max_workers: int):
+    """The Generation service, health and reflection, started; returns (server, bound port)."""
+    health_servicer = health.HealthServicer()
+
+    def publish(serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        health_servicer.set(SERVICE, status)
+        health_servicer.set("", status)
+
+    state.on_change(publish)
+    interceptors = [] if state.api_key is None else [ApiKeyInterceptor(state.api_key)]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors
+    )
+    pb_grpc.add_GenerationServicer_to_server(GenerationService(state), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            pb.DESCRIPTOR.services_by_name["Generation"].full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"gRPC: cannot bind {host}:{port}")
+    server.start()
+    return server, bound

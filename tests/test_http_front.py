@@ -1,0 +1,301 @@
+"""The HTTP front's protocol on a scripted engine (no JAX): error shapes and statuses, the
+API key, streaming format, and a dropped stream cancelling its request. The same front on a
+real engine: tests/test_http_api.py."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+
+import pytest
+
+from brownout_jax.engine_metrics import EngineMetrics
+from brownout_jax.requests import (
+    EngineClosedError,
+    EngineDeadError,
+    EngineOverloadedError,
+    FinishReason,
+    RequestHandle,
+    TokenEvent,
+    validate_request,
+)
+from brownout_jax.serve.http_server import HttpFront
+from brownout_jax.serve.server import ServerConfig, serve
+from brownout_jax.serve.serving_state import ApiKey, ServingState
+
+KEY = "test-key-7f3a"
+
+
+class ScriptedEngine:
+    """Validates like the engine (the shared validate_request), then answers per ``mode``:
+    ok (4 tokens), overloaded, closed, dead, error_event, hang (one token, then waits)."""
+
+    model_name = "scripted"
+    max_model_len = 64
+    tokenizer = None
+
+    def __init__(self):
+        self.mode = "ok"
+        self.alive = True
+        self.metrics = EngineMetrics()
+        self.cancelled = threading.Event()
+
+    def stats(self):
+        return None
+
+    def submit(self, request):
+        validate_request(request, vocab_size=100, max_model_len=self.max_model_len)
+        errors = {
+            "overloaded": EngineOverloadedError("3 requests already wait for admission"),
+            "closed": EngineClosedError("the engine is shutting down"),
+            "dead": EngineDeadError("the engine loop died: RuntimeError('boom')"),
+        }
+        if self.mode in errors:
+            raise errors[self.mode]
+        handle = RequestHandle("scripted-0", request, self)
+        handle.metrics.prompt_tokens = len(request.prompt_token_ids)
+        threading.Thread(target=self._play, args=(handle, self.mode), daemon=True).start()
+        return handle
+
+    def _play(self, handle, mode):
+        thresholds = (1.0, 0.5)
+        if mode == "error_event":
+            handle._push(TokenEvent(7, -0.5, "w7", None, None, thresholds))
+            handle._push(TokenEvent(None, None, "", FinishReason.ERROR, "engine failure: X"))
+            return
+        count = 1 if mode == "hang" else 4
+        for i in range(count):
+            now = time.monotonic()
+            handle.metrics.first_token = handle.metrics.first_token or now
+            handle.metrics.token_times.append(now)
+            handle.metrics.thresholds_used.add(thresholds)
+            finish = FinishReason.LENGTH if i == count - 1 and mode != "hang" else None
+            if finish is not None:
+                handle.metrics.finished = now
+            handle._push(TokenEvent(10 + i, -0.25 * i, f" w{10 + i}", finish, None, thresholds))
+
+    def cancel(self, handle):
+        self.cancelled.set()
+        handle._push(TokenEvent(None, None, "", FinishReason.CANCELLED))
+
+
+@pytest.fixture(scope="module")
+def front():
+    state = ServingState(ApiKey(KEY))
+    http_front = HttpFront(state, "127.0.0.1", 0)
+    http_front.start()
+    yield state, http_front.port
+    http_front.stop()
+
+
+@pytest.fixture()
+def engine(front):
+    state, _ = front
+    state.engine = ScriptedEngine()
+    state.set_serving(True)
+    yield state.engine
+    state.engine = None
+    state.set_serving(False)
+
+
+def call(port, method, path, body=None, key=KEY, raw: bytes | None = None):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    payload = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    connection.request(method, path, body=payload, headers=headers)
+    response = connection.getresponse()
+    text = response.read().decode()
+    connection.close()
+    return response.status, dict(response.getheaders()), text
+
+
+def test_warming_up_is_503_with_retry_after(front):
+    _, port = front
+    status, _, text = call(port, "GET", "/health")
+    assert status == 503 and "warming up" in text
+    status, headers, text = call(port, "POST", "/v1/completions", {"prompt": [1, 2]})
+    assert status == 503 and headers["retry-after"] == "5"
+    assert json.loads(text)["error"]["code"] == "warming_up"
+
+
+def test_health_models_version_metrics(front, engine):
+    _, port = front
+    assert call(port, "GET", "/health", key=None)[0] == 200
+    assert "version" in json.loads(call(port, "GET", "/version", key=None)[2])
+    status, _, text = call(port, "GET", "/metrics", key=None)
+    assert status == 200 and "brownout_requests_finished" in text
+    models = json.loads(call(port, "GET", "/v1/models")[2])
+    assert models["data"][0]["id"] == "scripted" and models["data"][0]["max_model_len"] == 64
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "words"),
+    [
+        ({"max_tokens": 0}, "max_tokens", ["≥ 1"]),
+        ({"temperature": -1}, "temperature", []),
+        ({"top_p": 0}, "top_p", []),
+        ({"top_k": -2}, "top_k", []),
+        ({"seed": -1}, "seed", []),
+        ({"prompt": [1, 1000]}, "prompt", ["1000"]),
+        ({"prompt": []}, "prompt", ["empty"]),
+        ({"prompt": [1] * 70}, "prompt", ["70", "64"]),
+        ({"prompt": [1] * 40, "max_tokens": 30}, "max_tokens", ["40", "30", "64"]),
+        ({"prompt": [[1], [2]]}, "prompt", ["one prompt per request"]),
+        ({"stop": [""]}, "stop", []),
+        ({"stop_token_ids": [500]}, "stop_token_ids", []),
+        ({"max_tokens": "many"}, "max_tokens", []),
+        ({"prompt": 5}, "prompt", ["str, list[int]"]),
+        ({"stop": 3}, "stop", ["str, list[str]"]),
+        ({"n": 2}, "n", ["n = 1"]),
+        ({"logprobs": 2}, "logprobs", []),
+        ({"brownout": "never"}, "brownout", ["not supported by this server yet"]),
+        ({"brownout": "sometimes"}, "brownout", []),
+        ({"presence_penalty": 0.5}, "presence_penalty", []),
+        ({"echo": True}, "echo", []),
+    ],
+)
+def test_bad_field_is_400_naming_it(front, engine, fields, param, words):
+    _, port = front
+    body = {"prompt": [1, 2, 3], "max_tokens": 4, **fields}
+    status, _, text = call(port, "POST", "/v1/completions", body)
+    error = json.loads(text)["error"]
+    assert status == 400, text
+    assert error["param"] == param and error["message"].startswith(param)
+    assert error["type"] == "invalid_request_error"
+    assert all(w in error["message"] for w in words), error["message"]
+    assert "Traceback" not in text
+
+
+def test_missing_prompt_and_malformed_json_are_400(front, engine):
+    _, port = front
+    status, _, text = call(port, "POST", "/v1/completions", {"max_tokens": 3})
+    assert status == 400 and json.loads(text)["error"]["param"] == "prompt"
+    status, _, text = call(port, "POST", "/v1/completions", raw=b"{not json")
+    assert status == 400 and "not valid JSON" in json.loads(text)["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "status", "retry_after"),
+    [("overloaded", 429, "1"), ("closed", 503, "5"), ("dead", 500, None)],
+)
+def test_engine_refusals_map_to_statuses(front, engine, mode, status, retry_after):
+    state, port = front
+    engine.mode = mode
+    got, headers, text = call(port, "POST", "/v1/completions", {"prompt": [1, 2]})
+    assert got == status and headers.get("retry-after") == retry_after
+    assert "Traceback" not in text and json.loads(text)["error"]["message"]
+    assert state.serving == (mode != "dead")
+
+
+def test_error_event_is_500_whole_and_an_error_chunk_streamed(front, engine):
+    state, port = front
+    engine.mode = "error_event"
+    status, _, text = call(port, "POST", "/v1/completions", {"prompt": [1, 2]})
+    assert status == 500 and json.loads(text)["error"]["code"] == "engine_failure"
+    assert "Traceback" not in text
+    state.set_serving(True)
+    body = {"prompt": [1, 2], "stream": True}
+    status, _, text = call(port, "POST", "/v1/completions", body)
+    events = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
+    assert status == 200 and events[-1] == "[DONE]"
+    assert json.loads(events[0])["choices"][0]["text"] == "w7"
+    assert json.loads(events[-2])["error"]["code"] == "engine_failure"
+
+
+def test_unknown_model_and_route_are_404(front, engine):
+    _, port = front
+    status, _, text = call(port, "POST", "/v1/completions", {"model": "gpt-5", "prompt": [1]})
+    assert status == 404 and json.loads(text)["error"]["param"] == "model"
+    status, _, text = call(port, "GET", "/v1/nothing")
+    assert status == 404 and "error" in json.loads(text)
+
+
+@pytest.mark.parametrize("key", [None, "wrong-key"])
+def test_api_key_is_required_on_v1_only(front, engine, key):
+    _, port = front
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions")):
+        status, _, text = call(port, method, path, {"prompt": [1]}, key=key)
+        assert status == 401 and json.loads(text)["error"]["code"] == "invalid_api_key"
+        assert KEY not in text
+    assert call(port, "GET", "/health", key=key)[0] == 200
+    assert call(port, "GET", "/metrics", key=key)[0] == 200
+
+
+def test_api_key_never_shown():
+    key = ApiKey("s3cret-value")
+    assert "s3cret" not in repr(key) and "s3cret" not in str(key)
+    assert key.accepts("Bearer s3cret-value") and key.accepts("bearer s3cret-value")
+    assert not key.accepts("Bearer s3cret") and not key.accepts("s3cret-value")
+    assert not key.accepts(None)
+
+
+def test_stream_chunks_usage_and_extensions(front, engine):
+    _, port = front
+    body = {"prompt": [1, 2], "stream": True, "stream_options": {"include_usage": True}}
+    status, headers, text = call(port, "POST", "/v1/completions", body)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    data = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    tokens, usage = chunks[:-1], chunks[-1]
+    assert "".join(c["choices"][0]["text"] for c in tokens) == " w10 w11 w12 w13"
+    assert [c["choices"][0]["finish_reason"] for c in tokens] == [None, None, None, "length"]
+    assert tokens[-1]["thresholds"] == [{"prefill": 1.0, "decode": 0.5}]
+    assert tokens[-1]["timing"]["ttft_s"] >= 0 and "timing" not in tokens[0]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 4
+    assert usage["usage"]["prompt_tokens"] == 2 and usage["usage"]["total_tokens"] == 6
+
+
+def test_whole_completion_with_logprobs(front, engine):
+    _, port = front
+    status, _, text = call(port, "POST", "/v1/completions", {"prompt": [1, 2], "logprobs": 0})
+    response = json.loads(text)
+    assert status == 200 and response["object"] == "text_completion"
+    choice = response["choices"][0]
+    assert choice["text"] == " w10 w11 w12 w13" and choice["finish_reason"] == "length"
+    assert choice["logprobs"]["token_logprobs"] == [0.0, -0.25, -0.5, -0.75]
+    assert choice["logprobs"]["tokens"] == [f"token_id:{t}" for t in (10, 11, 12, 13)]
+    assert response["usage"]["completion_tokens"] == 4
+
+
+def test_dropped_stream_cancels_its_request(front, engine):
+    _, port = front
+    engine.mode = "hang"
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    body = json.dumps({"prompt": [1, 2], "stream": True}).encode()
+    connection.request(
+        "POST", "/v1/completions", body=body, headers={"Authorization": f"Bearer {KEY}"}
+    )
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.readline().startswith(b"data: ")  # the first token arrived
+    connection.sock.close()  # the client goes away mid-stream
+    connection.close()
+    assert engine.cancelled.wait(30)
+
+
+class _WarmUpFailed(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("host", "key", "warned"),
+    [("0.0.0.0", None, True), ("0.0.0.0", KEY, False), ("127.0.0.1", None, False)],
+)
+def test_non_loopback_without_key_warns(host, key, warned):
+    lines = []
+
+    def make_engine():
+        raise _WarmUpFailed("no model here")
+
+    config = ServerConfig(
+        host=host, port=0, http_port=0, api_key=None if key is None else ApiKey(key)
+    )
+    with pytest.raises(_WarmUpFailed):  # the fronts close again, and the error surfaces
+        serve(make_engine, config, log=lambda *a, **_: lines.append(" ".join(map(str, a))))
+    assert any("without an API key" in line for line in lines) == warned
+    assert all(KEY not in line for line in lines)
