@@ -1,6 +1,6 @@
 """CPU kernels for grouped expert matmuls (and the plain matmul of the dense layers): C++
-(``csrc/``) behind XLA FFI, with a pure-JAX reference beside them. Depends on jax (and, for the reference, the Pallas kernels' per-group
-references), not on the model.
+(``csrc/``) behind XLA FFI, with a pure-JAX reference beside them. Depends on jax (and, for
+the reference, the Pallas kernels' per-group references), not on the model.
 
 Modules: ``library`` (find, load, register the compiled library; run-time ISA choice),
 ``api`` (the checked, jittable entry point) and ``reference`` (the slow twin).
