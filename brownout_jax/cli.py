@@ -10,12 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-from brownout_jax.expert_backend import (
+from brownout_jax.moe.expert_backend import (
     CLI_CHOICES,
     add_experts_backend_argument,
     experts_backend_from_args,
 )
-from brownout_jax.mesh_config import add_mesh_argument  # no JAX: the parsers stay cheap
+from brownout_jax.moe.mesh_config import add_mesh_argument  # no JAX: the parsers stay cheap
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -90,8 +90,8 @@ def _add_brownout_options(p) -> None:
 def brownout_options(args, config) -> tuple:
     """(prefill MoeOptions, decode MoeOptions) from the CLI flags; off-ladder values snap down
     to a level, and say so."""
-    from brownout_jax.brownout import DEFAULT_LADDER, ThresholdLadder
-    from brownout_jax.moe import MoeOptions
+    from brownout_jax.moe.block import MoeOptions
+    from brownout_jax.moe.brownout import DEFAULT_LADDER, ThresholdLadder
 
     ladder = ThresholdLadder.parse(args.ladder) if args.ladder else DEFAULT_LADDER
     chosen = {}
@@ -146,14 +146,14 @@ def _add_unite(sub) -> None:
 
 
 def _run_unite(args) -> int:
-    from brownout_jax.calibration import (
+    from brownout_jax.checkpoints import load_model
+    from brownout_jax.checkpoints.united_store import save_united
+    from brownout_jax.moe.calibration import (
         load_calibration_texts,
         random_token_sequences,
         tokenize_texts,
     )
-    from brownout_jax.checkpoints import load_model
-    from brownout_jax.checkpoints.united_store import save_united
-    from brownout_jax.distill import DistillConfig, build_united_experts
+    from brownout_jax.moe.distill import DistillConfig, build_united_experts
 
     model = load_model(args.model, args.dtype)
     if args.calib is not None:
@@ -236,7 +236,7 @@ def _add_bench(sub) -> None:
 
 
 def _run_bench_kernels(args) -> int:
-    from pallas_kernels.bench import format_table, run_kernel_bench
+    from brownout_jax.bench.kernels import format_table, run_kernel_bench
 
     result = run_kernel_bench(
         small=True if args.small else None,
@@ -272,7 +272,7 @@ def _add_serve(sub) -> None:
 
 
 def _run_serve(args) -> int:
-    from brownout_jax.engine import Engine
+    from brownout_jax.engine.front import Engine
     from brownout_jax.serve.cli_serve import server_config_from_args
     from brownout_jax.serve.server import serve
 
@@ -341,7 +341,7 @@ def check_mesh(mesh) -> None:
     """Fails fast, before a model is loaded, when ``--mesh`` does not match JAX's devices."""
     if mesh is None:
         return
-    from brownout_jax.expert_parallel import make_mesh
+    from brownout_jax.moe.expert_parallel import make_mesh
 
     try:
         make_mesh(mesh)
@@ -352,9 +352,9 @@ def check_mesh(mesh) -> None:
 def engine_config_from_args(args):
     import jax
 
-    from brownout_jax.brownout import ThresholdLadder
-    from brownout_jax.controller import ControllerConfig
-    from brownout_jax.engine_config import EngineConfig, default_bucket_growth
+    from brownout_jax.engine.config import EngineConfig, default_bucket_growth
+    from brownout_jax.engine.controller import ControllerConfig
+    from brownout_jax.moe.brownout import ThresholdLadder
 
     controller = ControllerConfig.parse_mode(
         args.brownout, slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot
@@ -375,8 +375,8 @@ def engine_config_from_args(args):
 
 
 def _run_bench_burst(args) -> int:
-    from brownout_jax.bench_burst import run_burst
-    from brownout_jax.engine import Engine
+    from brownout_jax.bench.burst import run_burst
+    from brownout_jax.engine.front import Engine
 
     low, high = (int(v) for v in args.prompt_len.split(","))
     check_mesh(args.mesh)
@@ -401,7 +401,7 @@ def _experts_backends(text: str) -> tuple:
 
 
 def _run_bench_moe_layer(args) -> int:
-    from brownout_jax.bench_moe import format_table, run_moe_layer_bench
+    from brownout_jax.bench.moe_layer import format_table, run_moe_layer_bench
 
     result = run_moe_layer_bench(
         batches=tuple(int(b) for b in args.batches.split(",")),
@@ -459,8 +459,8 @@ def _run_generate(args) -> int:
     if args.stop:
         raise ValueError("--stop strings are applied by the server: use them with --server")
     from brownout_jax.checkpoints import load_model
-    from brownout_jax.expert_parallel import expert_parallel_setup
-    from brownout_jax.generate import generate
+    from brownout_jax.moe.expert_parallel import expert_parallel_setup
+    from brownout_jax.offline.generate import generate
 
     check_mesh(args.mesh)
     args.model, args.united = default_model(args.model, args.united)
@@ -544,7 +544,7 @@ def _run_convert(args) -> int:
     from brownout_jax.checkpoints.hf_safetensors import load_hf_params
     from brownout_jax.checkpoints.loader import resolve_dtype
     from brownout_jax.checkpoints.orbax_store import save_converted
-    from brownout_jax.config import ModelConfig
+    from brownout_jax.model.config import ModelConfig
 
     config = ModelConfig.from_pretrained_dir(args.hf)
     start = time.perf_counter()
@@ -592,10 +592,10 @@ def enable_compilation_cache() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     enable_compilation_cache()
-    from brownout_jax.calibration import CalibrationDataError
     from brownout_jax.checkpoints.errors import CheckpointError
-    from brownout_jax.config import UnsupportedConfigError
     from brownout_jax.eval.tasks import TaskFormatError
+    from brownout_jax.model.config import UnsupportedConfigError
+    from brownout_jax.moe.calibration import CalibrationDataError
 
     try:
         return args.run(args)

@@ -16,8 +16,8 @@ from safetensors.numpy import save_file
 
 from brownout_jax.checkpoints.hf_safetensors import SINGLE_FILE, expected_hf_tensors
 from brownout_jax.checkpoints.write_random import hf_config_dict
-from brownout_jax.config import ModelConfig
-from brownout_jax.params import DenseMlpParams, ModelParams, MoeParams
+from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.params import DenseMlpParams, ModelParams, MoeParams
 
 STORAGE_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 

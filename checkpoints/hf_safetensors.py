@@ -24,8 +24,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from brownout_jax.checkpoints.errors import CheckpointError
-from brownout_jax.config import ModelConfig
-from brownout_jax.params import (
+from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.params import (
     AttentionParams,
     DecoderLayerParams,
     DenseMlpParams,

@@ -19,8 +19,8 @@ import orbax.checkpoint as ocp
 
 from brownout_jax.checkpoints.atomic import atomic_directory
 from brownout_jax.checkpoints.errors import CheckpointError
-from brownout_jax.config import ModelConfig
-from brownout_jax.params import ModelParams, abstract_params
+from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.params import ModelParams, abstract_params
 
 MANIFEST = "brownout_checkpoint.json"
 FORMAT = "brownout-jax-params"

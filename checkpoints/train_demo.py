@@ -56,12 +56,12 @@ from brownout_jax.checkpoints.demo_corpus import (
     split_documents,
 )
 from brownout_jax.checkpoints.hf_export import write_hf_checkpoint
-from brownout_jax.config import ModelConfig
-from brownout_jax.dims import Array, Float, Int
-from brownout_jax.expert_matmul import sort_into_tiles
-from brownout_jax.model import attention_block, lm_logits, rms_norm, rope_tables
-from brownout_jax.moe import dense_mlp, route_top_k
-from brownout_jax.params import ExpertWeights, ModelParams, MoeParams, init_random_params
+from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.dims import Array, Float, Int
+from brownout_jax.model.params import ExpertWeights, ModelParams, MoeParams, init_random_params
+from brownout_jax.model.transformer import attention_block, lm_logits, rms_norm, rope_tables
+from brownout_jax.moe.block import dense_mlp, route_top_k
+from brownout_jax.moe.expert_matmul import sort_into_tiles
 
 EOS = "<|endoftext|>"
 CHAT_TEMPLATE = (
@@ -325,7 +325,7 @@ def evaluate_saved(out: Path, heldout: np.ndarray, train_sample: np.ndarray) -> 
     """Loss, perplexity and expert usage of the checkpoint as written (bf16 weights, loaded in
     fp32), through the serving code path: ``load_model`` + ``forward_logits``."""
     from brownout_jax.checkpoints import load_model
-    from brownout_jax.model import collect_moe_inputs, forward_logits
+    from brownout_jax.model.transformer import collect_moe_inputs, forward_logits
 
     model = load_model(out, "float32", progress=False)
     config, params = model.config, model.params
@@ -370,7 +370,7 @@ def unigram_nll(train_counts: np.ndarray, targets: np.ndarray) -> float:
 
 def sample_generations(out: Path, prompts: list[str], max_new_tokens: int = 40) -> list[dict]:
     from brownout_jax.checkpoints import load_model
-    from brownout_jax.generate import generate
+    from brownout_jax.offline.generate import generate
 
     model = load_model(out, "float32", progress=False)
     results = []
@@ -593,7 +593,7 @@ def _fingerprint(settings: TrainSettings, config: ModelConfig, data: np.ndarray)
 
 def check_training_forward(params: ModelParams, config: ModelConfig, s: TrainSettings) -> float:
     """The training forward equals the serving forward (``forward_logits``) on a real batch."""
-    from brownout_jax.model import forward_logits
+    from brownout_jax.model.transformer import forward_logits
 
     tokens = jax.random.randint(jax.random.key(s.seed + 1), (2, 64), 0, config.vocab_size)
     ref = jax.jit(forward_logits, static_argnums=1)(params, config, tokens, jnp.full((2,), 64))

@@ -21,9 +21,9 @@ import orbax.checkpoint as ocp
 
 from brownout_jax.checkpoints.atomic import atomic_directory
 from brownout_jax.checkpoints.errors import CheckpointError
-from brownout_jax.config import ModelConfig
-from brownout_jax.params import ExpertWeights
-from brownout_jax.united import UnitedExperts, UnitedLayer
+from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.params import ExpertWeights
+from brownout_jax.moe.united import UnitedExperts, UnitedLayer
 
 MANIFEST = "united_manifest.json"
 FORMAT = "brownout-jax-united"

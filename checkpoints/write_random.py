@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from brownout_jax.checkpoints.hf_safetensors import INDEX_FILE, expected_hf_tensors
-from brownout_jax.config import PRESETS, ModelConfig
+from brownout_jax.model.config import PRESETS, ModelConfig
 
 
 def hf_config_dict(config: ModelConfig) -> dict:

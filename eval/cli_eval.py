@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from brownout_jax.mesh_config import add_mesh_argument  # no JAX: the parser stays cheap
+from brownout_jax.moe.mesh_config import add_mesh_argument  # no JAX: the parser stays cheap
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -45,8 +45,8 @@ def load_for_eval(args):
     from brownout_jax.checkpoints import load_model
     from brownout_jax.checkpoints.loader import resolve_dtype
     from brownout_jax.cli import default_model
-    from brownout_jax.config import PRESETS, ModelConfig
     from brownout_jax.eval.dummy import dummy_config, dummy_params
+    from brownout_jax.model.config import PRESETS, ModelConfig
 
     if args.load_format == "dummy":
         if args.config:
@@ -147,12 +147,12 @@ def add_eval_parser(sub) -> None:
 
 
 def run_accuracy(args) -> int:
-    from brownout_jax.brownout import DEFAULT_LADDER
     from brownout_jax.cli import check_mesh
     from brownout_jax.eval.scoring import perplexity, score_items
     from brownout_jax.eval.tasks import load_task
-    from brownout_jax.expert_parallel import expert_parallel_setup
-    from brownout_jax.moe import MoeOptions
+    from brownout_jax.moe.block import MoeOptions
+    from brownout_jax.moe.brownout import DEFAULT_LADDER
+    from brownout_jax.moe.expert_parallel import expert_parallel_setup
 
     check_mesh(args.mesh)
     params, config, tokenizer, _ = load_for_eval(args)
@@ -222,9 +222,9 @@ def run_accuracy(args) -> int:
 def _engine(params, config, tokenizer, args, ladder=None, controller=None):
     import jax
 
-    from brownout_jax.brownout import DEFAULT_LADDER
-    from brownout_jax.engine import Engine
-    from brownout_jax.engine_config import EngineConfig, default_bucket_growth
+    from brownout_jax.engine.config import EngineConfig, default_bucket_growth
+    from brownout_jax.engine.front import Engine
+    from brownout_jax.moe.brownout import DEFAULT_LADDER
 
     fields = {
         "max_batch": args.max_batch,
@@ -263,7 +263,7 @@ def run_throughput_cmd(args) -> int:
             f"{args.max_new_tokens} exceed --max-model-len {args.max_model_len}"
         )
     params, config, tokenizer, model_dir = load_for_eval(args)
-    from brownout_jax.brownout import ThresholdLadder
+    from brownout_jax.moe.brownout import ThresholdLadder
 
     thresholds = _floats(args.thresholds)
     prompts = tp.make_prompts(config.vocab_size, args.num_prompts, args.prompt_len, args.seed)
@@ -300,11 +300,11 @@ def run_throughput_cmd(args) -> int:
 
 
 def run_slo_cmd(args) -> int:
-    from brownout_jax.brownout import ThresholdLadder
     from brownout_jax.cli import check_mesh  # cli imports this module: import at run time
-    from brownout_jax.controller import ControllerConfig
+    from brownout_jax.engine.controller import ControllerConfig
     from brownout_jax.eval.slo import run_mode, summarize, write_results
     from brownout_jax.eval.workload import WorkloadConfig, load_prompt_pool, make_trace
+    from brownout_jax.moe.brownout import ThresholdLadder
 
     check_mesh(args.mesh)
     params, config, tokenizer, _ = load_for_eval(args)

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from brownout_jax.config import ModelConfig
-from brownout_jax.params import ModelParams, MoeParams, init_random_params
-from brownout_jax.united import (
+from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.params import ModelParams, MoeParams, init_random_params
+from brownout_jax.moe.united import (
     UnitedExperts,
     UnitedLayer,
     attach_united,

@@ -16,12 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from brownout_jax.config import ModelConfig
 from brownout_jax.eval.tasks import ChoiceItem
-from brownout_jax.generate import bucket_length
-from brownout_jax.model import forward_logits
-from brownout_jax.moe import MoeOptions
-from brownout_jax.params import ModelParams
+from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.params import ModelParams
+from brownout_jax.model.transformer import forward_logits
+from brownout_jax.moe.block import MoeOptions
+from brownout_jax.offline.generate import bucket_length
 
 
 @functools.partial(jax.jit, static_argnames=("config", "options"))

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from brownout_jax.controller import ControllerConfig, SloController
-from brownout_jax.engine_metrics import StepRecord
+from brownout_jax.engine.controller import ControllerConfig, SloController
+from brownout_jax.engine.metrics import StepRecord
+from brownout_jax.engine.requests import EngineOverloadedError, GenerationRequest, RequestError
 from brownout_jax.eval.workload import TraceRequest
-from brownout_jax.requests import EngineOverloadedError, GenerationRequest, RequestError
 
 
 @dataclasses.dataclass

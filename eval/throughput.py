@@ -91,7 +91,7 @@ def engine_cores() -> dict:
 
 
 def _fixed_threshold(engine, threshold: float) -> None:
-    from brownout_jax.controller import ControllerConfig, SloController
+    from brownout_jax.engine.controller import ControllerConfig, SloController
 
     # The engine is idle between runs and every level is compiled: the controller picks one.
     engine.controller = SloController(
@@ -100,7 +100,7 @@ def _fixed_threshold(engine, threshold: float) -> None:
 
 
 def engine_token_ids(engine, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    from brownout_jax.requests import GenerationRequest
+    from brownout_jax.engine.requests import GenerationRequest
 
     handles = [
         engine.submit(
@@ -121,7 +121,7 @@ def measure_engine(
     agreement_prompts: int = 0,
 ) -> tuple[list[dict], list[list[int]]]:
     """(one row per threshold, the exact engine's ids for the first prompts, untimed)."""
-    from brownout_jax.bench_burst import run_burst
+    from brownout_jax.bench.burst import run_burst
 
     rows = []
     prompt_len = (1, 2)  # unused: run_burst is given the prompts

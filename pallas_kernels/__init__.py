@@ -2,9 +2,10 @@
 
 Modules, one job each: ``tiling`` (block sizes and presets), ``metadata`` (tile → group/row
 arrays, computed in XLA), ``grouped_matmul`` (the Triton kernel bodies and the pallas_call),
-``api`` (the public entry points), ``reference`` (per-group loops) and ``bench``
-(``brownout-jax bench kernels``). The MoE block's glue (sort by expert, gather back) is
-``brownout_jax.grouped_experts``, shared with the C++ CPU kernel.
+``api`` (the public entry points) and ``reference`` (per-group loops); they import jax and
+jaxtyping only. The benchmark is ``brownout_jax.bench.kernels`` (``brownout-jax bench
+kernels``). The MoE block's glue (sort by expert, gather back) is
+``brownout_jax.moe.grouped_experts``, shared with the C++ CPU kernel.
 """
 
 from pallas_kernels.api import grouped_matmul, moe_down, moe_gate_up

@@ -6,7 +6,7 @@ past the sum are zero in the output. Accumulation is fp32; the output has x's dt
 ``out_dtype`` says otherwise.
 
 ``interpret``: None runs the Triton kernel on a GPU backend and refuses other backends with a
-clear error (the model's CPU path is the tile loop of ``brownout_jax.expert_matmul``); True runs
+clear error (the model's CPU path is the tile loop of ``brownout_jax.moe.expert_matmul``); True runs
 the kernel body in Pallas interpret mode on any backend (tests); False always lowers the real
 Triton kernel, whatever the default backend — e.g. to export for CUDA from a CPU machine.
 """
@@ -17,8 +17,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
 
-from brownout_jax.dims import Array, Float, Int
 from pallas_kernels.grouped_matmul import (
     Epilogue,
     grouped_call,
@@ -47,7 +47,7 @@ def resolve_interpret(interpret: bool | None) -> bool:
             f"pallas_kernels: the grouped-matmul kernels are Triton GPU kernels, but JAX's "
             f"default backend is {backend!r}. Pass interpret=True to run them in Pallas "
             "interpret mode (slow; for tests), or use the CPU tile loop "
-            "(brownout_jax.expert_matmul, MoeOptions(backend=ExpertBackend.SORTED_TILES))"
+            "(brownout_jax.moe.expert_matmul, MoeOptions(backend=ExpertBackend.SORTED_TILES))"
         )
     return False
 

@@ -16,8 +16,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-
-from brownout_jax.dims import Array, Int
+from jaxtyping import Array, Int
 
 
 def cdiv(a: int, b: int) -> int:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-from brownout_jax.dims import Array, Float, Int
+from jaxtyping import Array, Float, Int
 
 
 def _row_groups(group_sizes: Int[Array, " G"], m: int) -> Int[Array, " M"]:

@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from brownout_jax.requests import (
+from brownout_jax.engine.requests import (
     EngineClosedError,
     EngineDeadError,
     EngineOverloadedError,

@@ -3,7 +3,7 @@ models, and its error shape.
 
 These models only parse: types, and the fields a client may send. Whether a value is valid for
 this model (lengths, ranges, token ids) is decided by the one validation path every front
-shares, ``brownout_jax.requests.validate_request``; serve/openai_requests.py maps its verdict
+shares, ``brownout_jax.engine.requests.validate_request``; serve/openai_requests.py maps its verdict
 back to the client's field names.
 """
 

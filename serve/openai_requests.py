@@ -2,7 +2,7 @@
 to the client's field names.
 
 Range and length checks are not repeated here: the engine validates every request with
-``brownout_jax.requests.validate_request`` (the gRPC front's path too), and ``client_error``
+``brownout_jax.engine.requests.validate_request`` (the gRPC front's path too), and ``client_error``
 renames the field its ``RequestError`` names. What is decided here is only what the OpenAI
 surface adds: which of its fields this server cannot honour, and how a prompt is written.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 
-from brownout_jax.requests import FinishReason, GenerationRequest, RequestError
+from brownout_jax.engine.requests import FinishReason, GenerationRequest, RequestError
 from brownout_jax.serve.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,

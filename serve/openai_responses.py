@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from brownout_jax.requests import FinishReason, RequestMetrics, TokenEvent
+from brownout_jax.engine.requests import FinishReason, RequestMetrics, TokenEvent
 from brownout_jax.serve.openai_protocol import (
     AssistantMessage,
     ChatChoice,

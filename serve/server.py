@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 
-from brownout_jax.requests import EngineDeadError
+from brownout_jax.engine.requests import EngineDeadError
 from brownout_jax.serve.serving_state import ApiKey, ServingState
 
 

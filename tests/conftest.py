@@ -176,7 +176,7 @@ def rel_err(out, ref) -> float:
 
 
 def tiny_model_config(**changes):
-    from brownout_jax.config import ModelConfig
+    from brownout_jax.model.config import ModelConfig
 
     fields = dict(
         vocab_size=128,
@@ -208,10 +208,10 @@ def tiny_moe():
     """A random 3-layer model with 16 experts (top-4) and way-4 united experts attached."""
     import jax
 
-    from brownout_jax.calibration import random_token_sequences
-    from brownout_jax.distill import DistillConfig, build_united_experts
-    from brownout_jax.params import init_random_params
-    from brownout_jax.united import attach_united
+    from brownout_jax.model.params import init_random_params
+    from brownout_jax.moe.calibration import random_token_sequences
+    from brownout_jax.moe.distill import DistillConfig, build_united_experts
+    from brownout_jax.moe.united import attach_united
 
     config = tiny_model_config()
     params = init_random_params(config, jax.random.key(0), scale=0.3)

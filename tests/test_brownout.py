@@ -12,17 +12,17 @@ from conftest import rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from brownout_jax.brownout import (
+from brownout_jax.model.params import ExpertWeights, MoeParams
+from brownout_jax.model.transformer import forward_logits
+from brownout_jax.moe.block import MoeOptions, moe_block, route_top_k
+from brownout_jax.moe.brownout import (
     DEFAULT_LADDER,
     ThresholdLadder,
     route_with_brownout,
     select_hot_experts,
     select_hot_experts_reference,
 )
-from brownout_jax.expert_matmul import apply_experts_dense, apply_experts_sorted
-from brownout_jax.model import forward_logits
-from brownout_jax.moe import MoeOptions, moe_block, route_top_k
-from brownout_jax.params import ExpertWeights, MoeParams
+from brownout_jax.moe.expert_matmul import apply_experts_dense, apply_experts_sorted
 
 THRESHOLDS = st.one_of(st.sampled_from(DEFAULT_LADDER.levels), st.floats(0.0, 1.0))
 

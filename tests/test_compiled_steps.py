@@ -5,11 +5,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from brownout_jax.brownout import ThresholdLadder
-from brownout_jax.compiled_steps import CompiledSteps, StepBuckets
-from brownout_jax.generate import generate
-from brownout_jax.kv_cache import ContiguousKVCache
-from brownout_jax.steps import PrefillInputs, SamplingParams, unpack_sampled
+from brownout_jax.engine.compiled_steps import CompiledSteps, StepBuckets
+from brownout_jax.model.kv_cache import ContiguousKVCache
+from brownout_jax.moe.brownout import ThresholdLadder
+from brownout_jax.offline.generate import generate
+from brownout_jax.offline.steps import PrefillInputs, SamplingParams, unpack_sampled
 
 
 class CompileCounter:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from brownout_jax.config import QWEN1_5_MOE_A2_7B, ModelConfig, UnsupportedConfigError
+from brownout_jax.model.config import QWEN1_5_MOE_A2_7B, ModelConfig, UnsupportedConfigError
 
 # config.json of Qwen/Qwen1.5-MoE-A2.7B as published on the hub.
 QWEN_CONFIG_JSON = {

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from brownout_jax.engine_config import EngineConfig
-from brownout_jax.requests import GenerationRequest, RequestError, validate_request
+from brownout_jax.engine.config import EngineConfig
+from brownout_jax.engine.requests import GenerationRequest, RequestError, validate_request
 
 
 def test_default_limit_is_the_models_positions():

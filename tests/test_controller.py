@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from brownout_jax.brownout import DEFAULT_LADDER
-from brownout_jax.controller import ControllerConfig, SloController
+from brownout_jax.engine.controller import ControllerConfig, SloController
+from brownout_jax.moe.brownout import DEFAULT_LADDER
 
 
 class FakeClock:
@@ -99,7 +99,7 @@ def test_no_samples_hold_and_modes():
 
 
 def test_coarse_ladder_recovers():
-    from brownout_jax.brownout import ThresholdLadder
+    from brownout_jax.moe.brownout import ThresholdLadder
 
     clock = FakeClock()
     ctl = SloController(

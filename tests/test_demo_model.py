@@ -15,9 +15,9 @@ from transformers import AutoTokenizer, Qwen2MoeForCausalLM
 
 from brownout_jax.checkpoints import load_model
 from brownout_jax.checkpoints.demo_model import demo_model_dir, demo_united_dir
-from brownout_jax.generate import generate
-from brownout_jax.model import forward_logits, lm_logits
-from brownout_jax.moe import MoeOptions
+from brownout_jax.model.transformer import forward_logits, lm_logits
+from brownout_jax.moe.block import MoeOptions
+from brownout_jax.offline.generate import generate
 
 TEXT = (
     "Return a new list containing all items from the iterable in ascending order.\n\n"
@@ -161,7 +161,7 @@ def test_training_forward_matches_model_and_differentiates():
     """The training twin (differentiable expert tiles + load-balancing loss) equals
     ``forward_logits`` and yields finite gradients for every parameter."""
     from brownout_jax.checkpoints.train_demo import token_nll, train_forward
-    from brownout_jax.params import init_random_params
+    from brownout_jax.model.params import init_random_params
 
     config = tiny_model_config(num_layers=2)
     params = init_random_params(config, jax.random.key(3), scale=0.3)

@@ -11,19 +11,19 @@ import pytest
 from conftest import tiny_model_config
 from test_compiled_steps import CompileCounter
 
-from brownout_jax.brownout import ThresholdLadder
-from brownout_jax.controller import ControllerConfig
-from brownout_jax.engine import Engine
-from brownout_jax.engine_config import EngineConfig
-from brownout_jax.generate import generate
-from brownout_jax.params import init_random_params
-from brownout_jax.requests import (
+from brownout_jax.engine.config import EngineConfig
+from brownout_jax.engine.controller import ControllerConfig
+from brownout_jax.engine.front import Engine
+from brownout_jax.engine.requests import (
     EngineClosedError,
     EngineDeadError,
     FinishReason,
     GenerationRequest,
     RequestError,
 )
+from brownout_jax.model.params import init_random_params
+from brownout_jax.moe.brownout import ThresholdLadder
+from brownout_jax.offline.generate import generate
 
 CONFIG = tiny_model_config()
 

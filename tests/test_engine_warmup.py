@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from brownout_jax.brownout import ThresholdLadder
-from brownout_jax.engine_config import EngineConfig
-from brownout_jax.engine_steps import EngineState, EngineSteps
-from brownout_jax.moe import MoeOptions
-from brownout_jax.paged_cache import NULL_BLOCK, KVPool
+from brownout_jax.engine.config import EngineConfig
+from brownout_jax.engine.paged_cache import NULL_BLOCK, KVPool
+from brownout_jax.engine.steps import EngineState, EngineSteps
+from brownout_jax.moe.block import MoeOptions
+from brownout_jax.moe.brownout import ThresholdLadder
 
 
 def test_first_runs_leave_every_real_block_and_slot_unchanged(tiny_moe):

@@ -14,9 +14,9 @@ from brownout_jax import cli
 from brownout_jax.eval.scoring import continuation_logprobs
 from brownout_jax.eval.tasks import TaskFormatError, load_task
 from brownout_jax.eval.workload import WorkloadConfig, arrival_times, make_trace
-from brownout_jax.model import forward_logits
-from brownout_jax.moe import MoeOptions
-from brownout_jax.params import init_random_params
+from brownout_jax.model.params import init_random_params
+from brownout_jax.model.transformer import forward_logits
+from brownout_jax.moe.block import MoeOptions
 
 FIXTURES = {
     "piqa": {"goal": "To open a jar", "sol1": "twist the lid", "sol2": "eat it", "label": 0},

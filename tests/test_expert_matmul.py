@@ -10,13 +10,13 @@ from conftest import rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from brownout_jax.expert_matmul import (
+from brownout_jax.model.params import ExpertWeights
+from brownout_jax.moe.expert_matmul import (
     ExpertTiling,
     apply_experts_dense,
     apply_experts_sorted,
     sort_into_tiles,
 )
-from brownout_jax.params import ExpertWeights
 
 
 def _random_problem(seed, n, d, f, e, k, masked_fraction=0.0, hot_experts=None):

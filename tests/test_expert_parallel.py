@@ -20,13 +20,11 @@ import pytest
 from conftest import rel_err, tiny_model_config
 from test_compiled_steps import CompileCounter
 
-from brownout_jax.brownout import ThresholdLadder
-from brownout_jax.calibration import random_token_sequences
-from brownout_jax.controller import ControllerConfig, SloController
-from brownout_jax.distill import DistillConfig, build_united_experts
-from brownout_jax.engine import Engine
-from brownout_jax.engine_config import EngineConfig
-from brownout_jax.engine_steps import (
+from brownout_jax.engine.config import EngineConfig
+from brownout_jax.engine.controller import ControllerConfig, SloController
+from brownout_jax.engine.front import Engine
+from brownout_jax.engine.requests import GenerationRequest
+from brownout_jax.engine.steps import (
     EngineBuckets,
     EngineSteps,
     engine_decode_step,
@@ -34,7 +32,14 @@ from brownout_jax.engine_steps import (
     host_decode_batch,
     host_prefill_batch,
 )
-from brownout_jax.expert_parallel import (
+from brownout_jax.model.kv_cache import ContiguousKVCache
+from brownout_jax.model.params import init_random_params
+from brownout_jax.model.transformer import decode, forward_logits, prefill
+from brownout_jax.moe.block import MoeOptions
+from brownout_jax.moe.brownout import ThresholdLadder
+from brownout_jax.moe.calibration import random_token_sequences
+from brownout_jax.moe.distill import DistillConfig, build_united_experts
+from brownout_jax.moe.expert_parallel import (
     ExpertLayout,
     MeshConfig,
     add_mesh_argument,
@@ -45,13 +50,8 @@ from brownout_jax.expert_parallel import (
     routed_load,
     shard_params,
 )
-from brownout_jax.generate import generate
-from brownout_jax.kv_cache import ContiguousKVCache
-from brownout_jax.model import decode, forward_logits, prefill
-from brownout_jax.moe import MoeOptions
-from brownout_jax.params import init_random_params
-from brownout_jax.requests import GenerationRequest
-from brownout_jax.united import attach_united
+from brownout_jax.moe.united import attach_united
+from brownout_jax.offline.generate import generate
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 4, reason="needs 4 devices (XLA_FLAGS set by conftest before JAX)"
@@ -276,8 +276,8 @@ def _free_port() -> int:
 
 
 def test_mesh_across_two_processes_equals_one_process_and_one_device(tmp_path):
-    from brownout_jax.ep_multiprocess_demo import THRESHOLDS as DEMO_THRESHOLDS
-    from brownout_jax.ep_multiprocess_demo import run_demo
+    from brownout_jax.demos.ep_multiprocess import THRESHOLDS as DEMO_THRESHOLDS
+    from brownout_jax.demos.ep_multiprocess import run_demo
 
     out = tmp_path / "two.npz"
     coordinator = f"127.0.0.1:{_free_port()}"
@@ -287,7 +287,7 @@ def test_mesh_across_two_processes_equals_one_process_and_one_device(tmp_path):
             [
                 sys.executable,
                 "-m",
-                "brownout_jax.ep_multiprocess_demo",
+                "brownout_jax.demos.ep_multiprocess",
                 "--coordinator",
                 coordinator,
                 "--num-processes",

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from conftest import rel_err, tiny_model_config
 
-from brownout_jax.generate import generate
-from brownout_jax.model import forward_logits
-from brownout_jax.moe import ExpertBackend, MoeOptions
-from brownout_jax.params import init_random_params
-from brownout_jax.steps import pack_sampled, unpack_sampled
+from brownout_jax.model.params import init_random_params
+from brownout_jax.model.transformer import forward_logits
+from brownout_jax.moe.block import ExpertBackend, MoeOptions
+from brownout_jax.offline.generate import generate
+from brownout_jax.offline.steps import pack_sampled, unpack_sampled
 
 CONFIG = tiny_model_config(
     num_layers=2,

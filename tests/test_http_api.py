@@ -21,7 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from brownout_jax.checkpoints import load_model
-from brownout_jax.generate import generate
+from brownout_jax.offline.generate import generate
 from brownout_jax.serve import brownout_pb2 as pb
 from brownout_jax.serve.client import GenerationClient
 

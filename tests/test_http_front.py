@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from brownout_jax.engine_metrics import EngineMetrics
-from brownout_jax.requests import (
+from brownout_jax.engine.metrics import EngineMetrics
+from brownout_jax.engine.requests import (
     EngineClosedError,
     EngineDeadError,
     EngineOverloadedError,

@@ -7,11 +7,11 @@ import jax
 import pytest
 from conftest import tiny_model_config
 
-from brownout_jax import map_budget
-from brownout_jax.engine import Engine
-from brownout_jax.engine_config import EngineConfig
-from brownout_jax.map_budget import CompileBudgetError, MappingBudget, count_mappings
-from brownout_jax.params import init_random_params
+from brownout_jax.engine import map_budget
+from brownout_jax.engine.config import EngineConfig
+from brownout_jax.engine.front import Engine
+from brownout_jax.engine.map_budget import CompileBudgetError, MappingBudget, count_mappings
+from brownout_jax.model.params import init_random_params
 
 
 def test_projection_raises_once_the_grid_cannot_fit(monkeypatch):

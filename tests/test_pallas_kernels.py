@@ -15,7 +15,7 @@ from conftest import rel_err, tiny_model_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from brownout_jax.grouped_experts import apply_experts_pallas
+from brownout_jax.moe.grouped_experts import apply_experts_pallas
 from pallas_kernels import (
     DECODE,
     PREFILL,
@@ -321,7 +321,7 @@ def test_moe_dispatch_lowers_for_cuda_with_smallest_tiling():
     config = tiny_model_config()
     n, k, e = 24, config.num_experts_per_tok, config.num_experts
     d, f = config.hidden_size, config.moe_intermediate_size
-    from brownout_jax.params import ExpertWeights
+    from brownout_jax.model.params import ExpertWeights
 
     def fn(x, ids, weights, mask, wg, wu, wd):
         return apply_experts_pallas(
@@ -351,9 +351,9 @@ def test_moe_dispatch_lowers_for_cuda_with_smallest_tiling():
 
 
 def test_model_logits_pallas_interpret_match_cpu_path():
-    from brownout_jax.model import forward_logits
-    from brownout_jax.moe import ExpertBackend, MoeOptions
-    from brownout_jax.params import init_random_params
+    from brownout_jax.model.params import init_random_params
+    from brownout_jax.model.transformer import forward_logits
+    from brownout_jax.moe.block import ExpertBackend, MoeOptions
 
     config = tiny_model_config()
     params = init_random_params(config, jax.random.key(7), scale=0.3)
@@ -372,7 +372,7 @@ def test_model_logits_pallas_interpret_match_cpu_path():
 
 
 def test_bench_kernels_smoke_on_cpu():
-    from pallas_kernels.bench import run_kernel_bench
+    from brownout_jax.bench.kernels import run_kernel_bench
 
     result = run_kernel_bench(small=True, repeats=1, rows=(4,))
     assert result["small"] and result["interpret"] == (jax.default_backend() != "gpu")

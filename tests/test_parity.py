@@ -14,8 +14,8 @@ from transformers import Qwen2MoeForCausalLM
 
 from brownout_jax import cli
 from brownout_jax.checkpoints import load_model
-from brownout_jax.kv_cache import ContiguousKVCache
-from brownout_jax.model import decode, forward_logits, prefill
+from brownout_jax.model.kv_cache import ContiguousKVCache
+from brownout_jax.model.transformer import decode, forward_logits, prefill
 
 SPEC_NAMES = [s.name for s in PARITY_SPECS]
 

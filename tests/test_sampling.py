@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from brownout_jax.sampling import (
+from brownout_jax.engine.sampling import (
     SamplingParams,
     sample_tokens,
     truncate_logits,

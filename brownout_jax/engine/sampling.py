@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from brownout_jax.dims import Array, Float, Int
+from brownout_jax.model.dims import Array, Float, Int
 
 
 @struct.dataclass

@@ -16,7 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from brownout_jax.dims import Array, Float
+from brownout_jax.model.dims import Array, Float
 
 _KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 

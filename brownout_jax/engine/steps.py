@@ -20,17 +20,17 @@ from flax import struct
 from jax.stages import Compiled
 from tqdm.auto import tqdm
 
-from brownout_jax.brownout import ThresholdLadder
-from brownout_jax.compiled_steps import abstract_tree
-from brownout_jax.config import ModelConfig
-from brownout_jax.dims import Array, Bool, Int
-from brownout_jax.expert_parallel import AXIS, DeviceLoad, abstract_placed, replicated
-from brownout_jax.map_budget import MappingBudget
-from brownout_jax.model import decode, prefill
-from brownout_jax.moe import MoeOptions
-from brownout_jax.paged_cache import KVPool, PagedKVCache
-from brownout_jax.params import ModelParams
-from brownout_jax.steps import SamplingParams, pack_sampled, sample_tokens
+from brownout_jax.engine.compiled_steps import abstract_tree
+from brownout_jax.engine.map_budget import MappingBudget
+from brownout_jax.engine.paged_cache import KVPool, PagedKVCache
+from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.dims import Array, Bool, Int
+from brownout_jax.model.params import ModelParams
+from brownout_jax.model.transformer import decode, prefill
+from brownout_jax.moe.block import MoeOptions
+from brownout_jax.moe.brownout import ThresholdLadder
+from brownout_jax.moe.expert_parallel import AXIS, DeviceLoad, abstract_placed, replicated
+from brownout_jax.offline.steps import SamplingParams, pack_sampled, sample_tokens
 
 
 @struct.dataclass

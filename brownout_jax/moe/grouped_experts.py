@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import jax.numpy as jnp
 
-from brownout_jax.dims import Array, Bool, Float, Int
-from brownout_jax.params import ExpertWeights
+from brownout_jax.model.dims import Array, Bool, Float, Int
+from brownout_jax.model.params import ExpertWeights
 
 # (sorted rows (A, D), group_sizes (E,), weights, row weights (A,)) → outputs (A, D), float32,
 # zero past sum(group_sizes).

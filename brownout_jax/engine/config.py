@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from brownout_jax.brownout import DEFAULT_LADDER, ThresholdLadder
-from brownout_jax.controller import DEFAULT_CONTROLLER, ControllerConfig
-from brownout_jax.engine_steps import EngineBuckets
-from brownout_jax.expert_backend import ExpertBackend
-from brownout_jax.mesh_config import MeshConfig
+from brownout_jax.engine.controller import DEFAULT_CONTROLLER, ControllerConfig
+from brownout_jax.engine.steps import EngineBuckets
+from brownout_jax.moe.brownout import DEFAULT_LADDER, ThresholdLadder
+from brownout_jax.moe.expert_backend import ExpertBackend
+from brownout_jax.moe.mesh_config import MeshConfig
 
 
 def _geometric(start: int, stop: int, growth: int) -> tuple[int, ...]:

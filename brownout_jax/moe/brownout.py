@@ -19,7 +19,7 @@ import fractions
 import jax.numpy as jnp
 import numpy as np
 
-from brownout_jax.dims import Array, Bool, Int
+from brownout_jax.model.dims import Array, Bool, Int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

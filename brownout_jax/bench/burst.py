@@ -10,8 +10,8 @@ import time
 
 import numpy as np
 
-from brownout_jax.engine import Engine
-from brownout_jax.requests import GenerationRequest
+from brownout_jax.engine.front import Engine
+from brownout_jax.engine.requests import GenerationRequest
 
 
 def _summary(values: list[float]) -> dict:

@@ -18,13 +18,12 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from brownout_jax.config import ModelConfig
-from brownout_jax.expert_matmul import _swiglu_tile
-from brownout_jax.generate import bucket_length
-from brownout_jax.model import collect_moe_inputs
-from brownout_jax.moe import route_top_k
-from brownout_jax.params import ExpertWeights, ModelParams, MoeParams
-from brownout_jax.united import (
+from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.params import ExpertWeights, ModelParams, MoeParams
+from brownout_jax.model.transformer import collect_moe_inputs
+from brownout_jax.moe.block import route_top_k
+from brownout_jax.moe.expert_matmul import _swiglu_tile
+from brownout_jax.moe.united import (
     UnitedExperts,
     UnitedLayer,
     average_init,
@@ -33,6 +32,7 @@ from brownout_jax.united import (
     num_groups,
     similarity_groups,
 )
+from brownout_jax.offline.generate import bucket_length
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

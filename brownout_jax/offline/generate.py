@@ -13,11 +13,11 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from brownout_jax.config import ModelConfig
-from brownout_jax.kv_cache import ContiguousKVCache
-from brownout_jax.moe import DEFAULT_MOE_OPTIONS, MoeOptions
-from brownout_jax.params import ModelParams
-from brownout_jax.steps import (
+from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.kv_cache import ContiguousKVCache
+from brownout_jax.model.params import ModelParams
+from brownout_jax.moe.block import DEFAULT_MOE_OPTIONS, MoeOptions
+from brownout_jax.offline.steps import (
     PrefillInputs,
     SamplingParams,
     decode_step,

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from brownout_jax.brownout import DEFAULT_LADDER, ThresholdLadder
+from brownout_jax.moe.brownout import DEFAULT_LADDER, ThresholdLadder
 
 PHASES = ("prefill", "decode")
 

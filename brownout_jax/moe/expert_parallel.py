@@ -33,24 +33,24 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from brownout_jax.brownout import route_with_brownout
-from brownout_jax.config import ModelConfig
-from brownout_jax.dims import Array, Bool, Float, Int
-from brownout_jax.expert_matmul import tiling_for
-from brownout_jax.mesh_config import (  # noqa: F401 (the mesh API lives here too)
-    AXIS,
-    MeshConfig,
-    add_mesh_argument,
-    mesh_from_arg,
-)
-from brownout_jax.moe import (
+from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.dims import Array, Bool, Float, Int
+from brownout_jax.model.params import ExpertWeights, ModelParams, MoeParams
+from brownout_jax.moe.block import (
     MoeOptions,
     RouterOutput,
     apply_routed_experts,
     expected_active_experts,
     route_top_k,
 )
-from brownout_jax.params import ExpertWeights, ModelParams, MoeParams
+from brownout_jax.moe.brownout import route_with_brownout
+from brownout_jax.moe.expert_matmul import tiling_for
+from brownout_jax.moe.mesh_config import (  # noqa: F401 (the mesh API lives here too)
+    AXIS,
+    MeshConfig,
+    add_mesh_argument,
+    mesh_from_arg,
+)
 
 
 def make_mesh(config: MeshConfig, devices=None) -> Mesh:

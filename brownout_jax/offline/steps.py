@@ -11,18 +11,18 @@ import functools
 import jax
 from flax import struct
 
-from brownout_jax.config import ModelConfig
-from brownout_jax.dims import Array, Bool, Int
-from brownout_jax.kv_cache import ContiguousKVCache
-from brownout_jax.model import decode, prefill
-from brownout_jax.moe import MoeOptions
-from brownout_jax.params import ModelParams
-from brownout_jax.sampling import (  # noqa: F401 (steps' callers import these from here)
+from brownout_jax.engine.sampling import (  # noqa: F401 (steps' callers import these from here)
     SamplingParams,
     pack_sampled,
     sample_tokens,
     unpack_sampled,
 )
+from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.dims import Array, Bool, Int
+from brownout_jax.model.kv_cache import ContiguousKVCache
+from brownout_jax.model.params import ModelParams
+from brownout_jax.model.transformer import decode, prefill
+from brownout_jax.moe.block import MoeOptions
 
 
 @struct.dataclass

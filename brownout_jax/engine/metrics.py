@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from brownout_jax.requests import FinishReason, RequestMetrics
+from brownout_jax.engine.requests import FinishReason, RequestMetrics
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 

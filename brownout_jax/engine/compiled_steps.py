@@ -15,13 +15,19 @@ import jax.numpy as jnp
 from jax.stages import Compiled
 from tqdm.auto import tqdm
 
-from brownout_jax.bit_storage import storage_dtype
-from brownout_jax.brownout import ThresholdLadder
-from brownout_jax.config import ModelConfig
-from brownout_jax.kv_cache import ContiguousKVCache
-from brownout_jax.moe import DEFAULT_MOE_OPTIONS, MoeOptions
-from brownout_jax.params import ModelParams, MoeParams
-from brownout_jax.steps import DecodeState, PrefillInputs, SamplingParams, decode_step, prefill_step
+from brownout_jax.model.bit_storage import storage_dtype
+from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.kv_cache import ContiguousKVCache
+from brownout_jax.model.params import ModelParams, MoeParams
+from brownout_jax.moe.block import DEFAULT_MOE_OPTIONS, MoeOptions
+from brownout_jax.moe.brownout import ThresholdLadder
+from brownout_jax.offline.steps import (
+    DecodeState,
+    PrefillInputs,
+    SamplingParams,
+    decode_step,
+    prefill_step,
+)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

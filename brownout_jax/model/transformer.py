@@ -13,13 +13,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from brownout_jax.bit_storage import take_rows
-from brownout_jax.config import ModelConfig
-from brownout_jax.dense import matmul, matmul_f32
-from brownout_jax.dims import Array, Bool, Float, Int
-from brownout_jax.kv_cache import ContiguousKVCache
-from brownout_jax.moe import DEFAULT_MOE_OPTIONS, MoeOptions, dense_mlp, moe_block
-from brownout_jax.params import AttentionParams, DecoderLayerParams, ModelParams, MoeParams
+from brownout_jax.model.bit_storage import take_rows
+from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.dense import matmul, matmul_f32
+from brownout_jax.model.dims import Array, Bool, Float, Int
+from brownout_jax.model.kv_cache import ContiguousKVCache
+from brownout_jax.model.params import AttentionParams, DecoderLayerParams, ModelParams, MoeParams
+from brownout_jax.moe.block import DEFAULT_MOE_OPTIONS, MoeOptions, dense_mlp, moe_block
 
 
 def rms_norm(

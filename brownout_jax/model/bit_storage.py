@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from brownout_jax.dims import Array, Int
+from brownout_jax.model.dims import Array, Int
 
 _BITS = {jnp.dtype(jnp.bfloat16): jnp.uint16}
 

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from brownout_jax.config import ModelConfig
-from brownout_jax.dims import Array, Int
-from brownout_jax.params import ExpertWeights, ModelParams, MoeParams
+from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.dims import Array, Int
+from brownout_jax.model.params import ExpertWeights, ModelParams, MoeParams
 
 GROUPINGS = ("contiguous", "similarity")
 

@@ -26,24 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from brownout_jax.compiled_steps import has_united_experts
-from brownout_jax.config import ModelConfig
-from brownout_jax.controller import SloController
-from brownout_jax.detokenize import IncrementalText
-from brownout_jax.engine_config import EngineConfig
-from brownout_jax.engine_metrics import EngineMetrics, EngineStats
-from brownout_jax.engine_steps import (
-    EngineState,
-    EngineSteps,
-    host_decode_batch,
-    host_prefill_batch,
-    split_packed,
-)
-from brownout_jax.expert_parallel import is_expert_parallel, make_mesh, replicate, shard_params
-from brownout_jax.moe import MoeOptions
-from brownout_jax.paged_cache import BlockAllocator, KVPool, blocks_needed
-from brownout_jax.params import ModelParams
-from brownout_jax.requests import (
+from brownout_jax.engine.compiled_steps import has_united_experts
+from brownout_jax.engine.config import EngineConfig
+from brownout_jax.engine.controller import SloController
+from brownout_jax.engine.detokenize import IncrementalText
+from brownout_jax.engine.metrics import EngineMetrics, EngineStats
+from brownout_jax.engine.paged_cache import BlockAllocator, KVPool, blocks_needed
+from brownout_jax.engine.requests import (
     EngineClosedError,
     EngineDeadError,
     EngineOverloadedError,
@@ -54,7 +43,18 @@ from brownout_jax.requests import (
     TokenEvent,
     validate_request,
 )
-from brownout_jax.steps import unpack_sampled
+from brownout_jax.engine.steps import (
+    EngineState,
+    EngineSteps,
+    host_decode_batch,
+    host_prefill_batch,
+    split_packed,
+)
+from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.params import ModelParams
+from brownout_jax.moe.block import MoeOptions
+from brownout_jax.moe.expert_parallel import is_expert_parallel, make_mesh, replicate, shard_params
+from brownout_jax.offline.steps import unpack_sampled
 
 
 @dataclasses.dataclass(eq=False)
@@ -560,7 +560,7 @@ def _fill_sampling(sampling, row: int, request: GenerationRequest) -> None:
 
 
 def _exact_only(config: EngineConfig):
-    from brownout_jax.brownout import ThresholdLadder
+    from brownout_jax.moe.brownout import ThresholdLadder
 
     if config.controller.mode == "fixed" and config.controller.fixed_threshold < 1.0:
         raise ValueError("a fixed brownout threshold below 1 needs united experts")

@@ -18,8 +18,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from brownout_jax.dims import Array, Bool, Float, Int
-from brownout_jax.params import ExpertWeights
+from brownout_jax.model.dims import Array, Bool, Float, Int
+from brownout_jax.model.params import ExpertWeights
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -9,9 +9,9 @@ logits at thresholds 0, 0.5, 1 and a few greedy tokens. Process 0 writes them to
 
 Two processes with two CPU devices each, on loopback::
 
-    python -m brownout_jax.ep_multiprocess_demo --coordinator 127.0.0.1:12355 \\
+    python -m brownout_jax.demos.ep_multiprocess --coordinator 127.0.0.1:12355 \\
         --num-processes 2 --process-id 0 --local-devices 2 --out ep.npz &
-    python -m brownout_jax.ep_multiprocess_demo --coordinator 127.0.0.1:12355 \\
+    python -m brownout_jax.demos.ep_multiprocess --coordinator 127.0.0.1:12355 \\
         --num-processes 2 --process-id 1 --local-devices 2
 
 One process with four devices gives the same arrays (``--local-devices 4``, no coordinator);
@@ -44,9 +44,9 @@ def demo_model():
     import jax
     import jax.numpy as jnp
 
-    from brownout_jax.config import ModelConfig
-    from brownout_jax.params import init_random_params
-    from brownout_jax.united import (
+    from brownout_jax.model.config import ModelConfig
+    from brownout_jax.model.params import init_random_params
+    from brownout_jax.moe.united import (
         UnitedExperts,
         UnitedLayer,
         attach_united,
@@ -94,9 +94,9 @@ def run_demo(mesh) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from brownout_jax.expert_parallel import replicate, shard_params
-    from brownout_jax.model import forward_logits
-    from brownout_jax.moe import MoeOptions
+    from brownout_jax.model.transformer import forward_logits
+    from brownout_jax.moe.block import MoeOptions
+    from brownout_jax.moe.expert_parallel import replicate, shard_params
 
     config, params = demo_model()
     rng = np.random.default_rng(7)
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import numpy as np
 
-    from brownout_jax.expert_parallel import MeshConfig, make_mesh
+    from brownout_jax.moe.expert_parallel import MeshConfig, make_mesh
 
     if args.platform == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from brownout_jax.config import ModelConfig
-from brownout_jax.dims import Array, Float, Int
+from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.dims import Array, Float, Int
 
 
 @struct.dataclass

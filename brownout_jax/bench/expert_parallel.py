@@ -11,7 +11,7 @@
    (``Engine.stats().device_load``) on the bundled demo model, 16 requests per fixed threshold.
 
 Needs as many devices as the mesh: ``XLA_FLAGS=--xla_force_host_platform_device_count=4
-python -m brownout_jax.bench_ep``. A measurement script, not a test.
+python -m brownout_jax.bench.expert_parallel``. A measurement script, not a test.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from brownout_jax.bench_moe import MoeLayerShape, make_layer, tokens_for
-from brownout_jax.expert_parallel import AXIS, ExpertLayout, MeshConfig, make_mesh, routed_load
-from brownout_jax.moe import MoeOptions, moe_block
-from brownout_jax.params import DenseMlpParams, ExpertWeights, MoeParams
+from brownout_jax.bench.moe_layer import MoeLayerShape, make_layer, tokens_for
+from brownout_jax.model.params import DenseMlpParams, ExpertWeights, MoeParams
+from brownout_jax.moe.block import MoeOptions, moe_block
+from brownout_jax.moe.expert_parallel import AXIS, ExpertLayout, MeshConfig, make_mesh, routed_load
 
 QWEN = MoeLayerShape()
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -240,13 +240,13 @@ DEMO_PROMPTS = (
 def engine_load_table(n: int = 4, levels=(0.0, 0.5, 1.0), new_tokens: int = 20) -> list[dict]:
     """Engine stats on the demo model (contiguous way-4 united experts) under a mesh of n:
     the 16 prompts together at each fixed threshold, greedy, EOS ignored."""
-    from brownout_jax.brownout import ThresholdLadder
     from brownout_jax.checkpoints import load_model
     from brownout_jax.checkpoints.demo_model import demo_model_dir, demo_united_dir
-    from brownout_jax.controller import ControllerConfig, SloController
-    from brownout_jax.engine import Engine
-    from brownout_jax.engine_config import EngineConfig
-    from brownout_jax.requests import GenerationRequest
+    from brownout_jax.engine.config import EngineConfig
+    from brownout_jax.engine.controller import ControllerConfig, SloController
+    from brownout_jax.engine.front import Engine
+    from brownout_jax.engine.requests import GenerationRequest
+    from brownout_jax.moe.brownout import ThresholdLadder
 
     model = load_model(
         demo_model_dir(), "float32", progress=False, united=demo_united_dir("contiguous")

@@ -10,9 +10,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import struct
 
-from brownout_jax.bit_storage import from_storage, storage_dtype, to_storage
-from brownout_jax.config import ModelConfig
-from brownout_jax.dims import Array, Float, Int
+from brownout_jax.model.bit_storage import from_storage, storage_dtype, to_storage
+from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.dims import Array, Float, Int
 
 
 @struct.dataclass

@@ -19,9 +19,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from brownout_jax.brownout import route_with_brownout
-from brownout_jax.moe import ExpertBackend, MoeOptions, moe_block, resolve_backend, route_top_k
-from brownout_jax.params import DenseMlpParams, ExpertWeights, MoeParams
+from brownout_jax.model.params import DenseMlpParams, ExpertWeights, MoeParams
+from brownout_jax.moe.block import (
+    ExpertBackend,
+    MoeOptions,
+    moe_block,
+    resolve_backend,
+    route_top_k,
+)
+from brownout_jax.moe.brownout import route_with_brownout
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -110,7 +116,7 @@ def measure_matmul_peak(dtype, repeats: int = 5) -> float:
     """GFLOP/s of the best dense matmul this machine runs at a prefill-like shape (512 ×
     2048 · 2048 × 5632) in ``dtype``: XLA's dot (fp32 accumulation) or the model's
     ``dense.matmul_f32`` (the CPU kernel on CPU when built)."""
-    from brownout_jax.dense import matmul_f32
+    from brownout_jax.model.dense import matmul_f32
 
     x = jnp.ones((512, 2048), dtype)
     w = jnp.full((2048, 5632), 0.01, dtype)

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from brownout_jax.bit_storage import from_storage, storage_dtype, to_storage
-from brownout_jax.config import ModelConfig
-from brownout_jax.dims import Array, Float, Int
+from brownout_jax.model.bit_storage import from_storage, storage_dtype, to_storage
+from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.dims import Array, Float, Int
 
 NULL_BLOCK = 0
 

@@ -17,18 +17,18 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from brownout_jax.brownout import route_with_brownout
-from brownout_jax.dense import swiglu_mlp
-from brownout_jax.dims import Array, Bool, Float, Int
-from brownout_jax.expert_backend import ExpertBackend
-from brownout_jax.expert_matmul import (
+from brownout_jax.model.dense import swiglu_mlp
+from brownout_jax.model.dims import Array, Bool, Float, Int
+from brownout_jax.model.params import DenseMlpParams, ExpertWeights, MoeParams
+from brownout_jax.moe.brownout import route_with_brownout
+from brownout_jax.moe.expert_backend import ExpertBackend
+from brownout_jax.moe.expert_matmul import (
     ExpertTiling,
     apply_experts_dense,
     apply_experts_sorted,
     tiling_for,
 )
-from brownout_jax.grouped_experts import apply_experts_cpu_kernel, apply_experts_pallas
-from brownout_jax.params import DenseMlpParams, ExpertWeights, MoeParams
+from brownout_jax.moe.grouped_experts import apply_experts_cpu_kernel, apply_experts_pallas
 
 
 @functools.cache
@@ -158,7 +158,7 @@ def moe_block(
     layout = None
     if options.mesh is not None:
         # Imported here: expert_parallel builds on this module.
-        from brownout_jax.expert_parallel import (
+        from brownout_jax.moe.expert_parallel import (
             ExpertLayout,
             apply_experts_parallel,
             expert_load_per_device,

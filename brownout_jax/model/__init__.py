@@ -1,0 +1,1 @@
+"""The network: configuration, typed parameters, the Qwen2-MoE forward pass, KV caches."""

@@ -1,0 +1,1 @@
+"""Offline generation: a batch of prompts through jitted prefill/decode steps, no engine."""
