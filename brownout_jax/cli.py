@@ -90,8 +90,8 @@ def _add_brownout_options(p) -> None:
 def brownout_options(args, config) -> tuple:
     """(prefill MoeOptions, decode MoeOptions) from the CLI flags; off-ladder values snap down
     to a level, and say so."""
-    from brownout_jax.moe.block import MoeOptions
-    from brownout_jax.moe.brownout import DEFAULT_LADDER, ThresholdLadder
+    from brownout_jax.moe.ladder import DEFAULT_LADDER, ThresholdLadder
+    from brownout_jax.moe.options import MoeOptions
 
     ladder = ThresholdLadder.parse(args.ladder) if args.ladder else DEFAULT_LADDER
     chosen = {}
@@ -279,7 +279,10 @@ def _run_serve(args) -> int:
     server_config = server_config_from_args(args)  # flag errors before the model loads
     check_mesh(args.mesh)
     model, united = default_model(args.model, args.united)
-    config = dataclasses.replace(engine_config_from_args(args), max_queue=args.max_queue)
+    # Serve once the minimal step set is compiled; the rest compiles in the background.
+    config = dataclasses.replace(
+        engine_config_from_args(args), max_queue=args.max_queue, compile_in_background=True
+    )
 
     def make_engine():
         return Engine.from_checkpoint(model, united, config, args.dtype, progress=False)
@@ -354,7 +357,7 @@ def engine_config_from_args(args):
 
     from brownout_jax.engine.config import EngineConfig, default_bucket_growth
     from brownout_jax.engine.controller import ControllerConfig
-    from brownout_jax.moe.brownout import ThresholdLadder
+    from brownout_jax.moe.ladder import ThresholdLadder
 
     controller = ControllerConfig.parse_mode(
         args.brownout, slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot

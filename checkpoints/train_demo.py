@@ -56,12 +56,13 @@ from brownout_jax.checkpoints.demo_corpus import (
     split_documents,
 )
 from brownout_jax.checkpoints.hf_export import write_hf_checkpoint
-from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.config import PRESETS, ModelConfig
+from brownout_jax.model.dense import dense_mlp
 from brownout_jax.model.dims import Array, Float, Int
 from brownout_jax.model.params import ExpertWeights, ModelParams, MoeParams, init_random_params
 from brownout_jax.model.transformer import attention_block, lm_logits, rms_norm, rope_tables
-from brownout_jax.moe.block import dense_mlp, route_top_k
 from brownout_jax.moe.expert_matmul import sort_into_tiles
+from brownout_jax.moe.routing import route_top_k
 
 EOS = "<|endoftext|>"
 CHAT_TEMPLATE = (
@@ -75,29 +76,9 @@ SKEW_TOP_FRACTION = 0.1  # skew = share of assignments to the busiest 10 % of ex
 
 
 def demo_config(vocab_size: int, eos_id: int) -> ModelConfig:
-    """Qwen1.5-MoE-A2.7B in miniature: same block structure, 32 experts, top-4."""
-    return ModelConfig(
-        vocab_size=vocab_size,
-        hidden_size=192,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=4,
-        head_dim=48,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-        num_experts=32,
-        num_experts_per_tok=4,
-        moe_intermediate_size=80,
-        shared_expert_intermediate_size=320,
-        intermediate_size=320,
-        norm_topk_prob=False,
-        decoder_sparse_step=1,
-        mlp_only_layers=(),
-        qkv_bias=True,
-        tie_word_embeddings=False,
-        max_position_embeddings=1024,
-        bos_token_id=eos_id,
-        eos_token_ids=(eos_id,),
+    """Qwen1.5-MoE-A2.7B in miniature (``config.DEMO``) with the trained tokenizer's ids."""
+    return PRESETS["demo"].replace(
+        vocab_size=vocab_size, bos_token_id=eos_id, eos_token_ids=(eos_id,)
     )
 
 

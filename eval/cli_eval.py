@@ -150,9 +150,9 @@ def run_accuracy(args) -> int:
     from brownout_jax.cli import check_mesh
     from brownout_jax.eval.scoring import perplexity, score_items
     from brownout_jax.eval.tasks import load_task
-    from brownout_jax.moe.block import MoeOptions
-    from brownout_jax.moe.brownout import DEFAULT_LADDER
     from brownout_jax.moe.expert_parallel import expert_parallel_setup
+    from brownout_jax.moe.ladder import DEFAULT_LADDER
+    from brownout_jax.moe.options import MoeOptions
 
     check_mesh(args.mesh)
     params, config, tokenizer, _ = load_for_eval(args)
@@ -224,7 +224,7 @@ def _engine(params, config, tokenizer, args, ladder=None, controller=None):
 
     from brownout_jax.engine.config import EngineConfig, default_bucket_growth
     from brownout_jax.engine.front import Engine
-    from brownout_jax.moe.brownout import DEFAULT_LADDER
+    from brownout_jax.moe.ladder import DEFAULT_LADDER
 
     fields = {
         "max_batch": args.max_batch,
@@ -263,7 +263,7 @@ def run_throughput_cmd(args) -> int:
             f"{args.max_new_tokens} exceed --max-model-len {args.max_model_len}"
         )
     params, config, tokenizer, model_dir = load_for_eval(args)
-    from brownout_jax.moe.brownout import ThresholdLadder
+    from brownout_jax.moe.ladder import ThresholdLadder
 
     thresholds = _floats(args.thresholds)
     prompts = tp.make_prompts(config.vocab_size, args.num_prompts, args.prompt_len, args.seed)
@@ -304,7 +304,7 @@ def run_slo_cmd(args) -> int:
     from brownout_jax.engine.controller import ControllerConfig
     from brownout_jax.eval.slo import run_mode, summarize, write_results
     from brownout_jax.eval.workload import WorkloadConfig, load_prompt_pool, make_trace
-    from brownout_jax.moe.brownout import ThresholdLadder
+    from brownout_jax.moe.ladder import ThresholdLadder
 
     check_mesh(args.mesh)
     params, config, tokenizer, _ = load_for_eval(args)

@@ -16,12 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from brownout_jax.engine.buckets import padded_size
 from brownout_jax.eval.tasks import ChoiceItem
 from brownout_jax.model.config import ModelConfig
 from brownout_jax.model.params import ModelParams
 from brownout_jax.model.transformer import forward_logits
-from brownout_jax.moe.block import MoeOptions
-from brownout_jax.offline.generate import bucket_length
+from brownout_jax.moe.options import MoeOptions
 
 
 @functools.partial(jax.jit, static_argnames=("config", "options"))
@@ -47,7 +47,7 @@ def continuation_logprobs(
     batches = range(0, len(sequences), batch_size)
     for begin in tqdm(batches, desc="scoring", disable=not progress):
         chunk = sequences[begin : begin + batch_size]
-        length = bucket_length(max(len(s) for s in chunk))
+        length = padded_size(max(len(s) for s in chunk))
         tokens = np.zeros((batch_size, length), np.int32)
         lengths = np.zeros(batch_size, np.int32)
         for i, seq in enumerate(chunk):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from brownout_jax.engine.controller import ControllerConfig, SloController
+from brownout_jax.engine.controller import ControllerConfig
 from brownout_jax.engine.metrics import StepRecord
 from brownout_jax.engine.requests import EngineOverloadedError, GenerationRequest, RequestError
 from brownout_jax.eval.workload import TraceRequest
@@ -46,7 +46,7 @@ def run_mode(
     config = dataclasses.replace(
         base, mode=mode_config.mode, fixed_threshold=mode_config.fixed_threshold
     )
-    engine.controller = SloController(config, engine.ladder, engine.clock)
+    engine.set_controller(config)
     run = ModeRun(mode=mode, start=engine.clock())
     handles = []
     bar = tqdm(total=len(trace), desc=f"slo {mode}", unit="req", disable=not progress)

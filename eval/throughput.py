@@ -91,12 +91,10 @@ def engine_cores() -> dict:
 
 
 def _fixed_threshold(engine, threshold: float) -> None:
-    from brownout_jax.engine.controller import ControllerConfig, SloController
+    from brownout_jax.engine.controller import ControllerConfig
 
     # The engine is idle between runs and every level is compiled: the controller picks one.
-    engine.controller = SloController(
-        ControllerConfig(mode="fixed", fixed_threshold=threshold), engine.ladder, engine.clock
-    )
+    engine.set_controller(ControllerConfig(mode="fixed", fixed_threshold=threshold))
 
 
 def engine_token_ids(engine, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:

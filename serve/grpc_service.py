@@ -102,7 +102,9 @@ class GenerationService(pb_grpc.GenerationServicer):
             text=text,
             token_ids=ids,
             logprobs=logprobs,
-            thresholds=pb.Thresholds(prefill=event.thresholds[0], decode=event.thresholds[1]),
+            thresholds=pb.Thresholds(
+                prefill=event.thresholds.prefill, decode=event.thresholds.decode
+            ),
         )
         if event.finish_reason is not None:
             metrics = handle.metrics
@@ -154,6 +156,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             preemptions=stats.preemptions,
             warmup_s=stats.compile_seconds,
             compiled_steps=stats.compiled_steps,
+            steps_compiling=stats.steps_compiling,
         )
 
 

@@ -41,7 +41,7 @@ def timing(metrics: RequestMetrics) -> Timing:
 
 
 def thresholds(metrics: RequestMetrics) -> list[Thresholds]:
-    return [Thresholds(prefill=p, decode=d) for p, d in sorted(metrics.thresholds_used)]
+    return [Thresholds(prefill=t.prefill, decode=t.decode) for t in sorted(metrics.thresholds_used)]
 
 
 def token_text(tokenizer, token_id: int) -> str:

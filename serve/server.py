@@ -104,7 +104,7 @@ def _run(make_engine, config: ServerConfig, state, stop, fronts, log) -> None:
     log(
         f"brownout-jax serving {state.model_name} on {', '.join(fronts)} "
         f"(context {engine.max_model_len} tokens, warm-up {time.perf_counter() - start:.1f}s, "
-        f"{engine.compiled_steps} steps compiled)",
+        f"{engine.compiled_steps} steps compiled, {engine.steps_compiling} more compiling)",
         flush=True,
     )
     while not stop.wait(0.2):

@@ -168,6 +168,27 @@ def _release_executables():
     gc.collect()
 
 
+class CompileCounter:
+    """Counts XLA compilations from now on, and the threads they ran on."""
+
+    def __init__(self):
+        import threading
+
+        import jax
+
+        self._threading = threading
+        self.threads: list[str] = []
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, name, duration, **kwargs):
+        if name == "/jax/core/compile/backend_compile_duration":
+            self.threads.append(self._threading.current_thread().name)
+
+    @property
+    def count(self) -> int:
+        return len(self.threads)
+
+
 def rel_err(out, ref) -> float:
     out = np.asarray(out, np.float64)
     ref = np.asarray(ref, np.float64)
@@ -176,31 +197,9 @@ def rel_err(out, ref) -> float:
 
 
 def tiny_model_config(**changes):
-    from brownout_jax.model.config import ModelConfig
+    from brownout_jax.model.config import PRESETS
 
-    fields = dict(
-        vocab_size=128,
-        hidden_size=32,
-        num_layers=3,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-        num_experts=16,
-        num_experts_per_tok=4,
-        moe_intermediate_size=16,
-        shared_expert_intermediate_size=24,
-        intermediate_size=40,
-        norm_topk_prob=False,
-        decoder_sparse_step=1,
-        mlp_only_layers=(),
-        qkv_bias=True,
-        tie_word_embeddings=False,
-        max_position_embeddings=128,
-    )
-    fields.update(changes)
-    return ModelConfig(**fields)
+    return PRESETS["tiny"].replace(**changes)
 
 
 @pytest.fixture(scope="session")

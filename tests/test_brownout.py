@@ -14,15 +14,16 @@ from hypothesis import strategies as st
 
 from brownout_jax.model.params import ExpertWeights, MoeParams
 from brownout_jax.model.transformer import forward_logits
-from brownout_jax.moe.block import MoeOptions, moe_block, route_top_k
+from brownout_jax.moe.block import moe_block
 from brownout_jax.moe.brownout import (
-    DEFAULT_LADDER,
-    ThresholdLadder,
     route_with_brownout,
     select_hot_experts,
     select_hot_experts_reference,
 )
 from brownout_jax.moe.expert_matmul import apply_experts_dense, apply_experts_sorted
+from brownout_jax.moe.ladder import DEFAULT_LADDER, ThresholdLadder
+from brownout_jax.moe.options import MoeOptions
+from brownout_jax.moe.routing import route_top_k
 
 THRESHOLDS = st.one_of(st.sampled_from(DEFAULT_LADDER.levels), st.floats(0.0, 1.0))
 
@@ -112,11 +113,13 @@ def _originals_only(params: MoeParams) -> MoeParams:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_threshold_one_is_the_original_moe_for_any_united_experts(seed):
     x, params, mask = _moe_problem(seed, united_scale=100.0)  # wild united experts
-    original = moe_block(x, _originals_only(params), mask, 4, False, MoeOptions())
-    at_one = moe_block(x, params, mask, 4, False, MoeOptions(threshold=1.0))
+    original = moe_block(x, _originals_only(params), mask, 4, False, MoeOptions()).out
+    at_one = moe_block(x, params, mask, 4, False, MoeOptions(threshold=1.0)).out
     assert rel_err(at_one, original) <= 1e-6
     # Below 1 the united experts really are used.
-    assert rel_err(moe_block(x, params, mask, 4, False, MoeOptions(threshold=0.0)), original) > 0.1
+    assert (
+        rel_err(moe_block(x, params, mask, 4, False, MoeOptions(threshold=0.0)).out, original) > 0.1
+    )
 
 
 def test_way_one_united_equal_originals_gives_the_original_at_every_threshold():
@@ -125,9 +128,9 @@ def test_way_one_united_equal_originals_gives_the_original_at_every_threshold():
     originals = _originals_only(params)
     twins = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, a]), originals.experts)
     way_one = params.replace(experts=twins, group_of_expert=jnp.arange(e, dtype=jnp.int32))
-    reference = moe_block(x, originals, mask, 4, False, MoeOptions())
+    reference = moe_block(x, originals, mask, 4, False, MoeOptions()).out
     for level in DEFAULT_LADDER.levels:
-        got = moe_block(x, way_one, mask, 4, False, MoeOptions(threshold=level))
+        got = moe_block(x, way_one, mask, 4, False, MoeOptions(threshold=level)).out
         assert rel_err(got, reference) <= 1e-6
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from brownout_jax.engine.controller import ControllerConfig, SloController
-from brownout_jax.moe.brownout import DEFAULT_LADDER
+from brownout_jax.engine.phase import Phase, Thresholds
+from brownout_jax.moe.ladder import DEFAULT_LADDER
 
 
 class FakeClock:
@@ -31,30 +32,30 @@ def _feed(controller, clock, phase, latency, seconds=2.0, per_second=8):  # exac
 
 def test_decrease_hold_increase_per_phase():
     ctl, clock = _controller()
-    assert ctl.thresholds == {"prefill": 1.0, "decode": 1.0}
+    assert ctl.thresholds == Thresholds(1.0, 1.0)
     # Decode above its SLO, prefill comfortably under: decode shrinks, prefill stays at 1.
     clock.now = 5.0
-    _feed(ctl, clock, "decode", 0.15)
-    _feed(ctl, clock, "prefill", 0.1)
+    _feed(ctl, clock, Phase.DECODE, 0.15)
+    _feed(ctl, clock, Phase.PREFILL, 0.1)
     assert ctl.maybe_update()
-    assert ctl.thresholds == {"prefill": 1.0, "decode": 0.8}
+    assert ctl.thresholds == Thresholds(1.0, 0.8)
     # Still above: × 0.8 again → 0.64 snaps down to 0.6.
     clock.now += 5.0
-    _feed(ctl, clock, "decode", 0.15)
+    _feed(ctl, clock, Phase.DECODE, 0.15)
     ctl.maybe_update()
-    assert ctl.threshold("decode") == 0.6
+    assert ctl.threshold(Phase.DECODE) == 0.6
     # Between warning (0.08) and SLO (0.1): hold.
     clock.now += 5.0
-    _feed(ctl, clock, "decode", 0.09)
+    _feed(ctl, clock, Phase.DECODE, 0.09)
     assert not ctl.maybe_update()
-    assert ctl.threshold("decode") == 0.6
+    assert ctl.threshold(Phase.DECODE) == 0.6
     # Under the warning level: + 0.1 per check, capped at 1.
     for expected in (0.7, 0.8, 0.9, 1.0, 1.0):
         clock.now += 5.0
-        _feed(ctl, clock, "decode", 0.05)
+        _feed(ctl, clock, Phase.DECODE, 0.05)
         ctl.maybe_update()
-        assert ctl.threshold("decode") == expected
-    assert ctl.threshold("prefill") == 1.0
+        assert ctl.threshold(Phase.DECODE) == expected
+    assert ctl.threshold(Phase.PREFILL) == 1.0
 
 
 def test_stays_within_zero_and_one_and_only_checks_each_interval():
@@ -62,28 +63,28 @@ def test_stays_within_zero_and_one_and_only_checks_each_interval():
     clock.now = 5.0
     for _ in range(20):
         clock.now += 3.0
-        _feed(ctl, clock, "prefill", 5.0)  # 2 s of slow steps, ending at the check
+        _feed(ctl, clock, Phase.PREFILL, 5.0)  # 2 s of slow steps, ending at the check
         ctl.maybe_update()
-        assert 0.0 <= ctl.threshold("prefill") <= 1.0
-    assert ctl.threshold("prefill") == 0.0
+        assert 0.0 <= ctl.threshold(Phase.PREFILL) <= 1.0
+    assert ctl.threshold(Phase.PREFILL) == 0.0
     last_check = clock.now
-    _feed(ctl, clock, "prefill", 0.01, seconds=2.5)  # fast now, but no check is due yet
+    _feed(ctl, clock, Phase.PREFILL, 0.01, seconds=2.5)  # fast now, but no check is due yet
     assert not ctl.maybe_update()
-    assert ctl.threshold("prefill") == 0.0
+    assert ctl.threshold(Phase.PREFILL) == 0.0
     clock.now = last_check + 3.0
-    _feed(ctl, clock, "prefill", 0.01)  # reaches the next check with a fast window
+    _feed(ctl, clock, Phase.PREFILL, 0.01)  # reaches the next check with a fast window
     assert ctl.maybe_update()
-    assert ctl.threshold("prefill") == 0.1  # climbs back from 0
+    assert ctl.threshold(Phase.PREFILL) == 0.1  # climbs back from 0
 
 
 def test_p90_uses_only_the_sliding_window():
     ctl, clock = _controller()
-    _feed(ctl, clock, "decode", 10.0, seconds=1.0)  # old and slow
+    _feed(ctl, clock, Phase.DECODE, 10.0, seconds=1.0)  # old and slow
     clock.now += 3.0  # leaves the 2 s window
-    _feed(ctl, clock, "decode", 0.01, seconds=1.0)
-    assert ctl.p90("decode") == pytest.approx(0.01)
-    assert ctl.attainment("decode") == 1.0
-    assert ctl.p90("prefill") is None
+    _feed(ctl, clock, Phase.DECODE, 0.01, seconds=1.0)
+    assert ctl.p90(Phase.DECODE) == pytest.approx(0.01)
+    assert ctl.attainment(Phase.DECODE) == 1.0
+    assert ctl.p90(Phase.PREFILL) is None
 
 
 def test_no_samples_hold_and_modes():
@@ -92,14 +93,14 @@ def test_no_samples_hold_and_modes():
     assert not ctl.maybe_update()
     off, _ = _controller(mode="off")
     fixed = SloController(ControllerConfig.parse_mode("fixed=0.45"), DEFAULT_LADDER)
-    assert fixed.thresholds == {"prefill": 0.4, "decode": 0.4}
-    assert off.thresholds == {"prefill": 1.0, "decode": 1.0}
+    assert fixed.thresholds == Thresholds(0.4, 0.4)
+    assert off.thresholds == Thresholds(1.0, 1.0)
     with pytest.raises(ValueError, match="auto, off or fixed"):
         ControllerConfig.parse_mode("sometimes")
 
 
 def test_coarse_ladder_recovers():
-    from brownout_jax.moe.brownout import ThresholdLadder
+    from brownout_jax.moe.ladder import ThresholdLadder
 
     clock = FakeClock()
     ctl = SloController(
@@ -110,6 +111,6 @@ def test_coarse_ladder_recovers():
     trace = [(0.2, 0.5), (0.2, 0.0), (0.01, 0.5), (0.01, 1.0)]  # ×0.8 snaps down, +0.1 up
     for latency, expected in trace:
         clock.now += 3.0
-        _feed(ctl, clock, "decode", latency)
+        _feed(ctl, clock, Phase.DECODE, latency)
         ctl.maybe_update()
-        assert ctl.threshold("decode") == expected
+        assert ctl.threshold(Phase.DECODE) == expected

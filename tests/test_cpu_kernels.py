@@ -208,7 +208,7 @@ def test_under_shard_map_each_device_runs_its_own_groups():
 
 def test_fallback_when_the_library_is_missing(monkeypatch, caplog):
     """Forced missing: AUTO resolves to the pure-JAX path and says so once; the API refuses."""
-    from brownout_jax.moe import block as moe
+    from brownout_jax.moe import experts as moe
 
     monkeypatch.setenv("BROWNOUT_JAX_CPU_KERNELS", "off")
     load_library.cache_clear()

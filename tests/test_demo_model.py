@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, Qwen2MoeForCausalLM
 from brownout_jax.checkpoints import load_model
 from brownout_jax.checkpoints.demo_model import demo_model_dir, demo_united_dir
 from brownout_jax.model.transformer import forward_logits, lm_logits
-from brownout_jax.moe.block import MoeOptions
+from brownout_jax.moe.options import MoeOptions
 from brownout_jax.offline.generate import generate
 
 TEXT = (

@@ -8,12 +8,12 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_model_config
-from test_compiled_steps import CompileCounter
+from conftest import CompileCounter, tiny_model_config
 
 from brownout_jax.engine.config import EngineConfig
 from brownout_jax.engine.controller import ControllerConfig
 from brownout_jax.engine.front import Engine
+from brownout_jax.engine.phase import Phase
 from brownout_jax.engine.requests import (
     EngineClosedError,
     EngineDeadError,
@@ -22,7 +22,7 @@ from brownout_jax.engine.requests import (
     RequestError,
 )
 from brownout_jax.model.params import init_random_params
-from brownout_jax.moe.brownout import ThresholdLadder
+from brownout_jax.moe.ladder import ThresholdLadder
 from brownout_jax.offline.generate import generate
 
 CONFIG = tiny_model_config()
@@ -186,7 +186,7 @@ def test_dead_engine_loop_surfaces(params):
     def broken(*args, **kwargs):
         raise RuntimeError("device lost")
 
-    engine._steps.prefill = broken
+    engine._executor.dispatch = broken
     handle = engine.submit(GenerationRequest(prompt_token_ids=(3, 4), max_new_tokens=4))
     output = handle.result(timeout=30)
     assert output.finish_reason == FinishReason.ERROR and "device lost" in output.error
@@ -228,7 +228,8 @@ def test_no_compilation_after_warmup_across_levels_and_batches(tiny_moe):
             used |= output.metrics.thresholds_used
     engine.shutdown()
     assert counter.count == 0
-    assert len({t for pair in used for t in pair}) >= 2  # the levels really changed
+    levels = {level for t in used for level in (t.prefill, t.decode)}
+    assert len(levels) >= 2  # the levels really changed
 
 
 def test_no_decode_step_copies_the_kv_pool(engine):
@@ -236,10 +237,13 @@ def test_no_decode_step_copies_the_kv_pool(engine):
     one-row decode batches) costs a full pool copy per layer per token."""
     import re
 
-    pool = engine._state.pool.keys[0]
+    executor = engine._executor
+    pool = executor._state.pool.keys[0]
     flat = (pool.shape[0] * pool.shape[1], *pool.shape[2:])
     shapes = {",".join(map(str, s)) for s in (pool.shape, flat)}
-    assert engine._steps.buckets.decode_batches[0] >= 2
-    for key, executable in engine._steps._decode.items():
+    assert executor.buckets.decode_batches[0] >= 2
+    for key, executable in executor.grid.compiled_items():
+        if key.phase != Phase.DECODE:
+            continue
         copied = re.findall(r"= f32\[([\d,]+)\]\S* copy\(", executable.as_text())
         assert not shapes & set(copied), f"decode step {key} copies the KV pool"

@@ -6,28 +6,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from brownout_jax.engine.blocks import NULL_BLOCK
 from brownout_jax.engine.config import EngineConfig
-from brownout_jax.engine.paged_cache import NULL_BLOCK, KVPool
-from brownout_jax.engine.steps import EngineState, EngineSteps
-from brownout_jax.moe.block import MoeOptions
-from brownout_jax.moe.brownout import ThresholdLadder
+from brownout_jax.engine.executor import Executor
+from brownout_jax.engine.paged_cache import KVPool
+from brownout_jax.engine.steps import EngineState
+from brownout_jax.moe.ladder import ThresholdLadder
 
 
 def test_first_runs_leave_every_real_block_and_slot_unchanged(tiny_moe):
     config, _, _, params, _ = tiny_moe
     engine_config = EngineConfig(
         max_batch=4, max_prefill_batch=2, block_size=8, num_blocks=12, max_model_len=32
-    )
-    steps = EngineSteps(
-        params,
-        config,
-        ThresholdLadder((0.0, 1.0)),
-        engine_config.buckets(),
-        engine_config.num_blocks,
-        engine_config.max_batch,
-        MoeOptions(),
-    )
-    steps.compile(progress=False)
+    ).for_model(config.max_position_embeddings)
+    executor = Executor(params, config, engine_config, ThresholdLadder((0.0, 1.0)), False)
     pool = KVPool.allocate(config, engine_config.num_blocks, 8, jnp.float32)
     keys = jax.random.split(jax.random.key(1), 2 * config.num_layers)
     pool = pool.replace(
@@ -39,8 +31,10 @@ def test_first_runs_leave_every_real_block_and_slot_unchanged(tiny_moe):
         ),
     )
     before = jax.tree_util.tree_map(np.asarray, pool)
-    last = jnp.arange(4, dtype=jnp.int32) + 7
-    state = steps.run_each_once(params, EngineState(pool=pool, last_tokens=last), progress=False)
+    executor._state = EngineState(pool=pool, last_tokens=jnp.arange(4, dtype=jnp.int32) + 7)
+    for key, _ in executor.grid.compiled_items():
+        executor._state, _ = executor._run_empty(key)
+    state = executor._state
     np.testing.assert_array_equal(state.last_tokens, np.arange(4) + 7)
     real = np.arange(engine_config.num_blocks) != NULL_BLOCK
     for new, old in zip(

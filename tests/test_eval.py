@@ -16,7 +16,7 @@ from brownout_jax.eval.tasks import TaskFormatError, load_task
 from brownout_jax.eval.workload import WorkloadConfig, arrival_times, make_trace
 from brownout_jax.model.params import init_random_params
 from brownout_jax.model.transformer import forward_logits
-from brownout_jax.moe.block import MoeOptions
+from brownout_jax.moe.options import MoeOptions
 
 FIXTURES = {
     "piqa": {"goal": "To open a jar", "sol1": "twist the lid", "sol2": "eat it", "label": 0},

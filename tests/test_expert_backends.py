@@ -16,7 +16,8 @@ from conftest import rel_err
 from brownout_jax.checkpoints import load_model
 from brownout_jax.checkpoints.demo_model import demo_model_dir
 from brownout_jax.model.transformer import forward_logits
-from brownout_jax.moe.block import ExpertBackend, MoeOptions
+from brownout_jax.moe.expert_backend import ExpertBackend
+from brownout_jax.moe.options import MoeOptions
 from brownout_jax.offline.generate import generate
 
 # Stated tolerance of the bf16 model (weights and activations bf16, the CPU kernel's bf16-dot

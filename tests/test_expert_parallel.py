@@ -17,16 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err, tiny_model_config
-from test_compiled_steps import CompileCounter
+from conftest import CompileCounter, rel_err, tiny_model_config
 
+from brownout_jax.engine.buckets import EngineBuckets
 from brownout_jax.engine.config import EngineConfig
-from brownout_jax.engine.controller import ControllerConfig, SloController
+from brownout_jax.engine.controller import ControllerConfig
 from brownout_jax.engine.front import Engine
 from brownout_jax.engine.requests import GenerationRequest
+from brownout_jax.engine.step_grid import StepGrid, abstract_tree
 from brownout_jax.engine.steps import (
-    EngineBuckets,
-    EngineSteps,
     engine_decode_step,
     engine_prefill_step,
     host_decode_batch,
@@ -35,21 +34,19 @@ from brownout_jax.engine.steps import (
 from brownout_jax.model.kv_cache import ContiguousKVCache
 from brownout_jax.model.params import init_random_params
 from brownout_jax.model.transformer import decode, forward_logits, prefill
-from brownout_jax.moe.block import MoeOptions
-from brownout_jax.moe.brownout import ThresholdLadder
 from brownout_jax.moe.calibration import random_token_sequences
 from brownout_jax.moe.distill import DistillConfig, build_united_experts
 from brownout_jax.moe.expert_parallel import (
     ExpertLayout,
-    MeshConfig,
-    add_mesh_argument,
     expert_load_per_device,
     expert_parallel_setup,
     make_mesh,
-    mesh_from_arg,
     routed_load,
     shard_params,
 )
+from brownout_jax.moe.ladder import ThresholdLadder
+from brownout_jax.moe.mesh_config import MeshConfig, add_mesh_argument, mesh_from_arg
+from brownout_jax.moe.options import MoeOptions
 from brownout_jax.moe.united import attach_united
 from brownout_jax.offline.generate import generate
 
@@ -84,10 +81,10 @@ def _mesh(n: int):
 @functools.partial(jax.jit, static_argnames=("options",))
 def _prefill_then_decode(params, tokens, lengths, next_tokens, options):
     cache = ContiguousKVCache.allocate(CONFIG, tokens.shape[0], 32, params.embed.dtype)
-    cache, prefill_logits = prefill(params, CONFIG, cache, tokens, lengths, options)
+    first = prefill(params, CONFIG, cache, tokens, lengths, options)
     active = lengths > 0
-    _, decode_logits = decode(params, CONFIG, cache, next_tokens, lengths, active, options)
-    return prefill_logits, decode_logits
+    second = decode(params, CONFIG, first.cache, next_tokens, lengths, active, options)
+    return first.logits, second.logits
 
 
 def _batch():
@@ -151,9 +148,7 @@ def test_engine_greedy_on_mesh_equals_one_device_and_compiles_once_per_step(mode
         counter = CompileCounter()
         for level in (0.5, 1.0):
             if level == 1.0:  # idle between waves: swapping the controller is safe
-                engine.controller = SloController(
-                    ControllerConfig(mode="off"), engine.ladder, engine.clock
-                )
+                engine.set_controller(ControllerConfig(mode="off"))
             # One at a time: brownout's hot set depends on the batch; the reference ran alone.
             for prompt in prompts:
                 request = GenerationRequest(prompt_token_ids=tuple(prompt), max_new_tokens=6)
@@ -344,16 +339,16 @@ def test_packed_step_output_gains_one_load_row_per_device_only_on_a_mesh(models)
     for mesh in (None, _mesh(4)):
         placed = params if mesh is None else shard_params(params, CONFIG, mesh)
         options = MoeOptions(mesh=mesh)
-        steps = EngineSteps(placed, CONFIG, ThresholdLadder((1.0,)), buckets, 8, 2, options)
+        grid = StepGrid(placed, CONFIG, ThresholdLadder((1.0,)), buckets, 8, 2, options)
         for step, batch in (
             (engine_prefill_step, host_prefill_batch(2, 16, 2, 2)),
             (engine_decode_step, host_decode_batch(2, 2, 2)),
         ):
             _, packed = jax.eval_shape(
-                functools.partial(step, config=CONFIG, moe_options=steps.options(0.5)),
-                steps._params,
-                steps._state,
-                steps._abstract(batch),
+                functools.partial(step, config=CONFIG, moe_options=grid.options(0.5)),
+                grid._params,
+                grid._state,
+                abstract_tree(batch, grid.input_sharding),
             )
             assert packed.shape == (2 if mesh is None else 2 + 4, 2), (mesh, step)
 
@@ -376,9 +371,7 @@ def test_engine_stats_report_device_load_and_brownout_shrinks_the_busiest_device
     try:
         for level in (0.0, 1.0):
             if level == 1.0:  # idle between waves: swapping the controller is safe
-                engine.controller = SloController(
-                    ControllerConfig(mode="off"), engine.ladder, engine.clock
-                )
+                engine.set_controller(ControllerConfig(mode="off"))
             handles = [
                 engine.submit(GenerationRequest(prompt_token_ids=tuple(p), max_new_tokens=6))
                 for p in prompts

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from conftest import rel_err, tiny_model_config
 
+from brownout_jax.engine.sampling import pack_sampled, unpack_sampled
 from brownout_jax.model.params import init_random_params
 from brownout_jax.model.transformer import forward_logits
-from brownout_jax.moe.block import ExpertBackend, MoeOptions
+from brownout_jax.moe.expert_backend import ExpertBackend
+from brownout_jax.moe.options import MoeOptions
 from brownout_jax.offline.generate import generate
-from brownout_jax.offline.steps import pack_sampled, unpack_sampled
 
 CONFIG = tiny_model_config(
     num_layers=2,
@@ -82,7 +83,7 @@ def test_dense_reference_backend_generates_the_same(params):
         ([[1, 2]], 0, {}, "max_new_tokens"),
         ([[]], 4, {}, r"prompts\[0\]"),
         ([[1, 128]], 4, {}, r"prompts\[0\].*outside"),
-        ([[1] * 60], 5, {}, "max_new_tokens.*context length 64"),
+        ([[1] * 60], 5, {}, "max_new_tokens.*context limit of 64"),
         ([[1]], 4, {"temperature": -1.0}, "temperature"),
         ([], 4, {}, "prompts"),
     ],

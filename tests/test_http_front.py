@@ -12,6 +12,7 @@ import time
 import pytest
 
 from brownout_jax.engine.metrics import EngineMetrics
+from brownout_jax.engine.phase import Thresholds
 from brownout_jax.engine.requests import (
     EngineClosedError,
     EngineDeadError,
@@ -60,7 +61,7 @@ class ScriptedEngine:
         return handle
 
     def _play(self, handle, mode):
-        thresholds = (1.0, 0.5)
+        thresholds = Thresholds(prefill=1.0, decode=0.5)
         if mode == "error_event":
             handle._push(TokenEvent(7, -0.5, "w7", None, None, thresholds))
             handle._push(TokenEvent(None, None, "", FinishReason.ERROR, "engine failure: X"))

@@ -353,7 +353,8 @@ def test_moe_dispatch_lowers_for_cuda_with_smallest_tiling():
 def test_model_logits_pallas_interpret_match_cpu_path():
     from brownout_jax.model.params import init_random_params
     from brownout_jax.model.transformer import forward_logits
-    from brownout_jax.moe.block import ExpertBackend, MoeOptions
+    from brownout_jax.moe.expert_backend import ExpertBackend
+    from brownout_jax.moe.options import MoeOptions
 
     config = tiny_model_config()
     params = init_random_params(config, jax.random.key(7), scale=0.3)

@@ -28,8 +28,10 @@ from jax.sharding import PartitionSpec as P
 
 from brownout_jax.bench.moe_layer import MoeLayerShape, make_layer, tokens_for
 from brownout_jax.model.params import DenseMlpParams, ExpertWeights, MoeParams
-from brownout_jax.moe.block import MoeOptions, moe_block
-from brownout_jax.moe.expert_parallel import AXIS, ExpertLayout, MeshConfig, make_mesh, routed_load
+from brownout_jax.moe.block import moe_block
+from brownout_jax.moe.expert_parallel import ExpertLayout, make_mesh, routed_load
+from brownout_jax.moe.mesh_config import AXIS, MeshConfig
+from brownout_jax.moe.options import MoeOptions
 
 QWEN = MoeLayerShape()
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -98,7 +100,7 @@ def _chosen_hlo(tokens: int, shape: MoeLayerShape, mesh, threshold: float, dtype
     options = MoeOptions(threshold=threshold, mesh=mesh)
 
     def layer(x, params, mask):
-        return moe_block(x, params, mask, shape.top_k, False, options)
+        return moe_block(x, params, mask, shape.top_k, False, options).out
 
     return jax.jit(layer).lower(x, params, mask).compile().as_text()
 
@@ -243,10 +245,10 @@ def engine_load_table(n: int = 4, levels=(0.0, 0.5, 1.0), new_tokens: int = 20) 
     from brownout_jax.checkpoints import load_model
     from brownout_jax.checkpoints.demo_model import demo_model_dir, demo_united_dir
     from brownout_jax.engine.config import EngineConfig
-    from brownout_jax.engine.controller import ControllerConfig, SloController
+    from brownout_jax.engine.controller import ControllerConfig
     from brownout_jax.engine.front import Engine
     from brownout_jax.engine.requests import GenerationRequest
-    from brownout_jax.moe.brownout import ThresholdLadder
+    from brownout_jax.moe.ladder import ThresholdLadder
 
     model = load_model(
         demo_model_dir(), "float32", progress=False, united=demo_united_dir("contiguous")
@@ -265,7 +267,7 @@ def engine_load_table(n: int = 4, levels=(0.0, 0.5, 1.0), new_tokens: int = 20) 
     try:
         for level in levels:
             fixed = ControllerConfig(mode="fixed", fixed_threshold=level)
-            engine.controller = SloController(fixed, engine.ladder, engine.clock)  # idle: safe
+            engine.set_controller(fixed)
             handles = [
                 engine.submit(
                     GenerationRequest(prompt=p, max_new_tokens=new_tokens, ignore_eos=True)

@@ -20,14 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from brownout_jax.model.params import DenseMlpParams, ExpertWeights, MoeParams
-from brownout_jax.moe.block import (
-    ExpertBackend,
-    MoeOptions,
-    moe_block,
-    resolve_backend,
-    route_top_k,
-)
+from brownout_jax.moe.block import moe_block
 from brownout_jax.moe.brownout import route_with_brownout
+from brownout_jax.moe.expert_backend import ExpertBackend
+from brownout_jax.moe.experts import resolve_backend
+from brownout_jax.moe.options import MoeOptions
+from brownout_jax.moe.routing import route_top_k
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -142,7 +140,7 @@ def layer_flops(shape: MoeLayerShape, tokens: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("top_k", "options"))
 def _layer(x, params, mask, *, top_k, options):
-    return moe_block(x, params, mask, top_k, False, options)
+    return moe_block(x, params, mask, top_k, False, options).out
 
 
 def _distinct_experts(x, params: MoeParams, top_k: int, threshold: float) -> tuple[int, float]:

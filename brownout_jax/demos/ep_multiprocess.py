@@ -44,7 +44,7 @@ def demo_model():
     import jax
     import jax.numpy as jnp
 
-    from brownout_jax.model.config import ModelConfig
+    from brownout_jax.model.config import PRESETS
     from brownout_jax.model.params import init_random_params
     from brownout_jax.moe.united import (
         UnitedExperts,
@@ -54,25 +54,11 @@ def demo_model():
         contiguous_groups,
     )
 
-    config = ModelConfig(
+    config = PRESETS["tiny"].replace(
         vocab_size=64,
-        hidden_size=32,
         num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
         num_experts=6,
         num_experts_per_tok=2,
-        moe_intermediate_size=16,
-        shared_expert_intermediate_size=24,
-        intermediate_size=40,
-        norm_topk_prob=False,
-        decoder_sparse_step=1,
-        mlp_only_layers=(),
-        qkv_bias=True,
-        tie_word_embeddings=False,
         max_position_embeddings=64,
     )
     params = init_random_params(config, jax.random.key(0), scale=0.3)
@@ -95,8 +81,8 @@ def run_demo(mesh) -> dict:
     import numpy as np
 
     from brownout_jax.model.transformer import forward_logits
-    from brownout_jax.moe.block import MoeOptions
     from brownout_jax.moe.expert_parallel import replicate, shard_params
+    from brownout_jax.moe.options import MoeOptions
 
     config, params = demo_model()
     rng = np.random.default_rng(7)
@@ -153,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import numpy as np
 
-    from brownout_jax.moe.expert_parallel import MeshConfig, make_mesh
+    from brownout_jax.moe.expert_parallel import make_mesh
+    from brownout_jax.moe.mesh_config import MeshConfig
 
     if args.platform == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

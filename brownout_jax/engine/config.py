@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from brownout_jax.engine.buckets import EngineBuckets, geometric
 from brownout_jax.engine.controller import DEFAULT_CONTROLLER, ControllerConfig
-from brownout_jax.engine.steps import EngineBuckets
-from brownout_jax.moe.brownout import DEFAULT_LADDER, ThresholdLadder
 from brownout_jax.moe.expert_backend import ExpertBackend
+from brownout_jax.moe.ladder import DEFAULT_LADDER, ThresholdLadder
 from brownout_jax.moe.mesh_config import MeshConfig
-
-
-def _geometric(start: int, stop: int, growth: int) -> tuple[int, ...]:
-    """start, growth·start, … up to stop, the last one clamped to stop (a bucket past the
-    largest shape would only pad)."""
-    out = [start]
-    while out[-1] < stop:
-        out.append(out[-1] * growth)
-    out[-1] = max(start, stop)
-    return tuple(out)
 
 
 def default_bucket_growth(backend: str) -> int:
@@ -51,6 +41,11 @@ class EngineConfig:
     exempt_layers: tuple[int, ...] = ()  # MoE layers that never brown out
     mesh: MeshConfig | None = None  # expert parallelism over this many devices; None: one
     experts_backend: ExpertBackend = ExpertBackend.AUTO  # how routed experts run
+    # Warm-up: False compiles the whole step grid before the engine starts; True starts
+    # serving once the minimal set is compiled (every request fits it, padded) and compiles
+    # the rest in the background, each executable put to use as it arrives (the server).
+    compile_in_background: bool = False
+    compile_workers: int | None = None  # concurrent compilations; None: every usable core
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_prefill_batch", "block_size", "max_model_len", "max_queue"):
@@ -106,15 +101,15 @@ class EngineConfig:
         if self.max_model_len is None:
             raise ValueError("resolve the context limit first: EngineConfig.for_model")
         g = self.bucket_growth
-        lengths = _geometric(self.min_prefill_len, self.max_model_len, g)
+        lengths = geometric(self.min_prefill_len, self.max_model_len, g)
         max_width = -(-lengths[-1] // self.block_size)
         return EngineBuckets(
-            prefill_batches=_geometric(1, self.max_prefill_batch, g),
+            prefill_batches=geometric(1, self.max_prefill_batch, g),
             prefill_lengths=lengths,
             # No decode bucket of one row: XLA:CPU then copies the whole KV pool around the
             # cache update (24 pool copies, 34 ms vs 3.7 ms for 4 rows on the demo); a padded
             # second row costs nothing in comparison.
-            decode_batches=_geometric(min(2, self.max_batch), self.max_batch, g),
-            decode_widths=_geometric(1, max_width, g),
+            decode_batches=geometric(min(2, self.max_batch), self.max_batch, g),
+            decode_widths=geometric(1, max_width, g),
             block_size=self.block_size,
         )

@@ -17,19 +17,25 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import enum
 import time
 from collections.abc import Callable
 
 import numpy as np
 
-from brownout_jax.moe.brownout import DEFAULT_LADDER, ThresholdLadder
+from brownout_jax.engine.phase import Phase, Thresholds
+from brownout_jax.moe.ladder import DEFAULT_LADDER, ThresholdLadder
 
-PHASES = ("prefill", "decode")
+
+class BrownoutMode(enum.StrEnum):
+    AUTO = "auto"  # the controller moves the thresholds
+    OFF = "off"  # always 1.0, the exact model
+    FIXED = "fixed"  # always fixed_threshold
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ControllerConfig:
-    mode: str = "auto"  # auto (the controller), off (always 1.0), fixed (fixed_threshold)
+    mode: BrownoutMode = BrownoutMode.AUTO
     fixed_threshold: float = 1.0
     slo_ttft_s: float = 1.0  # SLO of a prefill step
     slo_tpot_s: float = 0.2  # SLO of a decode step
@@ -40,8 +46,12 @@ class ControllerConfig:
     warning_fraction: float = 0.8
 
     def __post_init__(self) -> None:
-        if self.mode not in ("auto", "off", "fixed"):
-            raise ValueError(f"brownout mode must be auto, off or fixed=X, got {self.mode!r}")
+        try:  # the mode's name is accepted too (ControllerConfig(mode="off"))
+            object.__setattr__(self, "mode", BrownoutMode(self.mode))
+        except ValueError:
+            raise ValueError(
+                f"brownout mode must be auto, off or fixed=X, got {self.mode!r}"
+            ) from None
         for name in ("slo_ttft_s", "slo_tpot_s", "window_s", "check_interval_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -56,11 +66,11 @@ class ControllerConfig:
                 value = float(text.split("=", 1)[1])
             except ValueError as err:
                 raise ValueError(f"--brownout fixed=X needs a number, got {text!r}") from err
-            return cls(mode="fixed", fixed_threshold=value, **fields)
+            return cls(mode=BrownoutMode.FIXED, fixed_threshold=value, **fields)
         return cls(mode=text, **fields)
 
-    def slo(self, phase: str) -> float:
-        return self.slo_ttft_s if phase == "prefill" else self.slo_tpot_s
+    def slo(self, phase: Phase) -> float:
+        return self.slo_ttft_s if phase == Phase.PREFILL else self.slo_tpot_s
 
 
 DEFAULT_CONTROLLER = ControllerConfig()
@@ -76,40 +86,40 @@ class SloController:
         self.config = config
         self.ladder = ladder
         self.clock = clock
-        self._samples = {phase: collections.deque() for phase in PHASES}
-        fixed = config.mode == "fixed"
+        self._samples = {phase: collections.deque() for phase in Phase}
+        fixed = config.mode is BrownoutMode.FIXED
         start = ladder.snap(config.fixed_threshold) if fixed else ladder.levels[-1]
-        self._thresholds = dict.fromkeys(PHASES, start)
+        self._thresholds = Thresholds(start, start)
         self._last_check = clock()
         self.updates = 0
 
     @property
-    def thresholds(self) -> dict[str, float]:
-        return dict(self._thresholds)
+    def thresholds(self) -> Thresholds:
+        return self._thresholds
 
-    def threshold(self, phase: str) -> float:
-        return self._thresholds[phase]
+    def threshold(self, phase: Phase) -> float:
+        return self._thresholds.of(phase)
 
-    def record(self, phase: str, latency_s: float, now: float | None = None) -> None:
+    def record(self, phase: Phase, latency_s: float, now: float | None = None) -> None:
         now = self.clock() if now is None else now
         self._samples[phase].append((now, latency_s))
         self._trim(phase, now)
 
-    def _trim(self, phase: str, now: float) -> None:
+    def _trim(self, phase: Phase, now: float) -> None:
         samples = self._samples[phase]
         while samples and samples[0][0] < now - self.config.window_s:
             samples.popleft()
 
-    def window(self, phase: str, now: float | None = None) -> np.ndarray:
+    def window(self, phase: Phase, now: float | None = None) -> np.ndarray:
         now = self.clock() if now is None else now
         self._trim(phase, now)
         return np.asarray([latency for _, latency in self._samples[phase]], np.float64)
 
-    def p90(self, phase: str, now: float | None = None) -> float | None:
+    def p90(self, phase: Phase, now: float | None = None) -> float | None:
         latencies = self.window(phase, now)
         return float(np.percentile(latencies, 90)) if latencies.size else None
 
-    def attainment(self, phase: str, now: float | None = None) -> float | None:
+    def attainment(self, phase: Phase, now: float | None = None) -> float | None:
         """Share of the window's steps within the phase's SLO."""
         latencies = self.window(phase, now)
         if not latencies.size:
@@ -130,15 +140,18 @@ class SloController:
     def maybe_update(self, now: float | None = None) -> bool:
         """Applies the rule if a check interval has passed; True if a threshold changed."""
         now = self.clock() if now is None else now
-        if self.config.mode != "auto" or now - self._last_check < self.config.check_interval_s:
+        if (
+            self.config.mode is not BrownoutMode.AUTO
+            or now - self._last_check < self.config.check_interval_s
+        ):
             return False
         self._last_check = now
-        changed = False
-        for phase in PHASES:
+        before = self._thresholds
+        for phase in Phase:
             new = self.next_threshold(
-                self._thresholds[phase], self.p90(phase, now), self.config.slo(phase)
+                before.of(phase), self.p90(phase, now), self.config.slo(phase)
             )
-            changed |= new != self._thresholds[phase]
-            self._thresholds[phase] = new
+            self._thresholds = self._thresholds.with_level(phase, new)
+        changed = self._thresholds != before
         self.updates += changed
         return changed

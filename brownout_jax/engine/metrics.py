@@ -12,6 +12,8 @@ import dataclasses
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from brownout_jax.engine.controller import SloController
+from brownout_jax.engine.phase import Phase, Thresholds
 from brownout_jax.engine.requests import FinishReason, RequestMetrics
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -20,7 +22,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
 @dataclasses.dataclass(frozen=True, slots=True)
 class StepRecord:
     time: float  # engine clock when the step's tokens were read
-    phase: str
+    phase: Phase
     latency_s: float
     rows: int
     prefill_threshold: float
@@ -34,7 +36,7 @@ class DeviceLoadStats:
     number). A step lasts as long as its busiest device, hence ``busiest_*``: the mean over
     steps of the largest device's count, and ``*_imbalance`` = busiest / mean over devices."""
 
-    phase: str
+    phase: Phase
     threshold: float
     steps: int
     tokens: tuple[float, ...]  # tokens received (with ≥ 1 assignment on that device)
@@ -58,7 +60,7 @@ class _LoadAccumulator:
         self.sums += load
         self.max_sums += load.max(axis=0)
 
-    def stats(self, phase: str, threshold: float, num_layers: int) -> DeviceLoadStats:
+    def stats(self, phase: Phase, threshold: float, num_layers: int) -> DeviceLoadStats:
         per = max(self.steps, 1) * max(num_layers, 1)
         means = self.sums / per
         busiest = self.max_sums / per
@@ -75,6 +77,21 @@ class _LoadAccumulator:
             token_imbalance=ratio[0],
             expert_imbalance=ratio[1],
         )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Occupancy:
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GridStatus:
+    compile_seconds: float
+    compiled: int
+    compiling: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -96,12 +113,13 @@ class EngineStats:
     preemptions: int
     finished: dict[str, int]
     controller_updates: int
-    compile_seconds: float
+    compile_seconds: float  # compiling the step grid (so far, while steps_compiling > 0)
     compiled_steps: int
     mean_ttft_s: float | None  # over the last finished requests
     mean_tpot_s: float | None
     # Expert parallelism only (empty on one device): per (phase, threshold) in use so far.
     device_load: tuple[DeviceLoadStats, ...] = ()
+    steps_compiling: int = 0  # executables of the grid still compiling in the background
 
 
 class EngineMetrics:
@@ -110,7 +128,7 @@ class EngineMetrics:
         r = self.registry
         self.num_devices = num_devices  # of the expert axis; 0: no expert parallelism
         self.num_moe_layers = num_moe_layers
-        self._loads: dict[tuple[str, float], _LoadAccumulator] = {}
+        self._loads: dict[tuple[Phase, float], _LoadAccumulator] = {}
         if num_devices:
             # Sums over steps and MoE layers; rate() of each over rate(steps) gives per step.
             self.c_device_tokens = Counter(
@@ -160,19 +178,16 @@ class EngineMetrics:
         self.step_log: collections.deque[StepRecord] = collections.deque(maxlen=1 << 20)
 
     def record_step(
-        self,
-        phase: str,
-        latency_s: float,
-        rows: int,
-        now: float = 0.0,
-        thresholds: tuple[float, float] = (1.0, 1.0),
+        self, phase: Phase, latency_s: float, rows: int, now: float, thresholds: Thresholds
     ) -> None:
-        self.step_log.append(StepRecord(now, phase, latency_s, rows, *thresholds))
+        self.step_log.append(
+            StepRecord(now, phase, latency_s, rows, thresholds.prefill, thresholds.decode)
+        )
         self.steps[phase] += 1
         self.h_step.labels(phase).observe(latency_s)
         self.c_tokens.labels("generated").inc(rows)
 
-    def record_device_load(self, phase: str, threshold: float, load: np.ndarray) -> None:
+    def record_device_load(self, phase: Phase, threshold: float, load: np.ndarray) -> None:
         """One step's (DEV, 2) load rows: (tokens received, distinct experts) per device."""
         acc = self._loads.get((phase, threshold))
         if acc is None:
@@ -196,40 +211,43 @@ class EngineMetrics:
             self.h_tpot.observe(metrics.tpot_mean)
         self._recent.append(metrics)
 
-    def snapshot(self, engine, controller) -> EngineStats:
+    def snapshot(
+        self, occupancy: Occupancy, controller: SloController, grid: GridStatus
+    ) -> EngineStats:
         thresholds = controller.thresholds
         cfg = controller.config
-        self.g_running.set(engine.num_running)
-        self.g_waiting.set(engine.num_waiting)
-        self.g_kv.set(engine.kv_blocks_used)
-        for phase, value in thresholds.items():
-            self.g_threshold.labels(phase).set(value)
+        self.g_running.set(occupancy.running)
+        self.g_waiting.set(occupancy.waiting)
+        self.g_kv.set(occupancy.kv_blocks_used)
+        for phase in Phase:
+            self.g_threshold.labels(phase).set(thresholds.of(phase))
         ttfts = [m.ttft for m in self._recent if m.ttft is not None]
         tpots = [m.tpot_mean for m in self._recent if m.tpot_mean is not None]
         return EngineStats(
-            running=engine.num_running,
-            waiting=engine.num_waiting,
-            kv_blocks_used=engine.kv_blocks_used,
-            kv_blocks_total=engine.config.num_blocks - 1,
-            prefill_threshold=thresholds["prefill"],
-            decode_threshold=thresholds["decode"],
+            running=occupancy.running,
+            waiting=occupancy.waiting,
+            kv_blocks_used=occupancy.kv_blocks_used,
+            kv_blocks_total=occupancy.kv_blocks_total,
+            prefill_threshold=thresholds.prefill,
+            decode_threshold=thresholds.decode,
             controller_mode=cfg.mode,
             slo_ttft_s=cfg.slo_ttft_s,
             slo_tpot_s=cfg.slo_tpot_s,
-            prefill_p90_s=controller.p90("prefill"),
-            decode_p90_s=controller.p90("decode"),
-            prefill_slo_attainment=controller.attainment("prefill"),
-            decode_slo_attainment=controller.attainment("decode"),
+            prefill_p90_s=controller.p90(Phase.PREFILL),
+            decode_p90_s=controller.p90(Phase.DECODE),
+            prefill_slo_attainment=controller.attainment(Phase.PREFILL),
+            decode_slo_attainment=controller.attainment(Phase.DECODE),
             steps=dict(self.steps),
             preemptions=self.preemptions,
             finished=dict(self.finished),
             controller_updates=controller.updates,
-            compile_seconds=engine.compile_seconds,
-            compiled_steps=engine.compiled_steps,
+            compile_seconds=grid.compile_seconds,
+            compiled_steps=grid.compiled,
             mean_ttft_s=float(np.mean(ttfts)) if ttfts else None,
             mean_tpot_s=float(np.mean(tpots)) if tpots else None,
             device_load=tuple(
                 acc.stats(phase, threshold, self.num_moe_layers)
                 for (phase, threshold), acc in sorted(self._loads.items())
             ),
+            steps_compiling=grid.compiling,
         )

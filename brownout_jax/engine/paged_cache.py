@@ -3,8 +3,8 @@
 Device side, :class:`PagedKVCache` implements the same ``write``/``read`` interface as the
 contiguous cache: token t of row b lives in slot ``table[b, t // block] * block + t % block``.
 Block 0 is never allocated: unused table entries point at it, so writes of bucket padding land
-there harmlessly and reads of it are masked by position. Host side, :class:`BlockAllocator`
-hands out and takes back block ids.
+there harmlessly and reads of it are masked by position. The host side (which block ids a
+sequence holds) is ``blocks.BlockAllocator``.
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from brownout_jax.engine.blocks import NULL_BLOCK
 from brownout_jax.model.bit_storage import from_storage, storage_dtype, to_storage
 from brownout_jax.model.config import ModelConfig
 from brownout_jax.model.dims import Array, Float, Int
-
-NULL_BLOCK = 0
 
 
 @struct.dataclass
@@ -95,35 +94,3 @@ class PagedKVCache:
 
         slot_positions = jnp.broadcast_to(jnp.arange(width * bs, dtype=jnp.int32), (b, width * bs))
         return gather(self.pool.keys[layer]), gather(self.pool.values[layer]), slot_positions
-
-
-class BlockAllocator:
-    """Host-side free list of block ids (1 … num_blocks-1; 0 is the null block)."""
-
-    def __init__(self, num_blocks: int):
-        if num_blocks < 2:
-            raise ValueError(f"num_blocks must be ≥ 2 (block 0 is reserved), got {num_blocks}")
-        self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, 0, -1))
-
-    @property
-    def free(self) -> int:
-        return len(self._free)
-
-    @property
-    def used(self) -> int:
-        return self.num_blocks - 1 - len(self._free)
-
-    def allocate(self, count: int) -> list[int] | None:
-        """``count`` blocks, or None (and nothing taken) if fewer are free."""
-        if count > len(self._free):
-            return None
-        taken = [self._free.pop() for _ in range(count)]
-        return taken
-
-    def release(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
-
-
-def blocks_needed(num_tokens: int, block_size: int) -> int:
-    return -(-num_tokens // block_size)

@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from brownout_jax.engine.phase import EXACT, Thresholds
+
 
 class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS, a stop token id or a stop string
@@ -24,6 +26,7 @@ class RequestError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
 
 
 class EngineOverloadedError(RuntimeError):
@@ -100,7 +103,7 @@ class TokenEvent:
     text: str  # text delta ("" without a tokenizer)
     finish_reason: FinishReason | None = None
     error: str | None = None
-    thresholds: tuple[float, float] = (1.0, 1.0)  # (prefill, decode) in force for this token
+    thresholds: Thresholds = EXACT  # the levels this token's steps ran at
 
 
 @dataclasses.dataclass(slots=True)
@@ -112,7 +115,7 @@ class RequestMetrics:
     finished: float | None = None
     token_times: list[float] = dataclasses.field(default_factory=list)
     preemptions: int = 0
-    thresholds_used: set[tuple[float, float]] = dataclasses.field(default_factory=set)
+    thresholds_used: set[Thresholds] = dataclasses.field(default_factory=set)
 
     @property
     def completion_tokens(self) -> int:

@@ -199,4 +199,43 @@ QWEN1_5_MOE_A2_7B = ModelConfig(
     eos_token_ids=(151643,),
 )
 
-PRESETS: dict[str, ModelConfig] = {"qwen1.5-moe-a2.7b": QWEN1_5_MOE_A2_7B}
+# The bundled demo model (checkpoints/demo): Qwen1.5-MoE-A2.7B in miniature, same block
+# structure, 32 experts top-4; its vocabulary is its own trained tokenizer's.
+DEMO = QWEN1_5_MOE_A2_7B.replace(
+    vocab_size=4096,
+    hidden_size=192,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=4,
+    head_dim=48,
+    rope_theta=10000.0,
+    num_experts=32,
+    moe_intermediate_size=80,
+    shared_expert_intermediate_size=320,
+    intermediate_size=320,
+    max_position_embeddings=1024,
+    bos_token_id=0,
+    eos_token_ids=(0,),
+)
+
+# A random model small enough to compile in seconds: tests and the multi-process demo.
+TINY = DEMO.replace(
+    vocab_size=128,
+    hidden_size=32,
+    num_layers=3,
+    num_kv_heads=2,
+    head_dim=8,
+    num_experts=16,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=24,
+    intermediate_size=40,
+    max_position_embeddings=128,
+    bos_token_id=None,
+    eos_token_ids=(),
+)
+
+PRESETS: dict[str, ModelConfig] = {
+    "qwen1.5-moe-a2.7b": QWEN1_5_MOE_A2_7B,
+    "demo": DEMO,
+    "tiny": TINY,
+}

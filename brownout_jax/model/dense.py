@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from brownout_jax.model.dims import Array, Float
+from brownout_jax.model.params import DenseMlpParams
 
 _KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
@@ -78,3 +79,7 @@ def swiglu_mlp(
 ) -> Float[Array, "N D"]:
     """SiLU(x · w_gate) ⊙ (x · w_up) · w_down, the dense and shared-expert MLP."""
     return matmul(jax.nn.silu(matmul(x, w_gate)) * matmul(x, w_up), w_down)
+
+
+def dense_mlp(x: Float[Array, "N D"], params: DenseMlpParams) -> Float[Array, "N D"]:
+    return swiglu_mlp(x, params.w_gate, params.w_up, params.w_down)

@@ -1,11 +1,15 @@
-"""The KV cache behind a small typed interface: ``write`` new keys/values, ``read`` a layer.
+"""The KV cache interface the model is written against, and the contiguous cache.
 
-This is the contiguous per-sequence cache (each row of the batch owns ``max_len`` slots). The
-serving engine's paged cache (block tables) implements the same two methods, so attention code
-does not change with the cache layout.
+:class:`KVCache`: ``write`` a layer's new keys/values at their positions, ``read`` a layer's
+keys/values with the position each slot holds. Two caches implement it: the contiguous
+per-sequence cache here (each row of the batch owns ``max_len`` slots; offline generation)
+and the engine's paged cache (``engine/paged_cache.py``, block tables), so attention code does
+not change with the cache layout.
 """
 
 from __future__ import annotations
+
+from typing import Protocol, Self
 
 import jax.numpy as jnp
 from flax import struct
@@ -13,6 +17,25 @@ from flax import struct
 from brownout_jax.model.bit_storage import from_storage, storage_dtype, to_storage
 from brownout_jax.model.config import ModelConfig
 from brownout_jax.model.dims import Array, Float, Int
+
+
+class KVCache(Protocol):
+    def write(
+        self,
+        layer: int,
+        k: Float[Array, "B T G C"],
+        v: Float[Array, "B T G C"],
+        positions: Int[Array, "B T"],
+    ) -> Self:
+        """The cache with each token's key/value stored at its position."""
+        ...
+
+    def read(
+        self, layer: int
+    ) -> tuple[Float[Array, "B S G C"], Float[Array, "B S G C"], Int[Array, "B S"]]:
+        """Keys, values and the position held by each slot (attention masks slots past the
+        query's position)."""
+        ...
 
 
 @struct.dataclass
@@ -49,11 +72,11 @@ class ContiguousKVCache:
         """Stores each token's key/value at its position; positions past the end are dropped."""
         rows = jnp.arange(k.shape[0])[:, None]
         keys, values = list(self.keys), list(self.values)
-        keys[layer] = keys[layer].at[rows, positions].set(
-            to_storage(k.astype(self.dtype)), mode="drop"
+        keys[layer] = (
+            keys[layer].at[rows, positions].set(to_storage(k.astype(self.dtype)), mode="drop")
         )
-        values[layer] = values[layer].at[rows, positions].set(
-            to_storage(v.astype(self.dtype)), mode="drop"
+        values[layer] = (
+            values[layer].at[rows, positions].set(to_storage(v.astype(self.dtype)), mode="drop")
         )
         return self.replace(keys=tuple(keys), values=tuple(values))
 

@@ -5,21 +5,26 @@ RMSNorm → dense MLP or sparse MoE block → residual] → final RMSNorm → lm
 
 Three entry points: ``forward_logits`` (full sequence, no cache: parity tests, scoring),
 ``prefill`` (padded prompts → cache filled, last-token logits) and ``decode`` (one token per
-sequence at its own position). The step functions in ``steps.py`` jit them.
+sequence at its own position). The step functions (``offline/steps.py``, ``engine/steps.py``)
+jit them. Whatever a step reports besides logits (the MoE inputs for calibration, the
+per-device expert load on a mesh) is returned as typed values, never collected in lists.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from brownout_jax.model.bit_storage import take_rows
 from brownout_jax.model.config import ModelConfig
-from brownout_jax.model.dense import matmul, matmul_f32
+from brownout_jax.model.dense import dense_mlp, matmul, matmul_f32
 from brownout_jax.model.dims import Array, Bool, Float, Int
-from brownout_jax.model.kv_cache import ContiguousKVCache
+from brownout_jax.model.kv_cache import KVCache
 from brownout_jax.model.params import AttentionParams, DecoderLayerParams, ModelParams, MoeParams
-from brownout_jax.moe.block import DEFAULT_MOE_OPTIONS, MoeOptions, dense_mlp, moe_block
+from brownout_jax.moe.block import moe_block
+from brownout_jax.moe.expert_parallel import DeviceLoad
+from brownout_jax.moe.options import DEFAULT_MOE_OPTIONS, MoeOptions
 
 
 def rms_norm(
@@ -78,9 +83,9 @@ def attention_block(
     layer: int,
     positions: Int[Array, "B T"],
     rope: tuple[Float[Array, "B T C"], Float[Array, "B T C"]],
-    cache: ContiguousKVCache | None,
+    cache: KVCache | None,
     read_cache: bool,
-) -> tuple[Float[Array, "B T D"], ContiguousKVCache | None]:
+) -> tuple[Float[Array, "B T D"], KVCache | None]:
     """Self-attention. With ``read_cache`` the queries attend to the cache (decode); otherwise
     to the step's own tokens, causally (prefill from position 0), writing them to the cache."""
     b, t, _ = x.shape
@@ -101,6 +106,14 @@ def attention_block(
     return matmul(out, params.wo), cache
 
 
+@struct.dataclass
+class MoeTrace:
+    """What one MoE layer reports besides its output."""
+
+    inputs: Float[Array, "N D"]  # the block's input (calibration data for united experts)
+    device_load: DeviceLoad | None  # on an expert-parallel mesh: what each device computed
+
+
 def decoder_layer(
     h: Float[Array, "B T D"],
     params: DecoderLayerParams,
@@ -109,15 +122,11 @@ def decoder_layer(
     positions: Int[Array, "B T"],
     token_mask: Bool[Array, "B T"],
     rope: tuple[Float[Array, "B T C"], Float[Array, "B T C"]],
-    cache: ContiguousKVCache | None,
+    cache: KVCache | None,
     read_cache: bool,
     moe_options: MoeOptions,
-    moe_inputs: list | None = None,
-    device_loads: list | None = None,
-) -> tuple[Float[Array, "B T D"], ContiguousKVCache | None]:
-    """One decoder layer. ``moe_inputs``, when given, collects the MoE block's input (N, D)
-    at trace time (calibration for united experts); ``device_loads`` its per-device load on
-    an expert-parallel mesh (see ``moe_block``)."""
+) -> tuple[Float[Array, "B T D"], KVCache | None, MoeTrace | None]:
+    """One decoder layer; the trace is None for a dense-MLP layer."""
     attn_out, cache = attention_block(
         rms_norm(h, params.input_norm, config.rms_norm_eps),
         params.attention,
@@ -131,21 +140,32 @@ def decoder_layer(
     h = h + attn_out
     b, t, d = h.shape
     x = rms_norm(h, params.post_attention_norm, config.rms_norm_eps).reshape(b * t, d)
-    if isinstance(params.mlp, MoeParams):
-        if moe_inputs is not None:
-            moe_inputs.append(x)
-        mlp_out = moe_block(
-            x,
-            params.mlp,
-            token_mask.reshape(b * t),
-            config.num_experts_per_tok,
-            config.norm_topk_prob,
-            moe_options.at_layer(layer),
-            device_loads,
-        )
-    else:
-        mlp_out = dense_mlp(x, params.mlp)
-    return h + mlp_out.reshape(b, t, d), cache
+    if not isinstance(params.mlp, MoeParams):
+        return h + dense_mlp(x, params.mlp).reshape(b, t, d), cache, None
+    moe = moe_block(
+        x,
+        params.mlp,
+        token_mask.reshape(b * t),
+        config.num_experts_per_tok,
+        config.norm_topk_prob,
+        moe_options.at_layer(layer),
+    )
+    return h + moe.out.reshape(b, t, d), cache, MoeTrace(x, moe.device_load)
+
+
+@struct.dataclass
+class Forward:
+    hidden: Float[Array, "B T D"]  # after the final norm
+    cache: KVCache | None
+    moe: tuple[MoeTrace, ...]  # one per MoE layer, in ``config.moe_layers`` order
+
+    @property
+    def device_load(self) -> DeviceLoad | None:
+        """Each device's work summed over the MoE layers (None off a mesh)."""
+        loads = [m.device_load for m in self.moe if m.device_load is not None]
+        if not loads:
+            return None
+        return jax.tree_util.tree_map(lambda *per_layer: sum(per_layer), *loads)
 
 
 def forward_hidden(
@@ -154,16 +174,15 @@ def forward_hidden(
     tokens: Int[Array, "B T"],
     positions: Int[Array, "B T"],
     token_mask: Bool[Array, "B T"],
-    cache: ContiguousKVCache | None,
+    cache: KVCache | None,
     read_cache: bool,
     moe_options: MoeOptions,
-    moe_inputs: list | None = None,
-    device_loads: list | None = None,
-) -> tuple[Float[Array, "B T D"], ContiguousKVCache | None]:
+) -> Forward:
     h = take_rows(params.embed, tokens)
     rope = rope_tables(positions, config.head_dim, config.rope_theta, h.dtype)
+    traces = []
     for layer, layer_params in enumerate(params.layers):
-        h, cache = decoder_layer(
+        h, cache, trace = decoder_layer(
             h,
             layer_params,
             config,
@@ -174,10 +193,21 @@ def forward_hidden(
             cache,
             read_cache,
             moe_options,
-            moe_inputs,
-            device_loads,
         )
-    return rms_norm(h, params.final_norm, config.rms_norm_eps), cache
+        if trace is not None:
+            traces.append(trace)
+    hidden = rms_norm(h, params.final_norm, config.rms_norm_eps)
+    return Forward(hidden=hidden, cache=cache, moe=tuple(traces))
+
+
+@struct.dataclass
+class StepOutput:
+    """A cached step's result: the cache written, each row's next-token logits, and on an
+    expert-parallel mesh each device's expert work (summed over MoE layers)."""
+
+    cache: KVCache
+    logits: Float[Array, "B V"]
+    device_load: DeviceLoad | None = None
 
 
 def collect_moe_inputs(
@@ -189,11 +219,10 @@ def collect_moe_inputs(
     """The input of every MoE block (in ``config.moe_layers`` order) on right-padded
     sequences, with the mask of real tokens: calibration data for united experts."""
     positions, token_mask = _prompt_positions(tokens, lengths)
-    captured: list = []
-    forward_hidden(
-        params, config, tokens, positions, token_mask, None, False, DEFAULT_MOE_OPTIONS, captured
+    forward = forward_hidden(
+        params, config, tokens, positions, token_mask, None, False, DEFAULT_MOE_OPTIONS
     )
-    return tuple(captured), token_mask.reshape(-1)
+    return tuple(m.inputs for m in forward.moe), token_mask.reshape(-1)
 
 
 def lm_logits(params: ModelParams, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
@@ -215,53 +244,41 @@ def forward_logits(
 ) -> Float[Array, "B T V"]:
     """Logits at every position of right-padded sequences; no cache."""
     positions, token_mask = _prompt_positions(tokens, lengths)
-    hidden, _ = forward_hidden(
+    forward = forward_hidden(
         params, config, tokens, positions, token_mask, None, False, moe_options
     )
-    return lm_logits(params, hidden)
+    return lm_logits(params, forward.hidden)
 
 
 def prefill(
     params: ModelParams,
     config: ModelConfig,
-    cache: ContiguousKVCache,
+    cache: KVCache,
     tokens: Int[Array, "B T"],
     lengths: Int[Array, " B"],
     moe_options: MoeOptions = DEFAULT_MOE_OPTIONS,
-    device_loads: list | None = None,
-) -> tuple[ContiguousKVCache, Float[Array, "B V"]]:
-    """Right-padded prompts from position 0 → cache filled, logits of each last real token.
-    ``device_loads``: see ``moe_block``."""
+) -> StepOutput:
+    """Right-padded prompts from position 0 → cache filled, logits of each last real token."""
     positions, token_mask = _prompt_positions(tokens, lengths)
-    hidden, cache = forward_hidden(
-        params,
-        config,
-        tokens,
-        positions,
-        token_mask,
-        cache,
-        False,
-        moe_options,
-        device_loads=device_loads,
+    forward = forward_hidden(
+        params, config, tokens, positions, token_mask, cache, False, moe_options
     )
     last = jnp.maximum(lengths - 1, 0)
-    last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-    return cache, lm_logits(params, last_hidden)
+    last_hidden = jnp.take_along_axis(forward.hidden, last[:, None, None], axis=1)[:, 0]
+    return StepOutput(forward.cache, lm_logits(params, last_hidden), forward.device_load)
 
 
 def decode(
     params: ModelParams,
     config: ModelConfig,
-    cache: ContiguousKVCache,
+    cache: KVCache,
     tokens: Int[Array, " B"],
     positions: Int[Array, " B"],
     active: Bool[Array, " B"],
     moe_options: MoeOptions = DEFAULT_MOE_OPTIONS,
-    device_loads: list | None = None,
-) -> tuple[ContiguousKVCache, Float[Array, "B V"]]:
-    """One token per sequence, each at its own position; inactive rows are never routed.
-    ``device_loads``: see ``moe_block``."""
-    hidden, cache = forward_hidden(
+) -> StepOutput:
+    """One token per sequence, each at its own position; inactive rows are never routed."""
+    forward = forward_hidden(
         params,
         config,
         tokens[:, None],
@@ -270,9 +287,9 @@ def decode(
         cache,
         True,
         moe_options,
-        device_loads=device_loads,
     )
-    return cache, lm_logits(params, hidden[:, 0])
+    logits = lm_logits(params, forward.hidden[:, 0])
+    return StepOutput(forward.cache, logits, forward.device_load)
 
 
 def _prompt_positions(

@@ -13,65 +13,19 @@ integer arithmetic, identical on every backend and in the NumPy reference.
 
 from __future__ import annotations
 
-import dataclasses
 import fractions
 
 import jax.numpy as jnp
 import numpy as np
 
-from brownout_jax.model.dims import Array, Bool, Int
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ThresholdLadder:
-    """The thresholds step functions are compiled for; switching among them compiles nothing."""
-
-    levels: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        if not self.levels:
-            raise ValueError("ladder: at least one level is required")
-        if any(not 0.0 <= t <= 1.0 for t in self.levels):
-            raise ValueError(f"ladder: levels must lie in [0, 1], got {self.levels}")
-        if tuple(sorted(set(self.levels))) != self.levels:
-            raise ValueError(f"ladder: levels must be increasing and distinct, got {self.levels}")
-        if self.levels[-1] != 1.0:
-            raise ValueError("ladder: the top level must be 1.0 (the exact model)")
-
-    def snap(self, threshold: float) -> float:
-        """The highest level ≤ ``threshold`` (snapping down keeps latency promises)."""
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
-        below = [t for t in self.levels if t <= threshold + 1e-9]
-        return below[-1] if below else self.levels[0]
-
-    def snap_up(self, threshold: float) -> float:
-        """The lowest level ≥ ``threshold`` (recovery must be able to climb a coarse ladder)."""
-        above = [t for t in self.levels if t >= threshold - 1e-9]
-        return above[0] if above else self.levels[-1]
-
-    @classmethod
-    def parse(cls, text: str) -> ThresholdLadder:
-        try:
-            return cls(tuple(sorted(float(t) for t in text.split(",") if t.strip())))
-        except ValueError as err:
-            raise ValueError(f"ladder: {err}") from err
-
-
-DEFAULT_LADDER = ThresholdLadder(tuple(round(0.1 * i, 1) for i in range(11)))
+from brownout_jax.model.dims import Array, Bool, Float, Int
+from brownout_jax.model.params import MoeParams
+from brownout_jax.moe.routing import RouterOutput, expert_counts, route_top_k
 
 
 def threshold_fraction(threshold: float) -> tuple[int, int]:
     frac = fractions.Fraction(threshold).limit_denominator(1000)
     return frac.numerator, frac.denominator
-
-
-def expert_counts(
-    expert_ids: Int[Array, "N K"], token_mask: Bool[Array, " N"], num_experts: int
-) -> Int[Array, " E"]:
-    """Assignments per expert over the real tokens (bucket padding never counts)."""
-    ids = jnp.where(token_mask[:, None], expert_ids, num_experts)
-    return jnp.zeros(num_experts + 1, jnp.int32).at[ids.reshape(-1)].add(1)[:num_experts]
 
 
 def select_hot_experts(counts: Int[Array, " E"], threshold: float) -> Bool[Array, " E"]:
@@ -122,3 +76,25 @@ def select_hot_experts_reference(counts: np.ndarray, threshold: float) -> np.nda
         hot[i] = True
         covered += int(counts[i])
     return hot
+
+
+def route(
+    x: Float[Array, "N D"],
+    params: MoeParams,
+    token_mask: Bool[Array, " N"],
+    top_k: int,
+    norm_topk_prob: bool,
+    threshold: float,
+    num_groups: int,
+) -> RouterOutput:
+    """Top-k routing, then brownout at ``threshold`` (none at 1): the expert ids a step runs.
+    ``num_groups``: united groups in the stacked layout (padded on an expert mesh)."""
+    routing = route_top_k(x, params.router, top_k, norm_topk_prob)
+    if threshold >= 1.0:
+        return routing
+    if params.group_of_expert is None:
+        raise ValueError("a brownout threshold below 1 needs united experts (--united)")
+    ids = route_with_brownout(
+        routing.expert_ids, token_mask, params.group_of_expert, num_groups, threshold
+    )
+    return routing.replace(expert_ids=ids)

@@ -18,11 +18,12 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from brownout_jax.engine.buckets import padded_size
 from brownout_jax.model.config import ModelConfig
 from brownout_jax.model.params import ExpertWeights, ModelParams, MoeParams
 from brownout_jax.model.transformer import collect_moe_inputs
-from brownout_jax.moe.block import route_top_k
 from brownout_jax.moe.expert_matmul import _swiglu_tile
+from brownout_jax.moe.routing import route_top_k
 from brownout_jax.moe.united import (
     UnitedExperts,
     UnitedLayer,
@@ -32,7 +33,6 @@ from brownout_jax.moe.united import (
     num_groups,
     similarity_groups,
 )
-from brownout_jax.offline.generate import bucket_length
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -72,7 +72,7 @@ def collect_calibration(
     per_layer: list[list[np.ndarray]] = [[] for _ in config.moe_layers]
     for start in range(0, len(sequences), batch_size):
         batch = sequences[start : start + batch_size]
-        length = bucket_length(max(len(s) for s in batch))
+        length = padded_size(max(len(s) for s in batch))
         tokens = np.zeros((batch_size, length), np.int32)
         lengths = np.zeros(batch_size, np.int32)
         for i, seq in enumerate(batch):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from brownout_jax.model.dims import Array, Bool, Float, Int
 from brownout_jax.model.params import ExpertWeights
+from brownout_jax.moe.routing import sort_by_expert
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -67,14 +68,12 @@ class SortedTiles:
 def sort_into_tiles(
     expert_ids: Int[Array, "N K"], token_mask: Bool[Array, " N"], num_experts: int, block_rows: int
 ) -> SortedTiles:
-    """Groups assignments by expert into tiles; masked tokens get no row at all."""
+    """Groups assignments by expert into tiles; masked tokens (and the sentinel) get no row."""
     n, k = expert_ids.shape
     a = n * k
     bm = block_rows
-    flat_expert = jnp.where(token_mask[:, None], expert_ids, num_experts).reshape(a)
-    order = jnp.argsort(flat_expert, stable=True)  # assignments, sorted by expert
-    sorted_expert = flat_expert[order]
-    counts = jnp.zeros(num_experts + 1, jnp.int32).at[flat_expert].add(1)[:num_experts]
+    grouped = sort_by_expert(expert_ids, token_mask, num_experts)
+    order, sorted_expert, counts = grouped.order, grouped.sorted_expert, grouped.counts
     tiles_per_expert = (counts + bm - 1) // bm
     tile_end = jnp.cumsum(tiles_per_expert)
     first_tile = tile_end - tiles_per_expert

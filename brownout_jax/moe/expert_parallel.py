@@ -36,21 +36,12 @@ from jax.sharding import PartitionSpec as P
 from brownout_jax.model.config import ModelConfig
 from brownout_jax.model.dims import Array, Bool, Float, Int
 from brownout_jax.model.params import ExpertWeights, ModelParams, MoeParams
-from brownout_jax.moe.block import (
-    MoeOptions,
-    RouterOutput,
-    apply_routed_experts,
-    expected_active_experts,
-    route_top_k,
-)
-from brownout_jax.moe.brownout import route_with_brownout
+from brownout_jax.moe.brownout import route
 from brownout_jax.moe.expert_matmul import tiling_for
-from brownout_jax.moe.mesh_config import (  # noqa: F401 (the mesh API lives here too)
-    AXIS,
-    MeshConfig,
-    add_mesh_argument,
-    mesh_from_arg,
-)
+from brownout_jax.moe.experts import apply_routed_experts, expected_active_experts
+from brownout_jax.moe.mesh_config import AXIS, MeshConfig
+from brownout_jax.moe.options import MoeOptions
+from brownout_jax.moe.routing import RouterOutput
 
 
 def make_mesh(config: MeshConfig, devices=None) -> Mesh:
@@ -307,9 +298,6 @@ def routed_load(
 ) -> DeviceLoad:
     """Routes a batch through one MoE layer (single-device layout) with brownout at
     ``threshold`` and returns what each of ``num_devices`` devices would compute."""
-    routing = route_top_k(x, moe.router, top_k, norm_topk_prob)
-    ids = routing.expert_ids
-    if threshold < 1.0:
-        ids = route_with_brownout(ids, token_mask, moe.group_of_expert, moe.num_united, threshold)
+    routing = route(x, moe, token_mask, top_k, norm_topk_prob, threshold, moe.num_united)
     layout = ExpertLayout.for_counts(moe.router.shape[1], moe.num_united, num_devices)
-    return expert_load_per_device(ids, token_mask, layout)
+    return expert_load_per_device(routing.expert_ids, token_mask, layout)

@@ -15,25 +15,13 @@ import jax.numpy as jnp
 
 from brownout_jax.model.dims import Array, Bool, Float, Int
 from brownout_jax.model.params import ExpertWeights
+from brownout_jax.moe.routing import sort_by_expert
 
 # (sorted rows (A, D), group_sizes (E,), weights, row weights (A,)) → outputs (A, D), float32,
 # zero past sum(group_sizes).
 GroupedFfn = Callable[
     [Float[Array, "A D"], Int[Array, " E"], ExpertWeights, Float[Array, " A"]], Float[Array, "A D"]
 ]
-
-
-def sort_by_expert(
-    expert_ids: Int[Array, "N K"], token_mask: Bool[Array, " N"], num_experts: int
-) -> tuple[Int[Array, " A"], Int[Array, " E"]]:
-    """Assignment order sorted by expert (masked tokens and ids ≥ ``num_experts`` last) and the
-    rows of each expert."""
-    a = expert_ids.size
-    flat_expert = jnp.where(token_mask[:, None], expert_ids, num_experts).reshape(a)
-    flat_expert = jnp.minimum(flat_expert, num_experts)
-    order = jnp.argsort(flat_expert, stable=True).astype(jnp.int32)
-    group_sizes = jnp.zeros(num_experts + 1, jnp.int32).at[flat_expert].add(1)[:num_experts]
-    return order, group_sizes
 
 
 def apply_experts_grouped(
@@ -47,7 +35,8 @@ def apply_experts_grouped(
     """Σ_k weight[n, k] · FFN_{expert[n, k]}(x[n]) through one grouped FFN call."""
     n, k = expert_ids.shape
     d = x.shape[-1]
-    order, group_sizes = sort_by_expert(expert_ids, token_mask, experts.num_experts)
+    grouped = sort_by_expert(expert_ids, token_mask, experts.num_experts)
+    order, group_sizes = grouped.order, grouped.counts
     x_rows = x[order // k]  # A D, grouped by expert
     row_weights = expert_weights.reshape(n * k)[order].astype(jnp.float32)
     y_rows = grouped_ffn(x_rows, group_sizes, experts, row_weights)

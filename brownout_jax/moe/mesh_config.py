@@ -1,6 +1,6 @@
 """The ``--mesh`` setting, kept free of JAX so that building the CLI parser stays cheap.
 
-``expert_parallel`` re-exports everything here and turns a :class:`MeshConfig` into a mesh.
+``expert_parallel.make_mesh`` turns a :class:`MeshConfig` into a mesh.
 """
 
 from __future__ import annotations

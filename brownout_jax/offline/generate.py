@@ -13,17 +13,14 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from brownout_jax.engine.buckets import padded_size
+from brownout_jax.engine.requests import GenerationRequest, RequestError, validate_request
+from brownout_jax.engine.sampling import SamplingParams, unpack_sampled
 from brownout_jax.model.config import ModelConfig
 from brownout_jax.model.kv_cache import ContiguousKVCache
 from brownout_jax.model.params import ModelParams
-from brownout_jax.moe.block import DEFAULT_MOE_OPTIONS, MoeOptions
-from brownout_jax.offline.steps import (
-    PrefillInputs,
-    SamplingParams,
-    decode_step,
-    prefill_step,
-    unpack_sampled,
-)
+from brownout_jax.moe.options import DEFAULT_MOE_OPTIONS, MoeOptions
+from brownout_jax.offline.steps import PrefillInputs, decode_step, prefill_step
 
 
 @dataclasses.dataclass(slots=True)
@@ -33,12 +30,18 @@ class GenerationResult:
     finish_reason: str  # "stop" (an EOS/stop id) or "length" (max_new_tokens)
 
 
-def bucket_length(n: int, minimum: int = 16) -> int:
-    """Next power of two ≥ n: few distinct shapes, so few compilations."""
-    size = minimum
-    while size < n:
-        size *= 2
-    return size
+# Field names of the serving API (validate_request's) → this function's parameters.
+_OFFLINE_FIELD = {"prompt": "prompts[{i}]", "prompt_token_ids": "prompts[{i}]"}
+_OFFLINE_FIELD |= {"max_tokens": "max_new_tokens"}
+
+
+def _validate(i: int, request: GenerationRequest, config: ModelConfig) -> None:
+    """The serving engine's validation, with this function's names for the fields."""
+    try:
+        validate_request(request, config.vocab_size, config.max_position_embeddings)
+    except RequestError as err:
+        field = _OFFLINE_FIELD.get(err.field, err.field).format(i=i)
+        raise RequestError(field, err.message) from None
 
 
 def generate(
@@ -59,28 +62,23 @@ def generate(
     """Generates for all prompts at once. ``arrival_times``, when given, receives the host
     clock (``time.perf_counter``) at which each step's tokens were read."""
     if not prompts:
-        raise ValueError("prompts: at least one prompt is required")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be ≥ 0, got {temperature}")
+        raise RequestError("prompts", "at least one prompt is required")
     for i, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise ValueError(f"prompts[{i}]: empty prompt")
-        bad = [t for t in prompt if not 0 <= t < config.vocab_size]
-        if bad:
-            raise ValueError(f"prompts[{i}]: token ids outside [0, {config.vocab_size}): {bad[:5]}")
-    longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > config.max_position_embeddings:
-        raise ValueError(
-            f"max_new_tokens: prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) "
-            f"exceeds "
-            f"the context length {config.max_position_embeddings}"
+        request = GenerationRequest(
+            prompt_token_ids=tuple(prompt),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed + i,
+            stop_token_ids=tuple(stop_token_ids),
         )
+        _validate(i, request, config)
 
     batch = len(prompts)
-    prompt_len = bucket_length(longest)
-    cache_len = bucket_length(longest + max_new_tokens)  # ≥ prompt_len too
+    longest = max(len(p) for p in prompts)
+    prompt_len = padded_size(longest)
+    cache_len = padded_size(longest + max_new_tokens)  # ≥ prompt_len too
     tokens = np.zeros((batch, prompt_len), np.int32)
     for i, prompt in enumerate(prompts):
         tokens[i, : len(prompt)] = prompt

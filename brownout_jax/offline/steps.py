@@ -11,18 +11,13 @@ import functools
 import jax
 from flax import struct
 
-from brownout_jax.engine.sampling import (  # noqa: F401 (steps' callers import these from here)
-    SamplingParams,
-    pack_sampled,
-    sample_tokens,
-    unpack_sampled,
-)
+from brownout_jax.engine.sampling import SamplingParams, pack_sampled, sample_tokens
 from brownout_jax.model.config import ModelConfig
 from brownout_jax.model.dims import Array, Bool, Int
 from brownout_jax.model.kv_cache import ContiguousKVCache
 from brownout_jax.model.params import ModelParams
 from brownout_jax.model.transformer import decode, prefill
-from brownout_jax.moe.block import MoeOptions
+from brownout_jax.moe.options import MoeOptions
 
 
 @struct.dataclass
@@ -50,10 +45,10 @@ def prefill_step(
     config: ModelConfig,
     moe_options: MoeOptions,
 ) -> tuple[DecodeState, Int[Array, "B 2"]]:
-    cache, logits = prefill(params, config, cache, inputs.tokens, inputs.lengths, moe_options)
-    tokens, logprobs = sample_tokens(logits, inputs.sampling, inputs.lengths)
+    out = prefill(params, config, cache, inputs.tokens, inputs.lengths, moe_options)
+    tokens, logprobs = sample_tokens(out.logits, inputs.sampling, inputs.lengths)
     state = DecodeState(
-        cache=cache,
+        cache=out.cache,
         tokens=tokens,
         positions=inputs.lengths,
         active=inputs.lengths > 0,
@@ -70,10 +65,10 @@ def decode_step(
     config: ModelConfig,
     moe_options: MoeOptions,
 ) -> tuple[DecodeState, Int[Array, "B 2"]]:
-    cache, logits = decode(
+    out = decode(
         params, config, state.cache, state.tokens, state.positions, state.active, moe_options
     )
     next_positions = state.positions + 1
-    tokens, logprobs = sample_tokens(logits, state.sampling, next_positions)
-    state = state.replace(cache=cache, tokens=tokens, positions=next_positions)
+    tokens, logprobs = sample_tokens(out.logits, state.sampling, next_positions)
+    state = state.replace(cache=out.cache, tokens=tokens, positions=next_positions)
     return state, pack_sampled(tokens, logprobs)

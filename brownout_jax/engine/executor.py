@@ -1,0 +1,221 @@
+"""The executor: the compiled step grid, the device state, dispatch and the one read-back.
+
+``dispatch`` uploads a :class:`StepPlan`'s small host arrays and launches its executable
+without waiting; ``read`` is the step's one host sync (the packed sampled tokens, plus the
+per-device expert load on a mesh). The engine thread reads step t only after dispatching step
+t+1, so the sync overlaps with device work. The state (KV pool, each slot's last token) is
+donated to every step and lives here only.
+
+Warm-up. An XLA:CPU executable's first execution is 5–8× slower than later ones (lazy runtime
+set-up, fresh buffer pages; demo decode at batch 16: 23 ms vs 4 ms); left to serving, each
+first use of a (level, bucket) was a latency spike just when the controller moved to a new
+level. So every executable is run once on rows that write only to the null KV block and a
+dropped slot (the state's contents are unchanged for any request) before it is used. An
+executable compiled in the background is run once by the engine thread, between steps, and
+only then offered to the scheduler: the dispatch path never compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from brownout_jax.engine.buckets import Bucket
+from brownout_jax.engine.config import EngineConfig
+from brownout_jax.engine.paged_cache import KVPool
+from brownout_jax.engine.phase import Phase, Thresholds
+from brownout_jax.engine.sampling import unpack_sampled
+from brownout_jax.engine.scheduler import StepPlan
+from brownout_jax.engine.step_grid import StepGrid, StepKey
+from brownout_jax.engine.steps import (
+    EngineState,
+    host_decode_batch,
+    host_prefill_batch,
+    split_packed,
+)
+from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.params import ModelParams, MoeParams
+from brownout_jax.moe.expert_parallel import (
+    is_expert_parallel,
+    make_mesh,
+    replicate,
+    shard_params,
+)
+from brownout_jax.moe.ladder import ThresholdLadder
+from brownout_jax.moe.options import MoeOptions
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class InFlight:
+    """A dispatched step whose sampled tokens have not been read yet."""
+
+    plan: StepPlan
+    packed: jax.Array
+    dispatched_at: float
+    thresholds: Thresholds  # the levels in force: this step's phase ran at its own
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StepResult:
+    tokens: np.ndarray  # (rows of the bucket,) int32
+    logprobs: np.ndarray  # (rows of the bucket,) float32
+    device_load: np.ndarray | None  # (DEV, 2): tokens received, distinct experts (on a mesh)
+
+
+def has_united_experts(params: ModelParams) -> bool:
+    return any(
+        isinstance(layer.mlp, MoeParams) and layer.mlp.group_of_expert is not None
+        for layer in params.layers
+    )
+
+
+def ladder_for(params: ModelParams, config: EngineConfig) -> ThresholdLadder:
+    """The configured ladder, or the exact model alone when there are no united experts."""
+    if has_united_experts(params):
+        return config.ladder
+    if config.controller.mode == "fixed" and config.controller.fixed_threshold < 1.0:
+        raise ValueError("a fixed brownout threshold below 1 needs united experts")
+    return ThresholdLadder((1.0,))
+
+
+class Executor:
+    def __init__(
+        self,
+        params: ModelParams,
+        model_config: ModelConfig,
+        config: EngineConfig,
+        ladder: ThresholdLadder,
+        progress: bool = True,
+    ):
+        self.config = config
+        mesh = None if config.mesh is None else make_mesh(config.mesh)
+        if mesh is not None and not is_expert_parallel(params):
+            params = shard_params(params, model_config, mesh)
+        self.num_devices = 0 if config.mesh is None else config.mesh.num_devices
+        self._params = params
+        options = MoeOptions(
+            exempt_layers=config.exempt_layers, mesh=mesh, backend=config.experts_backend
+        )
+        self.grid = StepGrid(
+            params,
+            model_config,
+            ladder,
+            config.buckets(),
+            config.num_blocks,
+            config.max_batch,
+            options,
+            workers=config.compile_workers,
+        )
+        self.grid.compile(background=config.compile_in_background, progress=progress)
+        state = EngineState(
+            pool=KVPool.allocate(
+                model_config, config.num_blocks, config.block_size, params.embed.dtype
+            ),
+            last_tokens=jnp.zeros((config.max_batch,), jnp.int32),
+        )
+        self._state = state if mesh is None else replicate(state, mesh)
+        # (phase, level) → buckets run once and offered to the scheduler.
+        self._usable: dict[tuple[Phase, float], set[Bucket]] = {}
+        # (phase, level) whose covering bucket is usable: any step of the phase fits.
+        self._ready_levels: set[tuple[Phase, float]] = set()
+        self.warm_up(progress=progress, wait=True)
+
+    # -------------------------------------------------------------------------- what runs
+
+    @property
+    def buckets(self):
+        return self.grid.buckets
+
+    def serving_level(self, phase: Phase, wanted: float) -> float:
+        """The level a step of ``phase`` runs at: ``wanted`` once that level can run every
+        step (its covering bucket is usable), before that the highest such level below it
+        (the minimal set holds the lowest level, and the top one)."""
+        ready = [level for (p, level) in self._ready_levels if p == phase]
+        below = [level for level in ready if level <= wanted]
+        return max(below) if below else min(ready)
+
+    def usable_buckets(self, phase: Phase, level: float) -> frozenset[Bucket]:
+        return frozenset(self._usable.get((phase, level), ()))
+
+    # -------------------------------------------------------------------------- warm-up
+
+    def warm_up(self, progress: bool = False, wait: bool = False) -> int:
+        """Runs every newly compiled executable once and makes it usable; returns how many.
+        With ``wait``, blocks until those runs finished (before serving starts)."""
+        keys = sorted(self.grid.take_compiled())
+        outputs = []
+        for key in tqdm(keys, desc="first runs", disable=not progress or not keys):
+            self._state, packed = self._run_empty(key)
+            outputs.append(packed)
+            self._usable.setdefault((key.phase, key.level), set()).add(key.bucket)
+            if key.bucket == self.grid.buckets.covering(key.phase):
+                self._ready_levels.add((key.phase, key.level))
+        if wait:
+            jax.block_until_ready(outputs)
+        return len(keys)
+
+    def _run_empty(self, key: StepKey):
+        """One execution whose every row is real work (so the expert loops run) but writes
+        only to the null KV block and a dropped slot."""
+        buckets, slots = self.grid.buckets, self.config.max_batch
+        batch, size = key.bucket.batch, key.bucket.size
+        if key.phase == Phase.PREFILL:
+            host = host_prefill_batch(batch, size, buckets.prefill_width(size), slots)
+            host.lengths[:] = size
+        else:
+            host = host_decode_batch(batch, size, slots)
+            host.active[:] = True
+        inputs = jax.device_put(host, self.grid.input_sharding)
+        return self.grid.executable(key)(self._params, self._state, inputs)
+
+    # -------------------------------------------------------------------------- one step
+
+    def dispatch(self, plan: StepPlan, thresholds: Thresholds, now: float) -> InFlight:
+        """Launches the plan's step at its phase's level in ``thresholds``; does not wait."""
+        key = StepKey(plan.phase, thresholds.of(plan.phase), plan.bucket)
+        host = self._host_batch(plan)
+        inputs = jax.device_put(host, self.grid.input_sharding)
+        self._state, packed = self.grid.executable(key)(self._params, self._state, inputs)
+        packed.copy_to_host_async()
+        return InFlight(plan, packed, now, thresholds)
+
+    def _host_batch(self, plan: StepPlan):
+        buckets, slots = self.grid.buckets, self.config.max_batch
+        batch, size = plan.bucket.batch, plan.bucket.size
+        if plan.phase == Phase.PREFILL:
+            host = host_prefill_batch(batch, size, buckets.prefill_width(size), slots)
+            for i, row in enumerate(plan.rows):
+                host.tokens[i, : len(row.tokens)] = row.tokens
+                host.lengths[i] = len(row.tokens)
+                host.block_tables[i, : len(row.blocks)] = row.blocks
+                host.slots[i] = row.slot
+                _fill_sampling(host.sampling, i, row.request)
+            return host
+        host = host_decode_batch(batch, size, slots)
+        for i, row in enumerate(plan.rows):
+            host.slots[i] = row.slot
+            host.positions[i] = row.position
+            host.block_tables[i, : len(row.blocks)] = row.blocks
+            host.active[i] = True
+            _fill_sampling(host.sampling, i, row.request)
+        return host
+
+    def read(self, step: InFlight) -> StepResult:
+        """The step's one host sync."""
+        sampled, load = split_packed(np.asarray(step.packed), self.num_devices)
+        tokens, logprobs = unpack_sampled(sampled)
+        return StepResult(tokens, logprobs, load)
+
+    def close(self) -> None:
+        self.grid.cancel()
+
+
+def _fill_sampling(sampling, row: int, request) -> None:
+    sampling.temperature[row] = request.temperature
+    sampling.seed[row] = request.seed
+    sampling.top_k[row] = request.top_k
+    sampling.top_p[row] = request.top_p

@@ -1,0 +1,177 @@
+"""The engine thread: one step per iteration, the previous step read while the next runs.
+
+Each iteration drains new requests and cancellations, lets the controller adjust the brownout
+thresholds, asks the scheduler for the next step, has the executor dispatch it, and only then
+reads the *previous* step's sampled tokens — the one host sync per step overlaps with the
+device computing the next. Tokens go to each request's stream (detokenize, stop checks,
+events); step latencies to the controller and the metrics. Nothing accepted is lost: every
+request ends with exactly one finishing event, also when the loop dies (fail fast: every open
+request learns why). No JAX here: the device is the executor's.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from brownout_jax.engine.controller import SloController
+from brownout_jax.engine.metrics import EngineMetrics
+from brownout_jax.engine.phase import Phase, Thresholds
+from brownout_jax.engine.requests import FinishReason, RequestHandle, TokenEvent
+from brownout_jax.engine.scheduler import Scheduler, Sequence
+from brownout_jax.engine.stream import TokenStream
+
+if TYPE_CHECKING:  # the loop itself is host-only: tests drive it with a fake executor
+    from brownout_jax.engine.executor import Executor, InFlight
+
+
+class EngineLoop:
+    def __init__(
+        self,
+        executor: Executor,
+        scheduler: Scheduler,
+        controller: SloController,
+        metrics: EngineMetrics,
+        make_stream: Callable[[RequestHandle], TokenStream],
+        clock: Callable[[], float] = time.monotonic,
+        max_queue: int = 1024,
+    ):
+        self.executor = executor
+        self.scheduler = scheduler
+        self.controller = controller  # replaced whole by Engine.set_controller
+        self.metrics = metrics
+        self.make_stream = make_stream
+        self.clock = clock
+        self.incoming: queue.Queue[RequestHandle] = queue.Queue(maxsize=max_queue)
+        self.cancels: queue.Queue[RequestHandle] = queue.Queue()
+        self.lock = threading.Lock()  # the controller and metrics, shared with stats()
+        self.wake = threading.Event()
+        self.closing = False
+        self.drain = True
+        self.error: BaseException | None = None
+        self._by_handle: dict[RequestHandle, Sequence] = {}
+        self._in_flight: InFlight | None = None
+
+    def run(self) -> None:
+        try:
+            while True:
+                self._take_new_requests()
+                self._take_cancellations()
+                if self.closing and not self.drain:
+                    self._cancel_all()
+                idle = self.scheduler.idle and self._in_flight is None
+                if self.closing and idle and self.incoming.empty():
+                    return
+                self._raise_compile_failure()
+                self.executor.warm_up()  # executables compiled in the background, if any
+                with self.lock:
+                    self.controller.maybe_update()
+                dispatched = self._dispatch()
+                if self._in_flight is not None:
+                    self._process(self._in_flight)
+                self._in_flight = dispatched
+                self.scheduler.requeue_preempted(None if dispatched is None else dispatched.plan)
+                if dispatched is None and not self.scheduler.waiting:
+                    self.wake.wait(timeout=0.05)
+                    self.wake.clear()
+        except BaseException as err:  # fail fast: every open request learns why
+            self.error = err
+            reason = f"engine failure: {err!r}"
+            for seq in list(self.scheduler.waiting) + self.scheduler.running:
+                self._finish(seq, FinishReason.ERROR, error=reason)
+            while not self.incoming.empty():
+                handle = self.incoming.get_nowait()
+                handle._push(TokenEvent(None, None, "", FinishReason.ERROR, reason))
+        finally:
+            self.executor.close()
+
+    def _raise_compile_failure(self) -> None:
+        if self.executor.grid.error is not None:
+            raise RuntimeError(
+                f"compiling the step grid failed: {self.executor.grid.error}"
+            ) from self.executor.grid.error
+
+    def _take_new_requests(self) -> None:
+        while True:
+            try:
+                handle = self.incoming.get_nowait()
+            except queue.Empty:
+                return
+            seq = Sequence(handle, self.make_stream(handle), list(handle.request.prompt_token_ids))
+            self._by_handle[handle] = seq
+            self.scheduler.add(seq)
+
+    def _take_cancellations(self) -> None:
+        while True:
+            try:
+                handle = self.cancels.get_nowait()
+            except queue.Empty:
+                return
+            seq = self._by_handle.get(handle)
+            if seq is not None and not seq.finished:
+                self._finish(seq, FinishReason.CANCELLED)
+
+    def _cancel_all(self) -> None:
+        self._take_new_requests()
+        for seq in list(self.scheduler.waiting) + self.scheduler.running:
+            self._finish(seq, FinishReason.CANCELLED)
+
+    def thresholds(self) -> Thresholds:
+        """The levels steps run at now: the controller's, as far as they are compiled."""
+        wanted = self.controller.thresholds
+        return Thresholds(
+            *(self.executor.serving_level(phase, wanted.of(phase)) for phase in Phase)
+        )
+
+    def _dispatch(self) -> InFlight | None:
+        levels = self.thresholds()
+        executor = self.executor
+
+        def usable(phase: Phase):
+            return executor.usable_buckets(phase, levels.of(phase))
+
+        now = self.clock()
+        plan = self.scheduler.next_step(usable, now)
+        if plan is None:
+            return None
+        return executor.dispatch(plan, levels, self.clock())
+
+    def _process(self, step: InFlight) -> None:
+        result = self.executor.read(step)  # the step's one sync
+        now = self.clock()
+        latency = now - step.dispatched_at
+        phase = step.plan.phase
+        with self.lock:
+            self.controller.record(phase, latency, now)
+            self.metrics.record_step(phase, latency, len(step.plan.rows), now, step.thresholds)
+            if result.device_load is not None:
+                self.metrics.record_device_load(
+                    phase, step.thresholds.of(phase), result.device_load
+                )
+        for i, seq in enumerate(step.plan.sequences):
+            if seq.finished:
+                continue  # finished or cancelled while this step was in flight
+            seq.generated.append(int(result.tokens[i]))
+            finish = seq.stream.token(
+                seq.generated, float(result.logprobs[i]), now, step.thresholds
+            )
+            if finish is not None:
+                self._finish(seq, finish, event_sent=True)
+
+    def _finish(
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        error: str | None = None,
+        event_sent: bool = False,
+    ) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        seq.stream.close(reason, self.clock(), self.thresholds(), error, event_sent)
+        self.scheduler.remove(seq)
+        self._by_handle.pop(seq.handle, None)
+        self.metrics.record_finish(seq.handle.metrics, reason)

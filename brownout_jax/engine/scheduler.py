@@ -1,0 +1,232 @@
+"""The scheduler: which sequences go into the next step. Host only (imports no JAX).
+
+It owns the waiting queue, admission, preemption, the KV block allocator and the decode slots,
+and turns them into a :class:`StepPlan` (phase, bucket, rows) for the executor. Policy: while
+requests wait and sequences run, prefill and decode steps alternate, so a burst can neither
+starve running decodes nor leave a new request behind more than one decode step. Admission is
+FIFO and stops at the first request that does not fit (no overtaking). When a running
+sequence needs a new KV block and none is free, the most recently admitted other sequence is
+preempted: its blocks and slot are freed and, once no step in flight still owes it a token,
+it is re-queued at the front, to be recomputed from prompt + generated tokens.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+from collections.abc import Callable, Collection
+
+from brownout_jax.engine.blocks import BlockAllocator, blocks_needed
+from brownout_jax.engine.buckets import Bucket, cheapest_fit
+from brownout_jax.engine.phase import Phase
+from brownout_jax.engine.requests import GenerationRequest, RequestHandle
+from brownout_jax.engine.stream import TokenStream
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SchedulerLimits:
+    max_batch: int  # decode slots
+    max_prefill_batch: int  # prompts per prefill step
+    max_prefill_tokens: int  # padded prompt tokens per prefill step
+    block_size: int
+    num_blocks: int  # KV blocks in the pool, block 0 reserved
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """One request inside the engine: its tokens, slot, blocks and progress."""
+
+    handle: RequestHandle
+    stream: TokenStream
+    prompt: list[int]
+    admitted_order: int = 0
+    slot: int | None = None
+    blocks: list[int] = dataclasses.field(default_factory=list)
+    generated: list[int] = dataclasses.field(default_factory=list)
+    dispatched: int = 0  # sampled tokens dispatched (processed or still in flight)
+    finished: bool = False
+    preempted: bool = False
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.handle.request
+
+    @property
+    def context(self) -> list[int]:
+        return self.prompt + self.generated
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StepRow:
+    """What the executor uploads for one row of a step."""
+
+    slot: int
+    blocks: tuple[int, ...]
+    request: GenerationRequest  # its sampling fields
+    tokens: tuple[int, ...] = ()  # prefill: the context to compute
+    position: int = 0  # decode: position of the input token (the slot's last sampled one)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StepPlan:
+    phase: Phase
+    bucket: Bucket
+    rows: tuple[StepRow, ...]
+    sequences: tuple[Sequence, ...]  # who receives each row's token, in row order
+
+
+# Buckets the executor can run for a phase right now (all of them once warm-up is complete).
+UsableBuckets = Callable[[Phase], Collection[Bucket]]
+
+
+class Scheduler:
+    def __init__(
+        self, limits: SchedulerLimits, on_preempt: Callable[[Sequence], None] | None = None
+    ):
+        self.limits = limits
+        self._on_preempt = on_preempt
+        self.allocator = BlockAllocator(limits.num_blocks)
+        self._free_slots = list(range(limits.max_batch - 1, -1, -1))
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self._admissions = itertools.count()
+        self._last_phase = Phase.DECODE
+        self.preemptions = 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def idle(self) -> bool:
+        return not (self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def next_step(self, usable: UsableBuckets, now: float) -> StepPlan | None:
+        """Plans (and books slots and blocks for) the next step, or None when nothing can run.
+        The plan is assumed dispatched: its rows count as in flight."""
+        decodable = [s for s in self.running if s.dispatched < s.request.max_new_tokens]
+        prefer_prefill = self.waiting and (not decodable or self._last_phase == Phase.DECODE)
+        if prefer_prefill:
+            plan = self._plan_prefill(usable(Phase.PREFILL), now)
+            if plan is not None:
+                return plan
+        if decodable:
+            return self._plan_decode(decodable, usable(Phase.DECODE))
+        return None
+
+    def _admissible(self, usable: Collection[Bucket]) -> tuple[list[Sequence], Bucket | None]:
+        limits = self.limits
+        batch: list[Sequence] = []
+        bucket = None
+        free_blocks = self.allocator.free
+        longest = 0
+        for seq in self.waiting:
+            if len(batch) == limits.max_prefill_batch or len(batch) == len(self._free_slots):
+                break
+            need = blocks_needed(len(seq.context), limits.block_size)
+            new_longest = max(longest, len(seq.context))
+            fit = cheapest_fit(usable, len(batch) + 1, new_longest)
+            if fit is None or need > free_blocks or fit.cost > limits.max_prefill_tokens:
+                break  # FIFO: nobody overtakes the head of the queue
+            batch.append(seq)
+            bucket = fit
+            free_blocks -= need
+            longest = new_longest
+        return batch, bucket
+
+    def _plan_prefill(self, usable: Collection[Bucket], now: float) -> StepPlan | None:
+        batch, bucket = self._admissible(usable)
+        if not batch:
+            return None
+        rows = []
+        for seq in batch:
+            self.waiting.popleft()
+            seq.slot = self._free_slots.pop()
+            seq.blocks = self.allocator.allocate(
+                blocks_needed(len(seq.context), self.limits.block_size)
+            )
+            seq.admitted_order = next(self._admissions)
+            if seq.handle.metrics.admitted is None:
+                seq.handle.metrics.admitted = now
+            rows.append(StepRow(seq.slot, tuple(seq.blocks), seq.request, tuple(seq.context)))
+            seq.dispatched = len(seq.generated) + 1
+            self.running.append(seq)
+        self._last_phase = Phase.PREFILL
+        return StepPlan(Phase.PREFILL, bucket, tuple(rows), tuple(batch))
+
+    def _plan_decode(
+        self, decodable: list[Sequence], usable: Collection[Bucket]
+    ) -> StepPlan | None:
+        block_size = self.limits.block_size
+        chosen: list[Sequence] = []
+        for seq in sorted(decodable, key=lambda s: s.admitted_order):
+            if seq.preempted or seq.finished:
+                continue
+            need = blocks_needed(len(seq.prompt) + seq.dispatched, block_size)
+            while len(seq.blocks) < need and not seq.preempted:
+                got = self.allocator.allocate(1)
+                if got is not None:
+                    seq.blocks.extend(got)
+                    continue
+                victim = self._preemption_victim(exclude=seq) or seq  # else this one waits
+                self._preempt(victim)
+            if not seq.preempted:
+                chosen.append(seq)
+        chosen = [s for s in chosen if not s.preempted]
+        bucket = cheapest_fit(usable, len(chosen), max((len(s.blocks) for s in chosen), default=0))
+        if not chosen or bucket is None:
+            return None
+        rows = []
+        for seq in chosen:
+            position = len(seq.prompt) + seq.dispatched - 1
+            rows.append(StepRow(seq.slot, tuple(seq.blocks), seq.request, position=position))
+            seq.dispatched += 1
+        self._last_phase = Phase.DECODE
+        return StepPlan(Phase.DECODE, bucket, tuple(rows), tuple(chosen))
+
+    def _preemption_victim(self, exclude: Sequence) -> Sequence | None:
+        candidates = [s for s in self.running if s is not exclude and not s.preempted]
+        return max(candidates, key=lambda s: s.admitted_order) if candidates else None
+
+    def _preempt(self, seq: Sequence) -> None:
+        seq.preempted = True
+        seq.handle.metrics.preemptions += 1
+        self.preemptions += 1
+        self._release(seq)
+        if self._on_preempt is not None:
+            self._on_preempt(seq)
+
+    def requeue_preempted(self, in_flight: StepPlan | None) -> None:
+        """Preempted sequences go back to the front of the queue once no step in flight still
+        owes them a token (the recompute needs every generated token)."""
+        owed = set(in_flight.sequences) if in_flight is not None else set()
+        ready = [s for s in self.running if s.preempted and s not in owed]
+        for seq in sorted(ready, key=lambda s: s.admitted_order, reverse=True):
+            self.running.remove(seq)
+            seq.preempted = False
+            if not seq.finished:
+                seq.dispatched = len(seq.generated)
+                self.waiting.appendleft(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """A finished or cancelled sequence leaves: its slot and blocks are freed."""
+        self._release(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.allocator.release(seq.blocks)
+        seq.blocks = []
+        if seq.slot is not None:
+            self._free_slots.append(seq.slot)
+            seq.slot = None

@@ -1,0 +1,244 @@
+"""The compiled step grid: one executable per (phase, ladder level, shape bucket).
+
+Serving switches brownout levels and batch shapes from one step to the next; each is a
+different static shape or ``MoeOptions`` and so a different executable. Every one is compiled
+ahead of time, so serving never compiles: a switch is a dictionary lookup.
+
+Compilation runs on a thread pool (XLA compiles release the GIL; tracing is serialised), the
+*minimal set* first: for each phase the bucket every step fits by padding up
+(``EngineBuckets.covering``) at the top level (1.0) and the lowest. With that set compiled the
+engine can serve every request; the rest of the grid can then compile in the background and
+be put to use as each executable arrives (``take_compiled``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+from jax.stages import Compiled
+from tqdm.auto import tqdm
+
+from brownout_jax.engine.buckets import Bucket, EngineBuckets
+from brownout_jax.engine.map_budget import MappingBudget
+from brownout_jax.engine.paged_cache import KVPool
+from brownout_jax.engine.phase import Phase
+from brownout_jax.engine.steps import (
+    EngineState,
+    engine_decode_step,
+    engine_prefill_step,
+    host_decode_batch,
+    host_prefill_batch,
+)
+from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.params import ModelParams
+from brownout_jax.moe.expert_parallel import abstract_placed, replicated
+from brownout_jax.moe.ladder import ThresholdLadder
+from brownout_jax.moe.options import MoeOptions
+
+
+@dataclasses.dataclass(frozen=True, slots=True, order=True)
+class StepKey:
+    phase: Phase
+    level: float  # brownout threshold (a ladder level)
+    bucket: Bucket
+
+
+def abstract_tree(tree, sharding=None):
+    return jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree
+    )
+
+
+def compile_workers() -> int:
+    """Concurrent compilations: every core this process may use."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+
+class StepGrid:
+    def __init__(
+        self,
+        params: ModelParams,
+        config: ModelConfig,
+        ladder: ThresholdLadder,
+        buckets: EngineBuckets,
+        num_blocks: int,
+        num_slots: int,
+        base_options: MoeOptions,
+        workers: int | None = None,
+    ):
+        self.config = config
+        self.ladder = ladder
+        self.buckets = buckets
+        self.num_slots = num_slots
+        self.base_options = base_options
+        self.workers = workers or compile_workers()
+        # On a mesh the executables take placed arrays: params as sharded, the rest replicated.
+        self.input_sharding = replicated(base_options.mesh)
+        dtype = params.embed.dtype
+        self._params = (
+            abstract_tree(params) if base_options.mesh is None else abstract_placed(params)
+        )
+        state = EngineState(
+            pool=KVPool.abstract(config, num_blocks, buckets.block_size, dtype),
+            last_tokens=jax.ShapeDtypeStruct((num_slots,), jnp.int32),
+        )
+        self._state = abstract_tree(state, self.input_sharding)
+        self._compiled: dict[StepKey, Compiled] = {}
+        self._arrived: list[StepKey] = []  # compiled, not yet taken by the executor
+        self._lock = threading.Lock()
+        self._trace_lock = threading.Lock()
+        self._cancelled = threading.Event()
+        self._background: threading.Thread | None = None
+        self.error: BaseException | None = None  # a background compilation's failure
+        self.compile_seconds = 0.0  # until the whole grid was compiled (or so far)
+        self.minimal_seconds = 0.0  # until the minimal set was compiled
+        self._keys = self._compile_order()
+        self._budget = MappingBudget.for_cpu_compilation(len(self._keys), jax.default_backend())
+
+    # -------------------------------------------------------------------------- the grid
+
+    def keys(self) -> list[StepKey]:
+        return list(self._keys)
+
+    def _compile_order(self) -> list[StepKey]:
+        """Every key, in compilation order: the minimal set, then level by level (the top,
+        the lowest, the rest downwards), per phase the covering bucket first (with it a level
+        can serve every step), then the buckets smallest first."""
+        levels = self.ladder.levels
+        order = dict.fromkeys([levels[-1], levels[0], *reversed(levels[1:-1])])
+        keys = self.minimal_keys()
+        for level in order:
+            for phase in Phase:
+                covering = self.buckets.covering(phase)
+                for bucket in (covering, *self.buckets.grid(phase)):
+                    key = StepKey(phase, level, bucket)
+                    if key not in keys:
+                        keys.append(key)
+        return keys
+
+    def minimal_keys(self) -> list[StepKey]:
+        levels = dict.fromkeys((self.ladder.levels[-1], self.ladder.levels[0]))
+        return [
+            StepKey(phase, level, self.buckets.covering(phase))
+            for phase in Phase
+            for level in levels
+        ]
+
+    @property
+    def total(self) -> int:
+        return len(self._keys)
+
+    @property
+    def count(self) -> int:
+        """Executables compiled so far."""
+        with self._lock:
+            return len(self._compiled)
+
+    @property
+    def pending(self) -> int:
+        """Executables still to compile."""
+        return self.total - self.count
+
+    def executable(self, key: StepKey) -> Compiled:
+        with self._lock:
+            return self._compiled[key]
+
+    def compiled_items(self) -> list[tuple[StepKey, Compiled]]:
+        with self._lock:
+            return sorted(self._compiled.items())
+
+    def take_compiled(self) -> list[StepKey]:
+        """Keys compiled since the last call (each is handed out once)."""
+        with self._lock:
+            arrived, self._arrived = self._arrived, []
+        return arrived
+
+    # -------------------------------------------------------------------------- compiling
+
+    def options(self, level: float) -> MoeOptions:
+        return dataclasses.replace(self.base_options, threshold=level)
+
+    def compile(self, background: bool = False, progress: bool = True) -> None:
+        """Compiles the minimal set, then the rest: before returning, or with ``background``
+        on a thread that returns at once (its failure is kept in :attr:`error`)."""
+        start = time.perf_counter()
+        keys = self.keys()
+        minimal = len(self.minimal_keys())
+        bar = tqdm(total=len(keys), desc="compiling steps", disable=not progress)
+        self._compile_keys(keys[:minimal], bar)
+        self.minimal_seconds = self.compile_seconds = time.perf_counter() - start
+        if not background:
+            self._compile_keys(keys[minimal:], bar)
+            self.compile_seconds = time.perf_counter() - start
+            bar.close()
+            return
+        bar.close()
+
+        def rest() -> None:
+            try:
+                self._compile_keys(keys[minimal:], None)
+            except BaseException as err:  # the engine thread raises it: fail fast
+                self.error = err
+            self.compile_seconds = time.perf_counter() - start
+
+        self._background = threading.Thread(target=rest, name="brownout-compile", daemon=True)
+        self._background.start()
+
+    def cancel(self) -> None:
+        """Stops a background compilation (the engine is shutting down)."""
+        self._cancelled.set()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Waits for a background compilation; raises its failure."""
+        if self._background is not None:
+            self._background.join(timeout)
+        if self.error is not None:
+            raise self.error
+
+    def _compile_keys(self, keys: list[StepKey], bar) -> None:
+        with concurrent.futures.ThreadPoolExecutor(
+            self.workers, thread_name_prefix="brownout-compile"
+        ) as pool:
+            futures = [pool.submit(self._compile_one, key) for key in keys]
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    future.result()
+                    if bar is not None:
+                        bar.update(1)
+            except BaseException:
+                self._cancelled.set()
+                raise
+
+    def _compile_one(self, key: StepKey) -> None:
+        if self._cancelled.is_set():
+            return
+        with self._trace_lock:  # tracing is Python work: one at a time
+            if self._budget is not None:
+                self._budget.check()
+            lowered = self._lower(key)
+        compiled = lowered.compile()  # XLA releases the GIL: compilations overlap
+        with self._lock:
+            self._compiled[key] = compiled
+            self._arrived.append(key)
+
+    def _lower(self, key: StepKey):
+        batch, size = key.bucket.batch, key.bucket.size
+        if key.phase == Phase.PREFILL:
+            host = host_prefill_batch(batch, size, self.buckets.prefill_width(size), self.num_slots)
+            step = engine_prefill_step
+        else:
+            host = host_decode_batch(batch, size, self.num_slots)
+            step = engine_decode_step
+        return step.lower(
+            self._params,
+            self._state,
+            abstract_tree(host, self.input_sharding),
+            config=self.config,
+            moe_options=self.options(key.level),
+        )

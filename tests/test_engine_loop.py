@@ -1,0 +1,197 @@
+"""The engine thread's host path (scheduler → executor → streams) against a fake executor
+whose "model" is a pure function of each sequence's context: nothing is lost or duplicated,
+preemption recomputes exactly, cancellation and failures end every request once. No JAX."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import numpy as np
+
+from brownout_jax.engine.buckets import EngineBuckets
+from brownout_jax.engine.controller import ControllerConfig, SloController
+from brownout_jax.engine.loop import EngineLoop
+from brownout_jax.engine.metrics import EngineMetrics
+from brownout_jax.engine.phase import Phase, Thresholds
+from brownout_jax.engine.requests import FinishReason, GenerationRequest, RequestHandle
+from brownout_jax.engine.scheduler import Scheduler, SchedulerLimits
+from brownout_jax.engine.stream import TokenStream
+from brownout_jax.moe.ladder import ThresholdLadder
+
+VOCAB = 97
+BUCKETS = EngineBuckets((1, 2, 4), (16, 32, 64), (2, 4, 8), (1, 2, 4, 8), block_size=8)
+
+
+def next_token(context: list[int]) -> int:
+    return (sum(t * (i + 1) for i, t in enumerate(context)) + len(context)) % VOCAB
+
+
+def expected(prompt: list[int], n: int) -> list[int]:
+    out = list(prompt)
+    for _ in range(n):
+        out.append(next_token(out))
+    return out[len(prompt) :]
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeInFlight:
+    plan: object
+    tokens: np.ndarray
+    dispatched_at: float
+    thresholds: Thresholds
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeResult:
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    device_load: None = None
+
+
+class FakeGrid:
+    error = None
+
+
+class FakeExecutor:
+    """Computes at dispatch, like a device; checks that every decode row's position matches
+    the context its slot holds (the KV cache of the fake)."""
+
+    grid = FakeGrid()
+
+    def __init__(self, fail_after: int | None = None):
+        self.contexts: dict[int, list[int]] = {}
+        self.dispatches = 0
+        self.fail_after = fail_after
+
+    def warm_up(self) -> int:
+        return 0
+
+    def serving_level(self, phase: Phase, wanted: float) -> float:
+        return wanted
+
+    def usable_buckets(self, phase: Phase, level: float):
+        return BUCKETS.grid(phase)
+
+    def dispatch(self, plan, thresholds: Thresholds, now: float) -> FakeInFlight:
+        self.dispatches += 1
+        if self.fail_after is not None and self.dispatches > self.fail_after:
+            raise RuntimeError("device lost")
+        tokens = np.zeros(plan.bucket.batch, np.int32)
+        for i, row in enumerate(plan.rows):
+            if plan.phase == Phase.PREFILL:
+                self.contexts[row.slot] = list(row.tokens)
+            else:
+                context = self.contexts[row.slot]
+                assert len(context) == row.position + 1, "decode position off its context"
+            tokens[i] = next_token(self.contexts[row.slot])
+            self.contexts[row.slot].append(int(tokens[i]))
+        return FakeInFlight(plan, tokens, now, thresholds)
+
+    def read(self, step: FakeInFlight) -> FakeResult:
+        return FakeResult(step.tokens, np.full(len(step.tokens), -0.5, np.float32))
+
+    def close(self) -> None:
+        pass
+
+
+def _loop(executor: FakeExecutor, num_blocks: int = 17, max_batch: int = 4) -> EngineLoop:
+    metrics = EngineMetrics()
+    scheduler = Scheduler(
+        SchedulerLimits(max_batch, 4, 256, 8, num_blocks),
+        on_preempt=lambda _: metrics.record_preemption(),
+    )
+    controller = SloController(ControllerConfig(mode="off"), ThresholdLadder((1.0,)))
+    return EngineLoop(
+        executor,
+        scheduler,
+        controller,
+        metrics,
+        lambda handle: TokenStream(handle, None, frozenset({0})),
+    )
+
+
+def _submit(loop: EngineLoop, prompt, n, name, **fields) -> RequestHandle:
+    request = GenerationRequest(prompt_token_ids=tuple(prompt), max_new_tokens=n, **fields)
+    handle = RequestHandle(name, request, None)
+    loop.incoming.put(handle)
+    return handle
+
+
+def _run_until_drained(loop: EngineLoop) -> None:
+    loop.closing = True
+    thread = threading.Thread(target=loop.run)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive()
+
+
+def test_a_burst_with_preemption_loses_and_duplicates_nothing():
+    rng = np.random.default_rng(0)
+    loop = _loop(FakeExecutor(), num_blocks=9)  # 8 usable blocks: the burst must preempt
+    jobs = [
+        (rng.integers(1, VOCAB, int(rng.integers(2, 20))).tolist(), int(rng.integers(4, 24)))
+        for _ in range(30)
+    ]
+    handles = [_submit(loop, p, n, f"r{i}", ignore_eos=True) for i, (p, n) in enumerate(jobs)]
+    _run_until_drained(loop)
+    assert loop.metrics.preemptions > 0
+    for handle, (prompt, n) in zip(handles, jobs, strict=True):
+        events = handle.ready_events()
+        assert [e.finish_reason is None for e in events] == [True] * (n - 1) + [False]
+        assert events[-1].finish_reason == FinishReason.LENGTH  # with the last token
+        assert [e.token_id for e in events] == expected(prompt, n)
+    assert loop.scheduler.allocator.used == 0 and loop.scheduler.idle
+
+
+def test_eos_stops_and_finished_rows_in_flight_are_dropped():
+    prompt = [5, 7]
+    tokens = expected(prompt, 40)
+    stop_at = tokens.index(0) + 1 if 0 in tokens else None
+    loop = _loop(FakeExecutor())
+    handle = _submit(loop, prompt, 40, "eos")
+    _run_until_drained(loop)
+    events = handle.ready_events()
+    got = [e.token_id for e in events]
+    if stop_at is None:
+        assert got == tokens and events[-1].finish_reason == FinishReason.LENGTH
+    else:
+        assert got == tokens[:stop_at] and events[-1].finish_reason == FinishReason.STOP
+
+
+def test_cancel_ends_a_request_once_and_frees_its_blocks():
+    loop = _loop(FakeExecutor())
+    handle = _submit(loop, [1, 2, 3], 50, "cancelled", ignore_eos=True)
+    loop._take_new_requests()
+    for _ in range(3):  # prefill, decode, decode
+        loop._in_flight, previous = loop._dispatch(), loop._in_flight
+        if previous is not None:
+            loop._process(previous)
+    loop.cancels.put(handle)
+    _run_until_drained(loop)
+    events = handle.ready_events()
+    assert [e.finish_reason for e in events].count(FinishReason.CANCELLED) == 1
+    assert events[-1].finish_reason == FinishReason.CANCELLED
+    assert loop.scheduler.allocator.used == 0
+
+
+def test_a_failing_executor_ends_every_open_request_with_the_cause():
+    loop = _loop(FakeExecutor(fail_after=3))
+    handles = [_submit(loop, [i + 1, 2], 20, f"f{i}", ignore_eos=True) for i in range(6)]
+    _run_until_drained(loop)
+    assert isinstance(loop.error, RuntimeError)
+    for handle in handles:
+        last = handle.ready_events()[-1]
+        assert last.finish_reason == FinishReason.ERROR and "device lost" in last.error
+
+
+def test_steps_are_recorded_per_phase_with_their_thresholds():
+    loop = _loop(FakeExecutor())
+    _submit(loop, [3, 4], 5, "one", ignore_eos=True)
+    _run_until_drained(loop)
+    phases = [record.phase for record in loop.metrics.step_log]
+    assert phases[0] == Phase.PREFILL and set(phases[1:]) == {Phase.DECODE}
+    assert len(phases) == 5  # one prefill, four decodes
+    assert {(r.prefill_threshold, r.decode_threshold) for r in loop.metrics.step_log} == {
+        (1.0, 1.0)
+    }
