@@ -336,3 +336,26 @@ def _demo_config():
     from brownout_jax.config import ModelConfig
 
     return ModelConfig.from_pretrained_dir(demo_model_dir())
+
+
+def test_eval_slo_reports_the_quality_cost_of_each_mode(tmp_path, tiny_checkpoints, capsys):
+    """Every step of `fixed=0` runs at threshold 0 and of `off` at 1: the run's mean KL per
+    token is the table's KL at 0, resp. nothing."""
+    table = tmp_path / "quality.json"
+    rows = [
+        {"united": "s", "phase": "both", "threshold": t, "kl_mean": kl}
+        for t, kl in ((1.0, 0.0), (0.5, 0.25), (0.0, 0.75))
+    ]
+    table.write_text(json.dumps({"united": {"s": "/x"}, "rows": rows}))
+    out = tmp_path / "slo"
+    config_json = tiny_checkpoints["gqa_norm_topk_dense_layer"] / "config.json"
+    args = ["eval", "slo", "--load-format", "dummy", "--config", str(config_json)]
+    args += ["--duration", "2", "--request-rate", "8", "--modes", "off,fixed=0", "--max-batch", "2"]
+    args += ["--max-model-len", "32", "--prompt-len", "4,8", "--output-len", "2,4", "--ladder"]
+    args += ["0,1", "--quality-table", str(table), "--out", str(out)]
+    assert cli.main(args) == 0
+    runs = {r["mode"]: r for r in json.loads((out / "slo.json").read_text())["runs"]}
+    assert runs["off"]["quality_cost"]["mean_kl"] == 0.0
+    assert runs["fixed=0"]["quality_cost"]["mean_kl"] == pytest.approx(0.75)
+    assert runs["fixed=0"]["quality_cost"]["tokens"] > 0
+    assert "mean KL" in capsys.readouterr().out
