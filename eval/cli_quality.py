@@ -74,6 +74,11 @@ def add_quality_parsers(kinds) -> None:
         help="store the ranking in the united experts' manifest; `--exempt-layers auto` "
         "then exempts its first K layers",
     )
+    p.add_argument(
+        "--all-subsets",
+        action="store_true",
+        help="also measure every other K-subset of MoE layers (small models: ≤ 64 sets)",
+    )
     _add_text_options(p)
     p.set_defaults(run=run_sensitivity)
 
@@ -226,7 +231,7 @@ def run_sensitivity(args) -> int:
     layers = layer_sensitivity(params, model.config, windows, args.threshold, cfg, progress)
     ranking = rank_layers(layers)
     comparison = compare_rules(
-        params, model.config, windows, args.threshold, ranking, ks, cfg, progress
+        params, model.config, windows, args.threshold, ranking, ks, cfg, progress, args.all_subsets
     )
     saved = None
     if args.save is not None:

@@ -11,6 +11,7 @@ browned out except the K chosen ones against the reference implementation's edge
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -26,6 +27,8 @@ from brownout_jax.eval.quality import (
 )
 from brownout_jax.exemption import LayerSensitivity, edge_layers
 from brownout_jax.params import ModelParams
+
+MAX_SUBSETS = 64
 
 
 def _mean_stderr(values: np.ndarray) -> tuple[float, float]:
@@ -69,7 +72,7 @@ class RuleComparison:
     """All MoE layers browned out at the threshold except ``exempt_layers``."""
 
     k: int
-    rule: str  # "auto" (measured choice), "edge" (reference rule) or "none"
+    rule: str  # "auto" (measured choice), "edge" (reference rule), "none" or "other"
     exempt_layers: tuple[int, ...]
     kl_mean: float
     kl_mean_stderr: float
@@ -88,14 +91,25 @@ def compare_rules(
     ks: Sequence[int],
     cfg: QualityConfig,
     progress: bool = False,
+    all_subsets: bool = False,
 ) -> list[RuleComparison]:
     """For each K: the first K of ``ranking`` exempt vs the edge rule's K layers (and no
-    exemption once, as K = 0). Each distinct exempt set is measured once."""
+    exemption once, as K = 0); with ``all_subsets``, every other K-subset of the MoE layers
+    too (small models only). Each distinct exempt set is measured once."""
     moe = config.moe_layers
     plan: list[tuple[int, str, tuple[int, ...]]] = [(0, "none", ())]
     for k in ks:
         plan.append((k, "auto", tuple(sorted(ranking[:k]))))
         plan.append((k, "edge", edge_layers(moe, k)))
+    if all_subsets:
+        count = sum(math.comb(len(moe), k) for k in ks)
+        if count > MAX_SUBSETS:
+            raise ValueError(f"all subsets: {count} exempt sets to measure (at most {MAX_SUBSETS})")
+        named = {exempt for _, _, exempt in plan}
+        for k in ks:
+            for subset in itertools.combinations(moe, k):
+                if subset not in named:
+                    plan.append((k, "other", subset))
     distinct = sorted({exempt for _, _, exempt in plan})
     settings = [BrownoutSetting(threshold, BrownoutPhase.BOTH, exempt) for exempt in distinct]
     teacher_only = dataclasses.replace(cfg, num_prompts=0)
@@ -128,7 +142,18 @@ def compare_rules(
                 kl_minus_edge_stderr=diff_se,
             )
         )
-    return rows
+    order = {"none": 0, "auto": 1, "edge": 2, "other": 3}
+    return sorted(rows, key=lambda r: (r.k, order[r.rule], r.kl_mean))
+
+
+def rank_among_subsets(rows: Sequence[RuleComparison], k: int) -> tuple[int, int] | None:
+    """(rank of the auto choice by KL among the measured K-subsets, how many), 1 = best;
+    None unless every K-subset was measured."""
+    measured = {r.exempt_layers: r.kl_mean for r in rows if r.k == k}
+    auto = next((r for r in rows if r.k == k and r.rule == "auto"), None)
+    if auto is None or not any(r.rule == "other" for r in rows if r.k == k):
+        return None
+    return 1 + sum(kl < auto.kl_mean for kl in measured.values()), len(measured)
 
 
 def format_sensitivity(layers: Sequence[LayerSensitivity], ranking: Sequence[int]) -> str:
@@ -153,12 +178,16 @@ def format_comparison(rows: Sequence[RuleComparison]) -> str:
         "| ---: | --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
+        rule = r.rule
+        ranked = rank_among_subsets(rows, r.k) if rule == "auto" else None
+        if ranked is not None:
+            rule = f"auto (best {ranked[0]} of {ranked[1]})"
         diff = "—"
         if r.kl_minus_edge is not None:
             diff = f"{r.kl_minus_edge:+.4f} ± {r.kl_minus_edge_stderr:.4f}"
         layers = ",".join(map(str, r.exempt_layers)) or "—"
         lines.append(
-            f"| {r.k} | {r.rule} | {layers} | {r.kl_mean:.4f} ± {r.kl_mean_stderr:.4f} | {diff} "
+            f"| {r.k} | {rule} | {layers} | {r.kl_mean:.4f} ± {r.kl_mean_stderr:.4f} | {diff} "
             f"| {r.top1_agreement:.4f} | {100 * r.expert_bytes_read:.1f} % |"
         )
     return "\n".join(lines)
