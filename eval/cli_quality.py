@@ -55,6 +55,9 @@ def add_quality_parsers(kinds) -> None:
     p.add_argument("--num-prompts", type=int, default=16, help="greedy continuations (0: none)")
     p.add_argument("--continuation-tokens", type=int, default=32, help="greedy tokens per prompt")
     p.add_argument("--plot", help="write a PNG of the metrics vs threshold here")
+    p.add_argument(
+        "--json-out", help="also write the JSON report (for `eval slo --quality-table`) here"
+    )
     _add_text_options(p)
     add_exempt_arguments(p.add_argument_group("brownout"))
     p.set_defaults(run=run_quality)
@@ -187,8 +190,11 @@ def run_quality(args) -> int:
     if args.plot:
         plot_quality(rows, Path(args.plot), f"{Path(model_dir).name} on {text.name}")
         print(f"wrote {args.plot}", file=sys.stderr)
+    report = json.dumps(report_json(rows, meta))
+    if args.json_out:
+        Path(args.json_out).write_text(report + "\n")
     if args.output == "json":
-        print(json.dumps(report_json(rows, meta)))
+        print(report)
         return 0
     print(
         f"{meta['windows']} windows of {cfg.window_tokens} tokens from {text} "

@@ -138,7 +138,8 @@ def format_table(rows: list[QualityRow]) -> str:
 
 
 def plot_quality(rows: list[QualityRow], path: Path, title: str = "") -> None:
-    """Metric vs threshold: one line per united-experts set (and brownout phase)."""
+    """Metrics vs threshold, and KL vs expert bytes read: one line per united-experts set (and
+    brownout phase; phase-only lines start from the exact point they share)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,6 +147,7 @@ def plot_quality(rows: list[QualityRow], path: Path, title: str = "") -> None:
 
     panels = [
         ("kl_mean", "kl_mean_stderr", "mean KL(exact ‖ browned), nats/token", 1.0),
+        ("kl_p90", "kl_p90_stderr", "P90 KL, nats/token", 1.0),
         ("top1_agreement", "top1_agreement_stderr", "top-1 agreement with exact", 1.0),
         ("perplexity_change", "perplexity_change_stderr", "perplexity change (%)", 100.0),
         (
@@ -154,32 +156,49 @@ def plot_quality(rows: list[QualityRow], path: Path, title: str = "") -> None:
             "greedy tokens before 1st divergence (median)",
             1.0,
         ),
+        ("kl_mean", "kl_mean_stderr", "mean KL vs routed-expert bytes read", 1.0),
     ]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
     lines = sorted({(r.united, r.phase) for r in rows})
+    one_phase = len(lines) == len({u for u, _ in lines})
     styles = {"both": "-", "prefill": "--", "decode": ":"}
-    for ax, (key, err_key, label, scale) in zip(axes.flat, panels, strict=True):
-        for united, phase in lines:
-            series = sorted(
-                (r for r in rows if (r.united, r.phase) == (united, phase)),
-                key=lambda r: r.threshold,
+    for index, (ax, (key, err_key, label, scale)) in enumerate(zip(axes.flat, panels, strict=True)):
+        by_bytes = index == len(panels) - 1
+        for colour, (united, phase) in enumerate(lines):
+            series = [r for r in rows if (r.united, r.phase) == (united, phase)]
+            if all(r.threshold < 1.0 for r in series):
+                series += [r for r in rows if (r.united, r.threshold) == (united, 1.0)][:1]
+            points = sorted(
+                (r for r in series if getattr(r, key) is not None), key=lambda r: r.threshold
             )
-            points = [r for r in series if getattr(r, key) is not None]
             if not points:
                 continue
-            x = [r.threshold for r in points]
+            x = [100 * r.expert_bytes_read if by_bytes else r.threshold for r in points]
             y = [scale * getattr(r, key) for r in points]
             err = [scale * (getattr(r, err_key) or 0.0) for r in points]
-            name = united if len(lines) == len({u for u, _ in lines}) else f"{united} ({phase})"
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, linestyle=styles[phase], label=name)
-        ax.set_xlabel("brownout threshold (1 = exact)")
-        ax.set_ylabel(label)
+            ax.errorbar(
+                x,
+                y,
+                yerr=err,
+                marker="o",
+                markersize=4,
+                capsize=3,
+                linestyle=styles[phase],
+                color=f"C{colour if one_phase else sorted({u for u, _ in lines}).index(united)}",
+                label=united if one_phase else f"{united} ({phase})",
+            )
+        ax.set_xlabel(
+            "routed-expert bytes read (% of exact)"
+            if by_bytes
+            else "brownout threshold (1 = exact)"
+        )
+        ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -231,3 +250,22 @@ def quality_cost(steps, table: dict, united_dir: str | None) -> dict | None:
         "tokens": int(total),
         "mean_kl": weighted / total if total else None,
     }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Re-plots a saved report: ``python -m brownout_jax.eval.quality_report REPORT.json
+    OUT.png`` (the same figure as ``eval quality --plot``, without measuring again)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    parser.add_argument("report", type=Path, help="`eval quality --json-out` file")
+    parser.add_argument("png", type=Path)
+    args = parser.parse_args(argv)
+    report = json.loads(args.report.read_text())
+    rows = [QualityRow(**{**r, "exempt_layers": tuple(r["exempt_layers"])}) for r in report["rows"]]
+    plot_quality(rows, args.png, f"{Path(report['model']).name} on {Path(report['text']).name}")
+
+
+if __name__ == "__main__":
+    main()
