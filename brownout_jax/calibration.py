@@ -107,8 +107,8 @@ def pack_token_windows(
         raise ValueError(f"window must be at least 2 tokens, got {window}")
     windows: list[list[int]] = []
     stream: list[int] = []
-    for text in texts:
-        if stream:
+    for index, text in enumerate(texts):
+        if index:
             stream.extend(separator_ids)
         stream.extend(tokenizer.encode(text, add_special_tokens=False))
         while len(stream) >= window and len(windows) < max_windows:

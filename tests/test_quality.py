@@ -359,3 +359,35 @@ def test_eval_slo_reports_the_quality_cost_of_each_mode(tmp_path, tiny_checkpoin
     assert runs["fixed=0"]["quality_cost"]["mean_kl"] == pytest.approx(0.75)
     assert runs["fixed=0"]["quality_cost"]["tokens"] > 0
     assert "mean KL" in capsys.readouterr().out
+
+
+def test_windows_join_texts_with_the_separator_and_have_equal_length():
+    from brownout_jax.calibration import pack_token_windows
+
+    class Chars:  # one token per character: ids are code points
+        def encode(self, text, add_special_tokens=False):
+            return [ord(c) for c in text]
+
+    windows = pack_token_windows(["abcde", "fg", "hijklmn"], Chars(), 4, 10, separator_ids=[0])
+    # a b c d | e 0 f g | 0 h i j | k l m n: a separator between every two texts
+    assert windows == [
+        [97, 98, 99, 100],
+        [101, 0, 102, 103],
+        [0, 104, 105, 106],
+        [107, 108, 109, 110],
+    ]
+    assert len(pack_token_windows(["abcdefghij"], Chars(), 4, 1)) == 1
+    with pytest.raises(ValueError, match="at least 2"):
+        pack_token_windows(["ab"], Chars(), 1, 3)
+
+
+def test_auto_rank_among_all_subsets():
+    from brownout_jax.eval.sensitivity import RuleComparison, rank_among_subsets
+
+    def row(rule, exempt, kl):
+        return RuleComparison(len(exempt), rule, exempt, kl, 0.0, 1.0, 0.5, None, None)
+
+    rows = [row("auto", (0,), 0.2), row("edge", (0,), 0.2), row("other", (1,), 0.1)]
+    rows += [row("other", (2,), 0.3)]
+    assert rank_among_subsets(rows, 1) == (2, 3)  # one subset beats auto
+    assert rank_among_subsets(rows[:2], 1) is None  # not every subset measured
