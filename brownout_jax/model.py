@@ -48,8 +48,8 @@ def apply_rope(
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def _project(x, w, b):
-    y = matmul(x, w)
+def _project(x, w, b, rows):
+    y = matmul(x, w, rows)
     return y if b is None else y + b
 
 
@@ -80,14 +80,16 @@ def attention_block(
     rope: tuple[Float[Array, "B T C"], Float[Array, "B T C"]],
     cache: ContiguousKVCache | None,
     read_cache: bool,
+    token_mask: Bool[Array, "B T"] | None = None,
 ) -> tuple[Float[Array, "B T D"], ContiguousKVCache | None]:
     """Self-attention. With ``read_cache`` the queries attend to the cache (decode); otherwise
-    to the step's own tokens, causally (prefill from position 0), writing them to the cache."""
+    to the step's own tokens, causally (prefill from position 0), writing them to the cache.
+    ``token_mask``: the real tokens; projections of padding may be skipped (and are zero)."""
     b, t, _ = x.shape
     c = config.head_dim
-    q = _project(x, params.wq, params.bq).reshape(b, t, config.num_heads, c)
-    k = _project(x, params.wk, params.bk).reshape(b, t, config.num_kv_heads, c)
-    v = _project(x, params.wv, params.bv).reshape(b, t, config.num_kv_heads, c)
+    q = _project(x, params.wq, params.bq, token_mask).reshape(b, t, config.num_heads, c)
+    k = _project(x, params.wk, params.bk, token_mask).reshape(b, t, config.num_kv_heads, c)
+    v = _project(x, params.wv, params.bv, token_mask).reshape(b, t, config.num_kv_heads, c)
     cos, sin = rope
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache is not None:
@@ -98,7 +100,7 @@ def attention_block(
         key_positions = positions
     mask = key_positions[:, None, :] <= positions[:, :, None]
     out = attend(q, k, v, mask).reshape(b, t, config.num_heads * c)
-    return matmul(out, params.wo), cache
+    return matmul(out, params.wo, token_mask), cache
 
 
 def decoder_layer(
@@ -127,6 +129,7 @@ def decoder_layer(
         rope,
         cache,
         read_cache,
+        token_mask,
     )
     h = h + attn_out
     b, t, d = h.shape
@@ -144,7 +147,7 @@ def decoder_layer(
             device_loads,
         )
     else:
-        mlp_out = dense_mlp(x, params.mlp)
+        mlp_out = dense_mlp(x, params.mlp, token_mask.reshape(b * t))
     return h + mlp_out.reshape(b, t, d), cache
 
 
@@ -196,14 +199,17 @@ def collect_moe_inputs(
     return tuple(captured), token_mask.reshape(-1)
 
 
-def lm_logits(params: ModelParams, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
+def lm_logits(
+    params: ModelParams, hidden: Float[Array, "... D"], rows: Bool[Array, "..."] | None = None
+) -> Float[Array, "... V"]:
+    """``rows``: the rows whose logits are used (padding may be skipped and is then zero)."""
     if params.lm_head is None:
         # Tied: XLA's dot reads the embedding transposed in place (a kernel call would need a
         # transposed copy of the table).
         return jnp.dot(hidden, params.embed.T).astype(jnp.float32)
     # The float32 logits straight from the fp32 accumulator, not rounded to the activations'
     # dtype first.
-    return matmul_f32(hidden, params.lm_head)
+    return matmul_f32(hidden, params.lm_head, rows)
 
 
 def forward_logits(
@@ -246,7 +252,7 @@ def prefill(
     )
     last = jnp.maximum(lengths - 1, 0)
     last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-    return cache, lm_logits(params, last_hidden)
+    return cache, lm_logits(params, last_hidden, lengths > 0)
 
 
 def decode(
@@ -272,7 +278,7 @@ def decode(
         moe_options,
         device_loads=device_loads,
     )
-    return cache, lm_logits(params, hidden[:, 0])
+    return cache, lm_logits(params, hidden[:, 0], active)
 
 
 def _prompt_positions(

@@ -138,8 +138,11 @@ def expected_active_experts(num_experts: int, num_united: int, options: MoeOptio
     return max(1, round(options.threshold * routed) + num_united)
 
 
-def dense_mlp(x: Float[Array, "N D"], params: DenseMlpParams) -> Float[Array, "N D"]:
-    return swiglu_mlp(x, params.w_gate, params.w_up, params.w_down)
+def dense_mlp(
+    x: Float[Array, "N D"], params: DenseMlpParams, token_mask: Bool[Array, " N"] | None = None
+) -> Float[Array, "N D"]:
+    """``token_mask``: rows whose output is used (padding may be skipped, and is then zero)."""
+    return swiglu_mlp(x, params.w_gate, params.w_up, params.w_down, token_mask)
 
 
 def moe_block(
@@ -192,5 +195,5 @@ def moe_block(
         )
     if params.shared is not None:
         gate = jax.nn.sigmoid(jnp.dot(x, params.shared_gate))
-        out = out + gate * dense_mlp(x, params.shared)
+        out = out + gate * dense_mlp(x, params.shared, token_mask)
     return out
