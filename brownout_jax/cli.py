@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from brownout_jax.moe.exemption import add_exempt_arguments, resolve_exempt_layers
 from brownout_jax.moe.expert_backend import (
     CLI_CHOICES,
     add_experts_backend_argument,
@@ -79,15 +80,10 @@ def _add_brownout_options(p) -> None:
     group.add_argument(
         "--ladder", default=None, help="threshold levels, e.g. 0,0.5,1 (default 0, 0.1, …, 1)"
     )
-    group.add_argument(
-        "--exempt-edge-layers",
-        type=int,
-        default=0,
-        help="never brown out the first and last K MoE layers (the reference uses 2)",
-    )
+    add_exempt_arguments(group)
 
 
-def brownout_options(args, config) -> tuple:
+def brownout_options(args, config, united_manifest: dict | None = None) -> tuple:
     """(prefill MoeOptions, decode MoeOptions) from the CLI flags; off-ladder values snap down
     to a level, and say so."""
     from brownout_jax.moe.ladder import DEFAULT_LADDER, ThresholdLadder
@@ -106,11 +102,13 @@ def brownout_options(args, config) -> tuple:
         chosen[phase] = level
     if min(chosen.values()) < 1.0 and args.united is None:
         raise ValueError("--threshold below 1 needs united experts: pass --united DIR")
-    moe = config.moe_layers
-    k = args.exempt_edge_layers
-    if k < 0:
-        raise ValueError(f"--exempt-edge-layers must be ≥ 0, got {k}")
-    exempt = tuple(moe[:k]) + tuple(moe[len(moe) - k :]) if k else ()
+    exempt = resolve_exempt_layers(
+        args.exempt_layers,
+        args.exempt_edge_layers,
+        config.moe_layers,
+        united_manifest,
+        args.united,
+    )
     backend = experts_backend_from_args(args)
     return tuple(
         MoeOptions(threshold=chosen[p], exempt_layers=exempt, backend=backend) for p in chosen
@@ -268,6 +266,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--metrics-port", type=int, help="Prometheus metrics on this HTTP port")
     p.add_argument("--grace", type=float, default=30.0, help="drain seconds on SIGTERM")
     _add_engine_options(p)
+    add_exempt_arguments(p.add_argument_group("brownout"))
     p.set_defaults(run=_run_serve)
 
 
@@ -281,13 +280,28 @@ def _run_serve(args) -> int:
     model, united = default_model(args.model, args.united)
     # Serve once the minimal step set is compiled; the rest compiles in the background.
     config = dataclasses.replace(
-        engine_config_from_args(args), max_queue=args.max_queue, compile_in_background=True
+        engine_config_from_args(args),
+        max_queue=args.max_queue,
+        exempt_layers=_served_exempt_layers(args, model, united),
+        compile_in_background=True,
     )
 
     def make_engine():
         return Engine.from_checkpoint(model, united, config, args.dtype, progress=False)
 
     return serve(make_engine, server_config)
+
+
+def _served_exempt_layers(args, model_dir: str, united: str | None) -> tuple[int, ...]:
+    """``--exempt-layers`` / ``--exempt-edge-layers`` resolved before the engine compiles."""
+    from brownout_jax.checkpoints.united_store import read_united_manifest
+    from brownout_jax.model.config import ModelConfig
+
+    manifest = None if united is None else read_united_manifest(united)
+    moe_layers = ModelConfig.from_pretrained_dir(model_dir).moe_layers
+    return resolve_exempt_layers(
+        args.exempt_layers, args.exempt_edge_layers, moe_layers, manifest, united
+    )
 
 
 def _add_bench_burst(kinds) -> None:
@@ -468,7 +482,7 @@ def _run_generate(args) -> int:
     check_mesh(args.mesh)
     args.model, args.united = default_model(args.model, args.united)
     model = load_model(args.model, args.dtype, progress=args.output == "text", united=args.united)
-    prefill_options, decode_options = brownout_options(args, model.config)
+    prefill_options, decode_options = brownout_options(args, model.config, model.united_manifest)
     try:
         params, (prefill_options, decode_options) = expert_parallel_setup(
             model.params, model.config, args.mesh, (prefill_options, decode_options)

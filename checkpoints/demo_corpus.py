@@ -13,7 +13,9 @@ for the tokenizer, training or calibration, and held-out texts that also occur i
 module are dropped.
 
 ``python -m brownout_jax.checkpoints.demo_corpus --calib FILE.jsonl`` writes calibration text
-(training documents only, shuffled with a fixed seed) for ``brownout-jax unite``.
+(training documents only, shuffled with a fixed seed) for ``brownout-jax unite``;
+``--heldout FILE.jsonl`` the held-out documents (shuffled with a fixed seed), the default text
+of ``brownout-jax eval quality`` (``eval/tasks/docstring_heldout.jsonl``).
 """
 
 from __future__ import annotations
@@ -189,10 +191,22 @@ def write_calibration(path: Path, max_docs: int = 2000, seed: int = 0) -> int:
     return len(chosen)
 
 
+def write_heldout(path: Path, seed: int = 0) -> int:
+    """Held-out documents (never trained on), shuffled so that any prefix samples many
+    modules, as JSONL records with ``text``."""
+    _, heldout = split_documents()
+    random.Random(seed).shuffle(heldout)
+    with path.open("w", encoding="utf-8") as f:
+        for doc in heldout:
+            f.write(json.dumps({"text": doc.text}) + "\n")
+    return len(heldout)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calib", type=Path, help="write calibration JSONL here")
     parser.add_argument("--max-docs", type=int, default=2000)
+    parser.add_argument("--heldout", type=Path, help="write the held-out documents here (JSONL)")
     args = parser.parse_args(argv)
     train, heldout = split_documents()
     chars = sum(len(d.text) for d in train), sum(len(d.text) for d in heldout)
@@ -203,6 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.calib:
         n = write_calibration(args.calib, args.max_docs)
         print(f"wrote {n} training documents to {args.calib}")
+    if args.heldout:
+        n = write_heldout(args.heldout)
+        print(f"wrote {n} held-out documents to {args.heldout}")
 
 
 if __name__ == "__main__":

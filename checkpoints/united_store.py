@@ -2,7 +2,8 @@
 
 Layout::
 
-    united_manifest.json   format, way, grouping, groups per layer, source fingerprint, MSE table
+    united_manifest.json   format, way, grouping, groups per layer, source fingerprint, MSE table,
+                           optionally the exempt-layer choice (``brownout_jax.moe.exemption``)
     united/                orbax PyTree of UnitedExperts (stacked per layer, experts' layout)
 
 United experts are tied to the checkpoint they were distilled from (its fingerprint); loading
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -75,6 +77,18 @@ def read_united_manifest(directory: str | Path) -> dict:
     if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
     return manifest
+
+
+def update_united_manifest(directory: str | Path, key: str, value) -> Path:
+    """Sets one optional manifest entry (e.g. the exempt-layer choice); the file is replaced
+    atomically, and manifests without the entry keep loading."""
+    path = Path(directory) / MANIFEST
+    manifest = read_united_manifest(directory)
+    manifest[key] = value
+    tmp = path.with_name(f".{MANIFEST}.partial-{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def load_united(

@@ -25,7 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from brownout_jax.cpu_kernels.library import (
     GROUPED_SWIGLU_TARGET,
@@ -119,17 +119,24 @@ def grouped_swiglu(
 def linear(
     x: Float[Array, "M K"],
     w: Float[Array, "K N"],
+    row_mask: Bool[Array, " M"] | None = None,
     *,
     isa: Isa = Isa.AUTO,
     max_threads: int = 0,
 ) -> Float[Array, "M N"]:
-    """``x · w`` in float32, reading ``w`` once per 96 rows of x, in place, in its dtype."""
+    """``x · w`` in float32, reading ``w`` once per 96 rows of x, in place, in its dtype.
+    ``row_mask`` marks rows that need no output (bucket padding): blocks of rows with none
+    needed are skipped and come out zero; other rows are exact either way."""
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"linear: x must be (M, K) and w (K, N), got {x.shape} and {w.shape}")
+    if row_mask is not None and row_mask.shape != (x.shape[0],):
+        raise ValueError(f"linear: row_mask must be ({x.shape[0]},), got {row_mask.shape}")
     for name, a in (("x", x), ("w", w)):
         if jnp.dtype(a.dtype) not in _DTYPES:
             raise ValueError(f"linear: {name} must be float32 or bfloat16, got {a.dtype}")
     _check_runnable("linear", x.dtype, w.dtype, isa)
+    if row_mask is None:
+        row_mask = jnp.ones((x.shape[0],), bool)
     return jax.ffi.ffi_call(
         LINEAR_TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
-    )(x, w, isa=np.int64(int(isa)), max_threads=np.int64(max_threads))
+    )(x, w, row_mask.astype(bool), isa=np.int64(int(isa)), max_threads=np.int64(max_threads))

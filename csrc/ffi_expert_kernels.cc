@@ -234,7 +234,8 @@ ffi::Error GroupedSwigluImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
 }
 
 ffi::Error LinearImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
-                      ffi::ResultBuffer<ffi::F32> y, int64_t isa, int64_t max_threads) {
+                      ffi::Buffer<ffi::PRED> row_valid, ffi::ResultBuffer<ffi::F32> y,
+                      int64_t isa, int64_t max_threads) {
   if (x.dimensions().size() != 2 || w.dimensions().size() != 2 || Dim(w, 0) != Dim(x, 1)) {
     return ffi::Error::InvalidArgument("linear: x must be (M, K) and w (K, N)");
   }
@@ -242,8 +243,9 @@ ffi::Error LinearImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
     return ffi::Error::InvalidArgument("linear: x and w must be float32 or bfloat16");
   }
   const int64_t m = Dim(x, 0), k = Dim(x, 1), n = Dim(w, 1);
-  if (y->element_count() != static_cast<size_t>(m * n)) {
-    return ffi::Error::InvalidArgument("linear: y must be (M, N)");
+  if (y->element_count() != static_cast<size_t>(m * n) ||
+      row_valid.element_count() != static_cast<size_t>(m)) {
+    return ffi::Error::InvalidArgument("linear: row_valid must be (M,) and y (M, N)");
   }
   auto work = std::make_shared<SharedWork>();
   work->kernels = SelectKernels(isa, x.element_type() == ffi::DataType::BF16 &&
@@ -262,6 +264,7 @@ ffi::Error LinearImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   p.w_down = w.untyped_data();
   p.weight_type = TypeOf(w.element_type());
   p.row_weights = nullptr;
+  p.row_valid = reinterpret_cast<const uint8_t*>(row_valid.typed_data());
   p.y = y->typed_data();
   p.h = const_cast<void*>(x.untyped_data());
   p.h_type = TypeOf(x.element_type());
@@ -296,6 +299,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BrownoutLinear, brownout::LinearImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()         // x (M, K)
                                   .Arg<ffi::AnyBuffer>()         // w (K, N)
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // row_valid (M,)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y (M, N)
                                   .Attr<int64_t>("isa")
                                   .Attr<int64_t>("max_threads"));

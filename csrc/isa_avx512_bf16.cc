@@ -26,10 +26,14 @@ namespace avx512_bf16 {
 #define GU_ROWS 3
 #define GU_COLS 64
 #endif
+#ifndef DN_ROWS
+#define DN_ROWS 6
+#define DN_COLS 64
+#endif
 constexpr int kGateUpRows = GU_ROWS;
-constexpr int kDownRows = 6;
+constexpr int kDownRows = DN_ROWS;
 constexpr int64_t kGateUpCols = GU_COLS;
-constexpr int64_t kDownCols = 64;
+constexpr int64_t kDownCols = DN_COLS;
 
 inline int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t Min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -148,24 +152,24 @@ inline void GateUpTile(const uint16_t* __restrict x, int64_t ldx, const uint16_t
 }
 
 // One depth step of a down tile (a pair of rows of w_down, or the odd last row alone).
-template <int MR, bool kFull, bool kPair>
+template <int MR, int Q, bool kFull, bool kPair>
 inline void DownStep(const uint16_t* __restrict h, int64_t ldh, const uint16_t* __restrict wd,
-                     int64_t ldw, int64_t k, int64_t ncols, __m512 (&lo)[MR][2],
-                     __m512 (&hi)[MR][2]) {
+                     int64_t ldw, int64_t k, int64_t ncols, __m512 (&lo)[MR][Q],
+                     __m512 (&hi)[MR][Q]) {
   const __m512i zero = _mm512_setzero_si512();
-  __m512bh wlo[2], whi[2];
-#pragma GCC unroll 2
-  for (int q = 0; q < 2; ++q) {
+  __m512bh wlo[Q], whi[Q];
+#pragma GCC unroll 4
+  for (int q = 0; q < Q; ++q) {
     const int64_t valid = ncols - 32 * q;
     const int64_t at = k * ldw + 32 * q;
     Interleave(LoadRow<kFull>(wd + at, valid), kPair ? LoadRow<kFull>(wd + at + ldw, valid) : zero,
                &wlo[q], &whi[q]);
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
     const __m512bh hp = BroadcastPair<kPair>(h + r * ldh + k);
-#pragma GCC unroll 2
-    for (int q = 0; q < 2; ++q) {
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q) {
       lo[r][q] = _mm512_dpbf16_ps(lo[r][q], wlo[q], hp);
       hi[r][q] = _mm512_dpbf16_ps(hi[r][q], whi[q], hp);
     }
@@ -176,17 +180,21 @@ template <int MR, bool kFull>
 inline void DownTile(const uint16_t* __restrict h, int64_t ldh, const uint16_t* __restrict wd,
                      int64_t ldw, int64_t depth, int64_t ncols, const float* __restrict row_weight,
                      float* __restrict y, int64_t ldy) {
-  __m512 lo[MR][2], hi[MR][2];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) lo[r][0] = lo[r][1] = hi[r][0] = hi[r][1] = _mm512_setzero_ps();
+  constexpr int Q = kDownCols / 32;
+  __m512 lo[MR][Q], hi[MR][Q];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q) lo[r][q] = hi[r][q] = _mm512_setzero_ps();
+  }
   int64_t k = 0;
-  for (; k + 1 < depth; k += 2) DownStep<MR, kFull, true>(h, ldh, wd, ldw, k, ncols, lo, hi);
-  if (k < depth) DownStep<MR, kFull, false>(h, ldh, wd, ldw, k, ncols, lo, hi);
-#pragma GCC unroll 8
+  for (; k + 1 < depth; k += 2) DownStep<MR, Q, kFull, true>(h, ldh, wd, ldw, k, ncols, lo, hi);
+  if (k < depth) DownStep<MR, Q, kFull, false>(h, ldh, wd, ldw, k, ncols, lo, hi);
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
     const __m512 scale = _mm512_set1_ps(row_weight == nullptr ? 1.0f : row_weight[r]);
-#pragma GCC unroll 2
-    for (int q = 0; q < 2; ++q) {
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q) {
       float* out = y + r * ldy + 32 * q;
       const int64_t valid = ncols - 32 * q;
       _mm512_mask_storeu_ps(out, Mask16(valid), _mm512_mul_ps(Columns0(lo[r][q], hi[r][q]), scale));
@@ -217,6 +225,10 @@ inline void DownRows(const Problem& p, int64_t row0, int64_t rows, const uint16_
   const uint16_t* h = static_cast<const uint16_t*>(p.h);
   int64_t r = 0;
   for (; r + MR <= rows; r += MR) {
+    if (NoRowValid(p, row0 + r, MR)) {
+      ZeroRows(p.y + (row0 + r) * p.d + col0, p.d, MR, ncols);
+      continue;
+    }
     DownTile<MR, kFull>(h + (row0 + r) * p.f, p.f, wd, p.d, p.f, ncols,
                         p.row_weights == nullptr ? nullptr : p.row_weights + row0 + r,
                         p.y + (row0 + r) * p.d + col0, p.d);

@@ -29,12 +29,31 @@ struct Problem {
   // linear() runs the down items alone with h = its input.
   void* h;
   ElementType h_type;
+  // (M,) or null: rows marked 0 need no output (bucket padding); down items skip row blocks
+  // without a valid row and write zeros there (never uninitialised values, which could be NaN
+  // and reach real tokens through 0 · NaN in attention).
+  const uint8_t* row_valid;
   int64_t m, d, f;
   const int64_t* active_group;  // (num_active,) group id
   const int64_t* active_row0;   // (num_active,) first row
   const int64_t* active_rows;   // (num_active,) row count (> 0)
   int64_t num_active;
 };
+
+// Internal linkage on purpose: every ISA unit gets its own copy (see the header comment).
+static inline bool NoRowValid(const Problem& p, int64_t row, int64_t count) {
+  if (p.row_valid == nullptr) return false;
+  for (int64_t i = 0; i < count; ++i) {
+    if (p.row_valid[row + i] != 0) return false;
+  }
+  return true;
+}
+
+static inline void ZeroRows(float* y, int64_t ldy, int64_t rows, int64_t ncols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < ncols; ++c) y[r * ldy + c] = 0.0f;
+  }
+}
 
 // One vector ISA's kernels. Work is cut into items that the caller schedules on threads:
 // gate/up items are (active group, column panel of F), down items (active group, column panel

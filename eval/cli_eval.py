@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from brownout_jax.eval.cli_quality import add_quality_parsers
+from brownout_jax.moe.exemption import add_exempt_arguments
 from brownout_jax.moe.mesh_config import add_mesh_argument  # no JAX: the parser stays cheap
 
 
@@ -63,6 +65,17 @@ def load_for_eval(args):
     return model.params, model.config, model.tokenizer, model_dir
 
 
+def united_manifest_for(args) -> tuple[str | None, dict | None]:
+    """(united dir, its manifest) of an eval run: ``--united`` or the demo's own set."""
+    if args.load_format == "dummy":
+        return None, None
+    from brownout_jax.checkpoints.united_store import read_united_manifest
+    from brownout_jax.cli import default_model
+
+    _, united = default_model(args.model, args.united)
+    return united, None if united is None else read_united_manifest(united)
+
+
 def add_eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="offline evaluation: accuracy, throughput, SLO under bursts")
     kinds = ev.add_subparsers(dest="eval_kind", required=True)
@@ -76,7 +89,7 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--num-fewshot", type=int, default=0)
     p.add_argument("--limit", type=int, help="evaluate only the first N items")
     p.add_argument("--ppl-file", help="a text file for perplexity")
-    p.add_argument("--exempt-edge-layers", type=int, default=0)
+    add_exempt_arguments(p)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--output", choices=("table", "json"), default="table")
     _add_model_options(p)
@@ -134,6 +147,8 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--check-interval", type=float, default=5.0)
     p.add_argument("--window", type=float, default=2.0)
     p.add_argument("--accuracy-table", help="`eval accuracy --output json` file")
+    p.add_argument("--quality-table", help="`eval quality --output json` file: KL per mode")
+    add_exempt_arguments(p)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=256)
     p.add_argument(
@@ -144,12 +159,14 @@ def add_eval_parser(sub) -> None:
     _add_model_options(p)
     add_mesh_argument(p)
     p.set_defaults(run=run_slo_cmd)
+    add_quality_parsers(kinds)
 
 
 def run_accuracy(args) -> int:
     from brownout_jax.cli import check_mesh
     from brownout_jax.eval.scoring import perplexity, score_items
     from brownout_jax.eval.tasks import load_task
+    from brownout_jax.moe.exemption import resolve_exempt_layers
     from brownout_jax.moe.expert_parallel import expert_parallel_setup
     from brownout_jax.moe.ladder import DEFAULT_LADDER
     from brownout_jax.moe.options import MoeOptions
@@ -158,13 +175,14 @@ def run_accuracy(args) -> int:
     params, config, tokenizer, _ = load_for_eval(args)
     if tokenizer is None:
         raise ValueError("eval accuracy needs a checkpoint with a tokenizer")
+    united_dir, manifest = united_manifest_for(args)
     task = args.task or str(Path(__file__).resolve().parent / "tasks" / "docstring_mc.jsonl")
     items, fmt = load_task(task, args.format)
     if args.limit:
         items = items[: args.limit + args.num_fewshot]
-    moe = config.moe_layers
-    k = args.exempt_edge_layers
-    exempt = tuple(moe[:k]) + tuple(moe[len(moe) - k :]) if k else ()
+    exempt = resolve_exempt_layers(
+        args.exempt_layers, args.exempt_edge_layers, config.moe_layers, manifest, united_dir
+    )
     ppl_ids = None
     if args.ppl_file:
         text = Path(args.ppl_file).read_text(encoding="utf-8")
@@ -219,7 +237,7 @@ def run_accuracy(args) -> int:
     return 0
 
 
-def _engine(params, config, tokenizer, args, ladder=None, controller=None):
+def _engine(params, config, tokenizer, args, ladder=None, controller=None, exempt=()):
     import jax
 
     from brownout_jax.engine.config import EngineConfig, default_bucket_growth
@@ -235,6 +253,7 @@ def _engine(params, config, tokenizer, args, ladder=None, controller=None):
         "ladder": ladder or DEFAULT_LADDER,
         "bucket_growth": args.bucket_growth or default_bucket_growth(jax.default_backend()),
         "mesh": args.mesh,
+        "exempt_layers": exempt,
     }
     if controller is not None:
         fields["controller"] = controller
@@ -302,12 +321,21 @@ def run_throughput_cmd(args) -> int:
 def run_slo_cmd(args) -> int:
     from brownout_jax.cli import check_mesh  # cli imports this module: import at run time
     from brownout_jax.engine.controller import ControllerConfig
+    from brownout_jax.eval.quality_report import quality_cost
     from brownout_jax.eval.slo import run_mode, summarize, write_results
     from brownout_jax.eval.workload import WorkloadConfig, load_prompt_pool, make_trace
+    from brownout_jax.moe.exemption import resolve_exempt_layers
     from brownout_jax.moe.ladder import ThresholdLadder
 
     check_mesh(args.mesh)
     params, config, tokenizer, _ = load_for_eval(args)
+    united_dir, manifest = united_manifest_for(args)
+    exempt = resolve_exempt_layers(
+        args.exempt_layers, args.exempt_edge_layers, config.moe_layers, manifest, united_dir
+    )
+    quality = json.loads(Path(args.quality_table).read_text()) if args.quality_table else None
+    if quality is not None:
+        quality_cost([], quality, united_dir)  # a table without the served set fails now
     workload = WorkloadConfig(
         request_rate=args.request_rate,
         duration_s=args.duration,
@@ -339,14 +367,16 @@ def run_slo_cmd(args) -> int:
         check_interval_s=args.check_interval,
     )
     engine = _engine(
-        params, config, tokenizer, args, ThresholdLadder.parse(args.ladder), controller
+        params, config, tokenizer, args, ThresholdLadder.parse(args.ladder), controller, exempt
     )
     accuracy = json.loads(Path(args.accuracy_table).read_text()) if args.accuracy_table else None
     results = []
     try:
         for mode in args.modes.split(","):
             run = run_mode(engine, trace, mode.strip(), controller)
-            results.append(summarize(run, args.slo_ttft, args.slo_tpot, accuracy))
+            results.append(
+                summarize(run, args.slo_ttft, args.slo_tpot, accuracy, quality, united_dir)
+            )
             if run.interrupted:
                 break
             time.sleep(1.0)  # let the previous mode's tail leave the step log window
@@ -361,16 +391,21 @@ def run_slo_cmd(args) -> int:
         }
         path = write_results(results, Path(args.out), args.slo_ttft, args.slo_tpot, meta)
     print(f"wrote {path} and PNG timelines", file=sys.stderr)
+    kl_header, kl_rule = (" mean KL (nats/token) |", " --- |") if quality else ("", "")
     print(
         "| mode | violation prefill | violation decode | goodput req/s | tokens/s | "
-        "mean thresholds (p/d) |"
+        f"mean thresholds (p/d) |{kl_header}"
     )
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(f"| --- | --- | --- | --- | --- | --- |{kl_rule}")
     for r in results:
         th = r["mean_thresholds"]
+        kl = ""
+        if quality:
+            mean_kl = (r.get("quality_cost") or {}).get("mean_kl")
+            kl = " — |" if mean_kl is None else f" {mean_kl:.4f} |"
         print(
             f"| {r['mode']} | {r['violation_rate_prefill']} | {r['violation_rate_decode']} | "
             f"{r['goodput_rps']} | {r['throughput_tokens_per_s']} | "
-            f"{th['prefill']:.2f}/{th['decode']:.2f} |"
+            f"{th['prefill']:.2f}/{th['decode']:.2f} |{kl}"
         )
     return 0

@@ -4,7 +4,9 @@ Per mode: the SLO-violation rate as BrownoutServe defines it (share of 1-second 
 P90 step latency exceeds the SLO, prefill and decode separately; windows without steps of
 that phase do not count), goodput (requests per second meeting both the TTFT and the TPOT
 SLO, as vLLM's --goodput), throughput, mean thresholds, and the accuracy cost looked up in an
-accuracy table (``eval accuracy --output json``) when given. Writes JSON and PNG timelines.
+accuracy table (``eval accuracy --output json``) and the quality cost (mean KL per generated
+token, ``quality_report.quality_cost``) in a quality table (``eval quality --output json``)
+when given. Writes JSON and PNG timelines.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tqdm.auto import tqdm
 from brownout_jax.engine.controller import ControllerConfig
 from brownout_jax.engine.metrics import StepRecord
 from brownout_jax.engine.requests import EngineOverloadedError, GenerationRequest, RequestError
+from brownout_jax.eval.quality_report import quality_cost
 from brownout_jax.eval.workload import TraceRequest
 
 
@@ -97,7 +100,12 @@ def violation_rate(
 
 
 def summarize(
-    run: ModeRun, slo_ttft: float, slo_tpot: float, accuracy_table: dict | None = None
+    run: ModeRun,
+    slo_ttft: float,
+    slo_tpot: float,
+    accuracy_table: dict | None = None,
+    quality_table: dict | None = None,
+    united_dir: str | None = None,
 ) -> dict:
     duration = max(run.end - run.start, 1e-9)
     prefill_rate, prefill_series = violation_rate(
@@ -144,6 +152,8 @@ def summarize(
     }
     if accuracy_table:
         result["accuracy_cost"] = _accuracy_cost(accuracy_table, thresholds["prefill"])
+    if quality_table:
+        result["quality_cost"] = quality_cost(run.steps, quality_table, united_dir)
     return result
 
 

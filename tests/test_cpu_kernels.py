@@ -250,3 +250,21 @@ def test_linear_shapes_are_checked():
         linear(jnp.ones((3, 4)), jnp.ones((5, 2)))
     with pytest.raises(ValueError, match="w must be float32 or bfloat16"):
         linear(jnp.ones((3, 4)), jnp.ones((4, 2), jnp.float16))
+
+
+def test_linear_row_mask_skips_padding_and_keeps_real_rows_exact():
+    """Bucket padding: rows marked unused come out zero when their whole block is unused;
+    every used row equals the unmasked product (and nothing is NaN even if padding is)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((40, 33)).astype(np.float32)
+    x[20:] = np.nan  # padding rows hold garbage; they must not leak anywhere
+    rows = np.arange(40) < 20
+    w = jnp.asarray(rng.standard_normal((33, 70)), BF16)
+    for dtype in (F32, BF16):
+        xs = jnp.asarray(x, dtype)
+        clean = jnp.where(jnp.asarray(rows)[:, None], xs, 0)
+        for isa in _copies(dtype, BF16):
+            full = np.asarray(linear(clean, w, isa=isa))
+            out = np.asarray(linear(xs, w, jnp.asarray(rows), isa=isa))
+            np.testing.assert_array_equal(out[:20], full[:20])
+            assert np.all(out[24:] == 0), "blocks of unused rows are skipped and zero"

@@ -16,7 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from brownout_jax.model.dims import Array, Float
+from brownout_jax.model.dims import Array, Bool, Float
 from brownout_jax.model.params import DenseMlpParams
 
 _KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -34,40 +34,50 @@ def use_cpu_kernel(*arrays) -> bool:
 
 
 @jax.custom_vjp
-def _kernel_matmul(x: Float[Array, "M K"], w: Float[Array, "K N"]) -> Float[Array, "M N"]:
+def _kernel_matmul(
+    x: Float[Array, "M K"], w: Float[Array, "K N"], rows: Bool[Array, " M"]
+) -> Float[Array, "M N"]:
     from brownout_jax.cpu_kernels import linear
 
-    return linear(x, w)
+    return linear(x, w, rows)
 
 
-def _kernel_matmul_fwd(x, w):
-    return _kernel_matmul(x, w), (x, w)
+def _kernel_matmul_fwd(x, w, rows):
+    return _kernel_matmul(x, w, rows), (x, w, rows)
 
 
 def _kernel_matmul_bwd(residuals, grad):
-    x, w = residuals
+    x, w, rows = residuals
+    grad = jnp.where(rows[:, None], grad, 0)  # rows left out of the forward pass get none
     grad_x = jnp.dot(grad, w.T.astype(grad.dtype)).astype(x.dtype)
     grad_w = jnp.dot(x.T.astype(grad.dtype), grad).astype(w.dtype)
-    return grad_x, grad_w
+    return grad_x, grad_w, None
 
 
 _kernel_matmul.defvjp(_kernel_matmul_fwd, _kernel_matmul_bwd)
 
 
-def matmul_f32(x: Float[Array, "... K"], w: Float[Array, "K N"]) -> Float[Array, "... N"]:
-    """``x · w`` accumulated and returned in float32."""
+def matmul_f32(
+    x: Float[Array, "... K"], w: Float[Array, "K N"], rows: Bool[Array, "..."] | None = None
+) -> Float[Array, "... N"]:
+    """``x · w`` accumulated and returned in float32. ``rows`` (x's leading shape) marks the
+    rows whose output is used: the kernel skips blocks of unused ones (bucket padding) and
+    returns zeros there; XLA's dot computes every row."""
     if not use_cpu_kernel(x, w):
         return jnp.dot(x, w, preferred_element_type=jnp.float32)
     lead = x.shape[:-1]
-    y = _kernel_matmul(x.reshape(-1, x.shape[-1]), w)
+    rows = jnp.ones(lead, bool) if rows is None else rows
+    y = _kernel_matmul(x.reshape(-1, x.shape[-1]), w, rows.reshape(-1))
     return y.reshape(*lead, w.shape[-1])
 
 
-def matmul(x: Float[Array, "... K"], w: Float[Array, "K N"]) -> Float[Array, "... N"]:
+def matmul(
+    x: Float[Array, "... K"], w: Float[Array, "K N"], rows: Bool[Array, "..."] | None = None
+) -> Float[Array, "... N"]:
     """``x · w`` in the activation dtype (fp32 accumulation), as HF's ``nn.Linear``."""
     if not use_cpu_kernel(x, w):
         return jnp.dot(x, w)
-    return matmul_f32(x, w).astype(x.dtype)
+    return matmul_f32(x, w, rows).astype(x.dtype)
 
 
 @functools.partial(jax.named_call, name="swiglu_mlp")
@@ -76,10 +86,15 @@ def swiglu_mlp(
     w_gate: Float[Array, "D F"],
     w_up: Float[Array, "D F"],
     w_down: Float[Array, "F D"],
+    rows: Bool[Array, " N"] | None = None,
 ) -> Float[Array, "N D"]:
     """SiLU(x · w_gate) ⊙ (x · w_up) · w_down, the dense and shared-expert MLP."""
-    return matmul(jax.nn.silu(matmul(x, w_gate)) * matmul(x, w_up), w_down)
+    hidden = jax.nn.silu(matmul(x, w_gate, rows)) * matmul(x, w_up, rows)
+    return matmul(hidden, w_down, rows)
 
 
-def dense_mlp(x: Float[Array, "N D"], params: DenseMlpParams) -> Float[Array, "N D"]:
-    return swiglu_mlp(x, params.w_gate, params.w_up, params.w_down)
+def dense_mlp(
+    x: Float[Array, "N D"], params: DenseMlpParams, token_mask: Bool[Array, " N"] | None = None
+) -> Float[Array, "N D"]:
+    """``token_mask``: rows whose output is used (padding may be skipped, and is then zero)."""
+    return swiglu_mlp(x, params.w_gate, params.w_up, params.w_down, token_mask)

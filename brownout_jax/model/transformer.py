@@ -53,8 +53,8 @@ def apply_rope(
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def _project(x, w, b):
-    y = matmul(x, w)
+def _project(x, w, b, rows):
+    y = matmul(x, w, rows)
     return y if b is None else y + b
 
 
@@ -85,14 +85,16 @@ def attention_block(
     rope: tuple[Float[Array, "B T C"], Float[Array, "B T C"]],
     cache: KVCache | None,
     read_cache: bool,
+    token_mask: Bool[Array, "B T"] | None = None,
 ) -> tuple[Float[Array, "B T D"], KVCache | None]:
     """Self-attention. With ``read_cache`` the queries attend to the cache (decode); otherwise
-    to the step's own tokens, causally (prefill from position 0), writing them to the cache."""
+    to the step's own tokens, causally (prefill from position 0), writing them to the cache.
+    ``token_mask``: the real tokens; projections of padding may be skipped (and are zero)."""
     b, t, _ = x.shape
     c = config.head_dim
-    q = _project(x, params.wq, params.bq).reshape(b, t, config.num_heads, c)
-    k = _project(x, params.wk, params.bk).reshape(b, t, config.num_kv_heads, c)
-    v = _project(x, params.wv, params.bv).reshape(b, t, config.num_kv_heads, c)
+    q = _project(x, params.wq, params.bq, token_mask).reshape(b, t, config.num_heads, c)
+    k = _project(x, params.wk, params.bk, token_mask).reshape(b, t, config.num_kv_heads, c)
+    v = _project(x, params.wv, params.bv, token_mask).reshape(b, t, config.num_kv_heads, c)
     cos, sin = rope
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache is not None:
@@ -103,7 +105,7 @@ def attention_block(
         key_positions = positions
     mask = key_positions[:, None, :] <= positions[:, :, None]
     out = attend(q, k, v, mask).reshape(b, t, config.num_heads * c)
-    return matmul(out, params.wo), cache
+    return matmul(out, params.wo, token_mask), cache
 
 
 @struct.dataclass
@@ -111,6 +113,7 @@ class MoeTrace:
     """What one MoE layer reports besides its output."""
 
     inputs: Float[Array, "N D"]  # the block's input (calibration data for united experts)
+    expert_ids: Int[Array, "N K"]  # the experts each token ran (after brownout)
     device_load: DeviceLoad | None  # on an expert-parallel mesh: what each device computed
 
 
@@ -136,12 +139,13 @@ def decoder_layer(
         rope,
         cache,
         read_cache,
+        token_mask,
     )
     h = h + attn_out
     b, t, d = h.shape
     x = rms_norm(h, params.post_attention_norm, config.rms_norm_eps).reshape(b * t, d)
     if not isinstance(params.mlp, MoeParams):
-        return h + dense_mlp(x, params.mlp).reshape(b, t, d), cache, None
+        return h + dense_mlp(x, params.mlp, token_mask.reshape(b * t)).reshape(b, t, d), cache, None
     moe = moe_block(
         x,
         params.mlp,
@@ -150,7 +154,7 @@ def decoder_layer(
         config.norm_topk_prob,
         moe_options.at_layer(layer),
     )
-    return h + moe.out.reshape(b, t, d), cache, MoeTrace(x, moe.device_load)
+    return h + moe.out.reshape(b, t, d), cache, MoeTrace(x, moe.expert_ids, moe.device_load)
 
 
 @struct.dataclass
@@ -225,14 +229,17 @@ def collect_moe_inputs(
     return tuple(m.inputs for m in forward.moe), token_mask.reshape(-1)
 
 
-def lm_logits(params: ModelParams, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
+def lm_logits(
+    params: ModelParams, hidden: Float[Array, "... D"], rows: Bool[Array, "..."] | None = None
+) -> Float[Array, "... V"]:
+    """``rows``: the rows whose logits are used (padding may be skipped and is then zero)."""
     if params.lm_head is None:
         # Tied: XLA's dot reads the embedding transposed in place (a kernel call would need a
         # transposed copy of the table).
         return jnp.dot(hidden, params.embed.T).astype(jnp.float32)
     # The float32 logits straight from the fp32 accumulator, not rounded to the activations'
     # dtype first.
-    return matmul_f32(hidden, params.lm_head)
+    return matmul_f32(hidden, params.lm_head, rows)
 
 
 def forward_logits(
@@ -265,7 +272,9 @@ def prefill(
     )
     last = jnp.maximum(lengths - 1, 0)
     last_hidden = jnp.take_along_axis(forward.hidden, last[:, None, None], axis=1)[:, 0]
-    return StepOutput(forward.cache, lm_logits(params, last_hidden), forward.device_load)
+    return StepOutput(
+        forward.cache, lm_logits(params, last_hidden, lengths > 0), forward.device_load
+    )
 
 
 def decode(
@@ -288,7 +297,7 @@ def decode(
         True,
         moe_options,
     )
-    logits = lm_logits(params, forward.hidden[:, 0])
+    logits = lm_logits(params, forward.hidden[:, 0], active)
     return StepOutput(forward.cache, logits, forward.device_load)
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from brownout_jax.model.dense import dense_mlp
-from brownout_jax.model.dims import Array, Bool, Float
+from brownout_jax.model.dims import Array, Bool, Float, Int
 from brownout_jax.model.params import MoeParams
 from brownout_jax.moe.brownout import route
 from brownout_jax.moe.expert_parallel import (
@@ -28,14 +28,19 @@ from brownout_jax.moe.options import MoeOptions
 @struct.dataclass
 class MoeOutput:
     out: Float[Array, "N D"]
+    expert_ids: Int[Array, "N K"]  # the experts each token ran (after brownout)
     device_load: DeviceLoad | None = None  # on an expert-parallel mesh: each device's work
 
 
-def shared_expert(x: Float[Array, "N D"], params: MoeParams) -> Float[Array, "N D"] | float:
-    """The sigmoid-gated shared expert (0 when the model has none)."""
+def shared_expert(
+    x: Float[Array, "N D"], params: MoeParams, token_mask: Bool[Array, " N"] | None = None
+) -> Float[Array, "N D"] | float:
+    """The sigmoid-gated shared expert (0 when the model has none); ``token_mask``: the rows
+    whose output is used (padding may be skipped, and is then zero)."""
     if params.shared is None:
         return 0.0
-    return jax.nn.sigmoid(jnp.dot(x, params.shared_gate)) * dense_mlp(x, params.shared)
+    gate = jax.nn.sigmoid(jnp.dot(x, params.shared_gate))
+    return gate * dense_mlp(x, params.shared, token_mask)
 
 
 def moe_block(
@@ -58,7 +63,7 @@ def moe_block(
         out = apply_routed_experts(
             x, routing, params.experts, token_mask, options, params.num_united
         )
-        return MoeOutput(out + shared_expert(x, params))
+        return MoeOutput(out + shared_expert(x, params, token_mask), routing.expert_ids)
     out = apply_experts_parallel(x, routing, params.experts, token_mask, options, layout)
     load = expert_load_per_device(routing.expert_ids, token_mask, layout)
-    return MoeOutput(out + shared_expert(x, params), load)
+    return MoeOutput(out + shared_expert(x, params, token_mask), routing.expert_ids, load)

@@ -93,6 +93,32 @@ def tokenize_texts(
     return sequences
 
 
+def pack_token_windows(
+    texts: Sequence[str],
+    tokenizer,
+    window: int,
+    max_windows: int,
+    separator_ids: Sequence[int] = (),
+) -> list[list[int]]:
+    """Texts joined by ``separator_ids`` (e.g. EOS) into one stream, cut into windows of exactly
+    ``window`` tokens (the tail that does not fill a window is dropped), at most
+    ``max_windows`` of them. Equal lengths give every evaluation batch the same shape."""
+    if window < 2:
+        raise ValueError(f"window must be at least 2 tokens, got {window}")
+    windows: list[list[int]] = []
+    stream: list[int] = []
+    for index, text in enumerate(texts):
+        if index:
+            stream.extend(separator_ids)
+        stream.extend(tokenizer.encode(text, add_special_tokens=False))
+        while len(stream) >= window and len(windows) < max_windows:
+            windows.append(stream[:window])
+            del stream[:window]
+        if len(windows) >= max_windows:
+            break
+    return windows
+
+
 def random_token_sequences(
     num_tokens: int, vocab_size: int, seq_len: int, seed: int = 0
 ) -> list[list[int]]:
