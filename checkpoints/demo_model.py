@@ -30,3 +30,19 @@ def demo_united_dir(grouping: str = "contiguous") -> Path:
     if not (path / "united_manifest.json").is_file():
         raise FileNotFoundError(f"{path}: united experts not installed (no united_manifest.json)")
     return path
+
+
+def default_model(model: str | None, united: str | None) -> tuple[str, str | None]:
+    """``--model`` or, when absent, the bundled demo model with its contiguous united experts."""
+    if model is not None:
+        return model, united
+    try:
+        demo = demo_model_dir()
+    except FileNotFoundError as err:
+        raise ValueError(f"no --model given and the bundled demo model is missing ({err})") from err
+    if united is None:
+        try:
+            united = str(demo_united_dir("contiguous"))
+        except FileNotFoundError:
+            united = None
+    return str(demo), united

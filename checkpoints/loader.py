@@ -16,7 +16,7 @@ from brownout_jax.checkpoints.orbax_store import is_converted, load_converted
 from brownout_jax.checkpoints.united_store import load_united
 from brownout_jax.model.config import ModelConfig
 from brownout_jax.model.params import ModelParams
-from brownout_jax.moe.united import attach_united
+from brownout_jax.united.united import attach_united
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

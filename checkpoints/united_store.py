@@ -3,7 +3,7 @@
 Layout::
 
     united_manifest.json   format, way, grouping, groups per layer, source fingerprint, MSE table,
-                           optionally the exempt-layer choice (``brownout_jax.moe.exemption``)
+                           optionally the exempt-layer choice (``brownout_jax.united.exemption``)
     united/                orbax PyTree of UnitedExperts (stacked per layer, experts' layout)
 
 United experts are tied to the checkpoint they were distilled from (its fingerprint); loading
@@ -25,7 +25,7 @@ from brownout_jax.checkpoints.atomic import atomic_directory
 from brownout_jax.checkpoints.errors import CheckpointError
 from brownout_jax.model.config import ModelConfig
 from brownout_jax.model.params import ExpertWeights
-from brownout_jax.moe.united import UnitedExperts, UnitedLayer
+from brownout_jax.united.united import UnitedExperts, UnitedLayer
 
 MANIFEST = "united_manifest.json"
 FORMAT = "brownout-jax-united"

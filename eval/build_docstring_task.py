@@ -3,7 +3,7 @@
     python eval/build_docstring_task.py [--items 500] [--seed 0] [--out FILE.jsonl]
 
 Every item comes from the *held-out* docstrings of the demo model's corpus (standard-library
-modules the model and its tokenizer never saw; ``brownout_jax.checkpoints.demo_corpus``):
+modules the model and its tokenizer never saw; ``brownout_jax.demos.demo_corpus``):
 ``goal`` is the first half of a docstring sentence, ``sol1``..``sol4`` are four candidate
 continuations — the true one and the second halves of three sentences from other held-out
 docstrings — and ``label`` is the 0-based index of the true one. A model scores each
@@ -21,7 +21,7 @@ import random
 import re
 from pathlib import Path
 
-from brownout_jax.checkpoints.demo_corpus import Document, split_documents
+from brownout_jax.demos.demo_corpus import Document, split_documents
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "tasks" / "docstring_mc.jsonl"
 MIN_WORDS, MAX_WORDS = 8, 40

@@ -16,7 +16,7 @@ import numpy as np
 
 from brownout_jax.model.config import ModelConfig
 from brownout_jax.model.params import ModelParams, MoeParams, init_random_params
-from brownout_jax.moe.united import (
+from brownout_jax.united.united import (
     UnitedExperts,
     UnitedLayer,
     attach_united,

@@ -3,7 +3,7 @@
 ``layer_sensitivity`` browns out one MoE layer at a time at a threshold (every other layer
 exempt, i.e. exact) on teacher-forced windows (``eval/quality.py``) and reports, per layer, the
 mean KL(exact ‖ browned) it causes and the routed-expert bytes it saves per scored token
-(distinct experts not read, prefill and decode steps together). ``brownout_jax.moe.exemption``
+(distinct experts not read, prefill and decode steps together). ``brownout_jax.united.exemption``
 ranks layers by KL removed per byte kept. ``compare_rules`` measures, at equal K, all layers
 browned out except the K chosen ones against the reference implementation's edge rule.
 """
@@ -26,7 +26,7 @@ from brownout_jax.eval.quality import (
 )
 from brownout_jax.model.config import ModelConfig
 from brownout_jax.model.params import ModelParams
-from brownout_jax.moe.exemption import LayerSensitivity, edge_layers
+from brownout_jax.united.exemption import LayerSensitivity, edge_layers
 
 MAX_SUBSETS = 64
 

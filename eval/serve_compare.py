@@ -332,7 +332,7 @@ def parse_args(argv: list[str] | None = None) -> CompareConfig:
         p.error(f"--peer-python: {peer} is not an executable file")
     model, united = args.model, args.united
     if model is None:
-        from brownout_jax.cli import default_model
+        from brownout_jax.checkpoints.demo_model import default_model
 
         model, united = default_model(None, united)
     return CompareConfig(

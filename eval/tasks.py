@@ -13,6 +13,10 @@ import json
 from pathlib import Path
 
 FORMATS = ("auto", "piqa", "copa", "obqa", "ceval", "mc")
+# The bundled demo tasks (installed with the package): multiple choice, and held-out text.
+BUNDLED = Path(__file__).resolve().parent / "tasks"
+DOCSTRING_MC = BUNDLED / "docstring_mc.jsonl"
+DOCSTRING_HELDOUT = BUNDLED / "docstring_heldout.jsonl"
 
 
 class TaskFormatError(ValueError):

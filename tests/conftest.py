@@ -208,9 +208,9 @@ def tiny_moe():
     import jax
 
     from brownout_jax.model.params import init_random_params
-    from brownout_jax.moe.calibration import random_token_sequences
-    from brownout_jax.moe.distill import DistillConfig, build_united_experts
-    from brownout_jax.moe.united import attach_united
+    from brownout_jax.united.calibration import random_token_sequences
+    from brownout_jax.united.distill import DistillConfig, build_united_experts
+    from brownout_jax.united.united import attach_united
 
     config = tiny_model_config()
     params = init_random_params(config, jax.random.key(0), scale=0.3)

@@ -12,8 +12,8 @@ import pytest
 from conftest import PARITY_SPECS, write_tiny_checkpoint
 from safetensors.numpy import load_file, save_file
 
-from brownout_jax import cli
 from brownout_jax.checkpoints import CheckpointError, load_model, orbax_store
+from brownout_jax.cli import main as cli
 
 
 def _leaves_equal(a, b) -> bool:

@@ -114,7 +114,7 @@ def test_chat_template_renders_turns_and_generation_prompt():
 def test_heldout_perplexity_beats_unigram_by_half(demo, metadata):
     """On held-out docstrings (modules never trained on), the model's perplexity is less than
     half that of a unigram model estimated from the training-token counts."""
-    from brownout_jax.checkpoints.demo_corpus import split_documents
+    from brownout_jax.demos.demo_corpus import split_documents
 
     _, heldout = split_documents(comments=False)
     docs = [d for d in heldout if len(d.text) >= 200][:24]
@@ -160,7 +160,7 @@ def test_united_experts_load_and_run(demo, grouping):
 def test_training_forward_matches_model_and_differentiates():
     """The training twin (differentiable expert tiles + load-balancing loss) equals
     ``forward_logits`` and yields finite gradients for every parameter."""
-    from brownout_jax.checkpoints.train_demo import token_nll, train_forward
+    from brownout_jax.demos.train_demo import token_nll, train_forward
     from brownout_jax.model.params import init_random_params
 
     config = tiny_model_config(num_layers=2)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import tiny_model_config
 
-from brownout_jax import cli
+from brownout_jax.cli import main as cli
 from brownout_jax.eval.scoring import continuation_logprobs
 from brownout_jax.eval.tasks import TaskFormatError, load_task
 from brownout_jax.eval.workload import WorkloadConfig, arrival_times, make_trace

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from brownout_jax import cli
+from brownout_jax.cli import main as cli
 from brownout_jax.eval import throughput as tp
 from brownout_jax.eval.peer_vllm import _bound_cores
 

@@ -34,8 +34,6 @@ from brownout_jax.engine.steps import (
 from brownout_jax.model.kv_cache import ContiguousKVCache
 from brownout_jax.model.params import init_random_params
 from brownout_jax.model.transformer import decode, forward_logits, prefill
-from brownout_jax.moe.calibration import random_token_sequences
-from brownout_jax.moe.distill import DistillConfig, build_united_experts
 from brownout_jax.moe.expert_parallel import (
     ExpertLayout,
     expert_load_per_device,
@@ -47,8 +45,10 @@ from brownout_jax.moe.expert_parallel import (
 from brownout_jax.moe.ladder import ThresholdLadder
 from brownout_jax.moe.mesh_config import MeshConfig, add_mesh_argument, mesh_from_arg
 from brownout_jax.moe.options import MoeOptions
-from brownout_jax.moe.united import attach_united
 from brownout_jax.offline.generate import generate
+from brownout_jax.united.calibration import random_token_sequences
+from brownout_jax.united.distill import DistillConfig, build_united_experts
+from brownout_jax.united.united import attach_united
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 4, reason="needs 4 devices (XLA_FLAGS set by conftest before JAX)"
@@ -459,7 +459,8 @@ def test_cli_refuses_a_mesh_larger_than_the_devices(command):
 
 
 def test_engine_options_of_the_cli_carry_the_mesh():
-    from brownout_jax.cli import build_parser, engine_config_from_args
+    from brownout_jax.cli.main import build_parser
+    from brownout_jax.cli.options import engine_config_from_args
 
     for argv in (["serve"], ["bench", "burst", "--model", "m"]):
         args = build_parser().parse_args([*argv, "--mesh", "expert=4"])

@@ -12,8 +12,8 @@ import torch
 from conftest import PARITY_SPECS, rel_err
 from transformers import Qwen2MoeForCausalLM
 
-from brownout_jax import cli
 from brownout_jax.checkpoints import load_model
+from brownout_jax.cli import main as cli
 from brownout_jax.model.kv_cache import ContiguousKVCache
 from brownout_jax.model.transformer import decode, forward_logits, prefill
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
-from brownout_jax import cli
+from brownout_jax.cli import main as cli
+from brownout_jax.cli.options import brownout_options
 from brownout_jax.engine.metrics import StepRecord
 from brownout_jax.eval.quality import (
     EXACT,
@@ -28,7 +29,7 @@ from brownout_jax.eval.quality import (
 from brownout_jax.eval.quality_report import quality_cost, summarize
 from brownout_jax.eval.sensitivity import layer_sensitivity
 from brownout_jax.model.transformer import forward_logits
-from brownout_jax.moe.exemption import (
+from brownout_jax.united.exemption import (
     ExemptionChoice,
     LayerSensitivity,
     edge_layers,
@@ -327,7 +328,7 @@ def test_cli_quality_and_sensitivity_on_the_demo(tmp_path, capsys):
             "x",
         ]
     )
-    prefill, decode = cli.brownout_options(parsed, _demo_config(), read_united_manifest(united))
+    prefill, decode = brownout_options(parsed, _demo_config(), read_united_manifest(united))
     assert prefill.exempt_layers == decode.exempt_layers == tuple(sorted(ranking[:2]))
 
 
@@ -362,7 +363,7 @@ def test_eval_slo_reports_the_quality_cost_of_each_mode(tmp_path, tiny_checkpoin
 
 
 def test_windows_join_texts_with_the_separator_and_have_equal_length():
-    from brownout_jax.moe.calibration import pack_token_windows
+    from brownout_jax.united.calibration import pack_token_windows
 
     class Chars:  # one token per character: ids are code points
         def encode(self, text, add_special_tokens=False):

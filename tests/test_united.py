@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from conftest import PARITY_SPECS, write_tiny_checkpoint
 
-from brownout_jax import cli
 from brownout_jax.checkpoints import CheckpointError, load_model
 from brownout_jax.checkpoints.united_store import load_united, save_united
-from brownout_jax.moe.calibration import CalibrationDataError, load_calibration_texts
-from brownout_jax.moe.united import (
+from brownout_jax.cli import main as cli
+from brownout_jax.united.calibration import CalibrationDataError, load_calibration_texts
+from brownout_jax.united.united import (
     average_init,
     contiguous_groups,
     members_of,

@@ -46,7 +46,7 @@ def demo_model():
 
     from brownout_jax.model.config import PRESETS
     from brownout_jax.model.params import init_random_params
-    from brownout_jax.moe.united import (
+    from brownout_jax.united.united import (
         UnitedExperts,
         UnitedLayer,
         attach_united,

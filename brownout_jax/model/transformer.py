@@ -214,19 +214,32 @@ class StepOutput:
     device_load: DeviceLoad | None = None
 
 
+def moe_traces(
+    params: ModelParams,
+    config: ModelConfig,
+    tokens: Int[Array, "B T"],
+    lengths: Int[Array, " B"],
+    moe_options: MoeOptions = DEFAULT_MOE_OPTIONS,
+) -> tuple[tuple[MoeTrace, ...], Bool[Array, " N"]]:
+    """What every MoE block (in ``config.moe_layers`` order) saw and chose on right-padded
+    sequences, with the mask of real tokens."""
+    positions, token_mask = _prompt_positions(tokens, lengths)
+    forward = forward_hidden(
+        params, config, tokens, positions, token_mask, None, False, moe_options
+    )
+    return forward.moe, token_mask.reshape(-1)
+
+
 def collect_moe_inputs(
     params: ModelParams,
     config: ModelConfig,
     tokens: Int[Array, "B T"],
     lengths: Int[Array, " B"],
 ) -> tuple[tuple[Float[Array, "N D"], ...], Bool[Array, " N"]]:
-    """The input of every MoE block (in ``config.moe_layers`` order) on right-padded
-    sequences, with the mask of real tokens: calibration data for united experts."""
-    positions, token_mask = _prompt_positions(tokens, lengths)
-    forward = forward_hidden(
-        params, config, tokens, positions, token_mask, None, False, DEFAULT_MOE_OPTIONS
-    )
-    return tuple(m.inputs for m in forward.moe), token_mask.reshape(-1)
+    """The input of every MoE block on right-padded sequences, with the mask of real
+    tokens: calibration data for united experts."""
+    traces, token_mask = moe_traces(params, config, tokens, lengths)
+    return tuple(trace.inputs for trace in traces), token_mask
 
 
 def lm_logits(

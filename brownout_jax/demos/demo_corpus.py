@@ -12,7 +12,7 @@ read as an integer, is divisible by ``HELDOUT_MODULUS``. Nothing of a held-out m
 for the tokenizer, training or calibration, and held-out texts that also occur in a training
 module are dropped.
 
-``python -m brownout_jax.checkpoints.demo_corpus --calib FILE.jsonl`` writes calibration text
+``python -m brownout_jax.demos.demo_corpus --calib FILE.jsonl`` writes calibration text
 (training documents only, shuffled with a fixed seed) for ``brownout-jax unite``;
 ``--heldout FILE.jsonl`` the held-out documents (shuffled with a fixed seed), the default text
 of ``brownout-jax eval quality`` (``eval/tasks/docstring_heldout.jsonl``).

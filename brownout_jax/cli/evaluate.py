@@ -7,9 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-from brownout_jax.eval.cli_quality import add_quality_parsers
-from brownout_jax.moe.exemption import add_exempt_arguments
-from brownout_jax.moe.mesh_config import add_mesh_argument  # no JAX: the parser stays cheap
+from brownout_jax.cli.evaluate_quality import add_quality_parsers
+from brownout_jax.cli.options import add_engine_arguments  # no JAX: the parser stays cheap
+from brownout_jax.moe.mesh_config import add_mesh_argument
+from brownout_jax.united.exemption import add_exempt_arguments
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -45,8 +46,8 @@ def _add_model_options(p) -> None:
 def load_for_eval(args):
     """(params, config, tokenizer, model_dir or None): a checkpoint or dummy weights."""
     from brownout_jax.checkpoints import load_model
+    from brownout_jax.checkpoints.demo_model import default_model
     from brownout_jax.checkpoints.loader import resolve_dtype
-    from brownout_jax.cli import default_model
     from brownout_jax.eval.dummy import dummy_config, dummy_params
     from brownout_jax.model.config import PRESETS, ModelConfig
 
@@ -69,8 +70,8 @@ def united_manifest_for(args) -> tuple[str | None, dict | None]:
     """(united dir, its manifest) of an eval run: ``--united`` or the demo's own set."""
     if args.load_format == "dummy":
         return None, None
+    from brownout_jax.checkpoints.demo_model import default_model
     from brownout_jax.checkpoints.united_store import read_united_manifest
-    from brownout_jax.cli import default_model
 
     _, united = default_model(args.model, args.united)
     return united, None if united is None else read_united_manifest(united)
@@ -120,13 +121,11 @@ def add_eval_parser(sub) -> None:
         help="vllm: weights dtype (auto: the checkpoint's)",
     )
     p.add_argument("--seed", type=int, default=0, help="prompt ids and the peer's seed")
-    p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--max-model-len", type=int, default=256)
-    p.add_argument(
-        "--bucket-growth", type=int, help="ratio between shape buckets (default: 4 on CPU, else 2)"
-    )
     _add_model_options(p)
-    add_mesh_argument(p)
+    # The levels compiled are the measured thresholds (and 1.0): no --ladder.
+    add_engine_arguments(
+        p, max_batch=32, kv_blocks=None, max_model_len=256, ladder=None, dtype=False
+    )
     p.set_defaults(run=run_throughput_cmd)
 
     p = kinds.add_parser("slo", help="replay a bursty trace per brownout mode")
@@ -143,40 +142,41 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--output-len", type=_pair, default=(16, 64))
     p.add_argument("--slo-ttft", type=float, default=1.0)
     p.add_argument("--slo-tpot", type=float, default=0.2)
-    p.add_argument("--ladder", default="0,0.2,0.4,0.6,0.8,1")
     p.add_argument("--check-interval", type=float, default=5.0)
     p.add_argument("--window", type=float, default=2.0)
     p.add_argument("--accuracy-table", help="`eval accuracy --output json` file")
     p.add_argument("--quality-table", help="`eval quality --output json` file: KL per mode")
     add_exempt_arguments(p)
-    p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--max-model-len", type=int, default=256)
-    p.add_argument(
-        "--bucket-growth", type=int, help="ratio between shape buckets (default: 4 on CPU, else 2)"
-    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="slo-results", help="output directory (JSON + PNG)")
     _add_model_options(p)
-    add_mesh_argument(p)
+    add_engine_arguments(
+        p,
+        max_batch=16,
+        kv_blocks=None,
+        max_model_len=256,
+        ladder="0,0.2,0.4,0.6,0.8,1",
+        dtype=False,
+    )
     p.set_defaults(run=run_slo_cmd)
     add_quality_parsers(kinds)
 
 
 def run_accuracy(args) -> int:
-    from brownout_jax.cli import check_mesh
+    from brownout_jax.cli.options import check_mesh
     from brownout_jax.eval.scoring import perplexity, score_items
-    from brownout_jax.eval.tasks import load_task
-    from brownout_jax.moe.exemption import resolve_exempt_layers
+    from brownout_jax.eval.tasks import DOCSTRING_MC, load_task
     from brownout_jax.moe.expert_parallel import expert_parallel_setup
     from brownout_jax.moe.ladder import DEFAULT_LADDER
     from brownout_jax.moe.options import MoeOptions
+    from brownout_jax.united.exemption import resolve_exempt_layers
 
     check_mesh(args.mesh)
     params, config, tokenizer, _ = load_for_eval(args)
     if tokenizer is None:
         raise ValueError("eval accuracy needs a checkpoint with a tokenizer")
     united_dir, manifest = united_manifest_for(args)
-    task = args.task or str(Path(__file__).resolve().parent / "tasks" / "docstring_mc.jsonl")
+    task = args.task or str(DOCSTRING_MC)
     items, fmt = load_task(task, args.format)
     if args.limit:
         items = items[: args.limit + args.num_fewshot]
@@ -237,34 +237,19 @@ def run_accuracy(args) -> int:
     return 0
 
 
-def _engine(params, config, tokenizer, args, ladder=None, controller=None, exempt=()):
-    import jax
-
-    from brownout_jax.engine.config import EngineConfig, default_bucket_growth
+def _engine(params, config, tokenizer, args, **fields):
+    """The engine of an eval run: the engine flags (``cli.options``), ``fields`` overriding."""
+    from brownout_jax.cli.options import engine_config_from_args
     from brownout_jax.engine.front import Engine
-    from brownout_jax.moe.ladder import DEFAULT_LADDER
 
-    fields = {
-        "max_batch": args.max_batch,
-        "max_prefill_batch": min(4, args.max_batch),
-        "max_model_len": args.max_model_len,
-        "max_prefill_tokens": max(2048, args.max_model_len),
-        "num_blocks": 1 + args.max_batch * -(-args.max_model_len // 16),
-        "ladder": ladder or DEFAULT_LADDER,
-        "bucket_growth": args.bucket_growth or default_bucket_growth(jax.default_backend()),
-        "mesh": args.mesh,
-        "exempt_layers": exempt,
-    }
-    if controller is not None:
-        fields["controller"] = controller
-    return Engine(params, config, EngineConfig(**fields), tokenizer)
+    return Engine(params, config, engine_config_from_args(args, **fields), tokenizer)
 
 
 def run_throughput_cmd(args) -> int:
     import numpy as np
 
     from brownout_jax.checkpoints.loader import resolve_dtype
-    from brownout_jax.cli import check_mesh  # cli imports this module: import at run time
+    from brownout_jax.cli.options import check_mesh
     from brownout_jax.eval import throughput as tp
 
     check_mesh(args.mesh)
@@ -288,7 +273,7 @@ def run_throughput_cmd(args) -> int:
     prompts = tp.make_prompts(config.vocab_size, args.num_prompts, args.prompt_len, args.seed)
     # Compile only the levels measured (plus the exact one every ladder must hold).
     ladder = ThresholdLadder(tuple(sorted(set(thresholds) | {1.0})))
-    engine = _engine(params, config, tokenizer, args, ladder)
+    engine = _engine(params, config, tokenizer, args, ladder=ladder)
     try:
         agree = tp.AGREEMENT_PROMPTS if peer is tp.Peer.VLLM else 0
         rows, exact_ids = tp.measure_engine(engine, prompts, args.max_new_tokens, thresholds, agree)
@@ -319,13 +304,12 @@ def run_throughput_cmd(args) -> int:
 
 
 def run_slo_cmd(args) -> int:
-    from brownout_jax.cli import check_mesh  # cli imports this module: import at run time
+    from brownout_jax.cli.options import check_mesh
     from brownout_jax.engine.controller import ControllerConfig
     from brownout_jax.eval.quality_report import quality_cost
     from brownout_jax.eval.slo import run_mode, summarize, write_results
     from brownout_jax.eval.workload import WorkloadConfig, load_prompt_pool, make_trace
-    from brownout_jax.moe.exemption import resolve_exempt_layers
-    from brownout_jax.moe.ladder import ThresholdLadder
+    from brownout_jax.united.exemption import resolve_exempt_layers
 
     check_mesh(args.mesh)
     params, config, tokenizer, _ = load_for_eval(args)
@@ -366,9 +350,7 @@ def run_slo_cmd(args) -> int:
         window_s=args.window,
         check_interval_s=args.check_interval,
     )
-    engine = _engine(
-        params, config, tokenizer, args, ThresholdLadder.parse(args.ladder), controller, exempt
-    )
+    engine = _engine(params, config, tokenizer, args, controller=controller, exempt_layers=exempt)
     accuracy = json.loads(Path(args.accuracy_table).read_text()) if args.accuracy_table else None
     results = []
     try:

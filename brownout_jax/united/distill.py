@@ -24,7 +24,7 @@ from brownout_jax.model.params import ExpertWeights, ModelParams, MoeParams
 from brownout_jax.model.transformer import collect_moe_inputs
 from brownout_jax.moe.expert_matmul import _swiglu_tile
 from brownout_jax.moe.routing import route_top_k
-from brownout_jax.moe.united import (
+from brownout_jax.united.united import (
     UnitedExperts,
     UnitedLayer,
     average_init,

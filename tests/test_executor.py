@@ -1,4 +1,4 @@
-"""Warm-up runs every compiled step once without touching any request's state."""
+"""The executor: first runs of every compiled step leave every request's state untouched."""
 
 from __future__ import annotations
 

@@ -7,9 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-from brownout_jax.moe.exemption import add_exempt_arguments  # no JAX: the parser stays cheap
+from brownout_jax.eval.tasks import DOCSTRING_HELDOUT
+from brownout_jax.united.exemption import add_exempt_arguments  # no JAX: the parser stays cheap
 
-DEFAULT_TEXT = Path(__file__).resolve().parent / "tasks" / "docstring_heldout.jsonl"
+DEFAULT_TEXT = DOCSTRING_HELDOUT
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -102,7 +103,7 @@ def _load_windows(args, cfg, text_path: Path, model_dir: str):
     """Reads the text first (a malformed file fails before any model is loaded), then packs it
     with the model's tokenizer into windows of exactly ``--window-tokens``."""
     from brownout_jax.checkpoints.loader import load_tokenizer
-    from brownout_jax.moe.calibration import load_calibration_texts, pack_token_windows
+    from brownout_jax.united.calibration import load_calibration_texts, pack_token_windows
 
     texts = load_calibration_texts(text_path)
     tokenizer = load_tokenizer(model_dir)
@@ -117,7 +118,7 @@ def _load_windows(args, cfg, text_path: Path, model_dir: str):
 
 def _with_united(model, united_dir: str):
     from brownout_jax.checkpoints.united_store import load_united
-    from brownout_jax.moe.united import attach_united
+    from brownout_jax.united.united import attach_united
 
     united, manifest = load_united(united_dir, model.config, model.fingerprint, model.dtype)
     return attach_united(model.params, model.config, united), manifest
@@ -130,7 +131,7 @@ def _labels(dirs: list[str]) -> list[str]:
 
 def run_quality(args) -> int:
     from brownout_jax.checkpoints import load_model
-    from brownout_jax.cli import default_model
+    from brownout_jax.checkpoints.demo_model import default_model
     from brownout_jax.eval.quality import BrownoutPhase, BrownoutSetting, measure_settings
     from brownout_jax.eval.quality_report import (
         format_table,
@@ -138,7 +139,7 @@ def run_quality(args) -> int:
         report_json,
         summarize,
     )
-    from brownout_jax.moe.exemption import resolve_exempt_layers
+    from brownout_jax.united.exemption import resolve_exempt_layers
 
     thresholds = _floats(args.thresholds)
     try:
@@ -207,15 +208,15 @@ def run_quality(args) -> int:
 
 def run_sensitivity(args) -> int:
     from brownout_jax.checkpoints import load_model
+    from brownout_jax.checkpoints.demo_model import default_model
     from brownout_jax.checkpoints.united_store import update_united_manifest
-    from brownout_jax.cli import default_model
     from brownout_jax.eval.sensitivity import (
         compare_rules,
         format_comparison,
         format_sensitivity,
         layer_sensitivity,
     )
-    from brownout_jax.moe.exemption import MANIFEST_KEY, ExemptionChoice, rank_layers
+    from brownout_jax.united.exemption import MANIFEST_KEY, ExemptionChoice, rank_layers
 
     if not 0.0 <= args.threshold < 1.0:
         raise ValueError(f"--threshold must lie in [0, 1), got {args.threshold}")
