@@ -41,13 +41,19 @@ def test_the_minimal_set_comes_first_then_each_level_from_its_covering_bucket(ti
     keys = grid.keys()
     covering = {phase: buckets.covering(phase) for phase in Phase}
     assert covering == {Phase.PREFILL: Bucket(1, 32), Phase.DECODE: Bucket(4, 4)}
-    assert set(keys[:4]) == {StepKey(p, level, covering[p]) for p in Phase for level in (0, 1)}
+    # What the first request needs (the starting level 1.0), then the lowest level's.
+    assert grid.minimal_keys() == keys[:2]
+    assert set(keys[:2]) == {StepKey(p, 1.0, covering[p]) for p in Phase}
+    assert set(keys[2:4]) == {StepKey(p, 0.0, covering[p]) for p in Phase}
     assert len(keys) == len(set(keys)) == 3 * sum(len(buckets.grid(p)) for p in Phase)
     # The intermediate level comes last, each phase's covering bucket before its others.
     middle = [k for k in keys if k.level == 0.5]
     assert keys[-len(middle) :] == middle
     first_of = {p: next(k for k in middle if k.phase == p) for p in Phase}
     assert all(first_of[p].bucket == covering[p] for p in Phase)
+    # A fixed threshold starts there.
+    fixed = StepGrid(params, config, engine_config.ladder, buckets, 17, 4, MoeOptions(), 2, 0.5)
+    assert {k.level for k in fixed.minimal_keys()} == {0.5}
 
 
 @pytest.fixture(scope="module")

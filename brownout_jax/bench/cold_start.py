@@ -6,6 +6,7 @@ one for the *cold* start (every step compiles), the same one again for the *warm
 steps load from the cache). While the server warms up both fronts refuse (HTTP 503, gRPC
 UNAVAILABLE); each client retries every 0.1 s from the moment the front listens, so the time
 measured is process start → first token, the way a user waiting on a fresh server sees it.
+Then GetStatus is polled until no step is left compiling in the background.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class StartRun:
     grpc_first_token_s: float | None = None
     steps_compiled_at_serving: int | None = None
     steps_compiling_at_serving: int | None = None
+    grid_complete_s: float | None = None  # GetStatus: no step left compiling in the background
     log: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -77,6 +79,17 @@ def _first_grpc_token(target: str, started: float, deadline: float) -> float:
                     raise
             time.sleep(0.1)
     raise TimeoutError("no token over gRPC before the deadline")
+
+
+def _grid_complete(target: str, started: float, deadline: float) -> float:
+    from brownout_jax.serve.client import GenerationClient
+
+    with GenerationClient(target) as client:
+        while time.monotonic() < deadline:
+            if client.status(timeout=30).steps_compiling == 0:
+                return time.monotonic() - started
+            time.sleep(0.5)
+    raise TimeoutError("the step grid was still compiling at the deadline")
 
 
 def measure_start(
@@ -137,6 +150,7 @@ def measure_start(
             if isinstance(value, Exception):
                 raise RuntimeError(f"{name}: {value}\n" + "\n".join(run.log)) from value
         run.http_first_token_s, run.grpc_first_token_s = results["http"], results["grpc"]
+        run.grid_complete_s = _grid_complete(fronts["grpc"], started, deadline)
     finally:
         process.terminate()
         try:
@@ -170,14 +184,15 @@ def run_cold_start(
 def format_table(result: dict) -> str:
     rows = [
         "| start | listening s | serving s | first token HTTP s | first token gRPC s | "
-        "steps compiled / compiling at serving |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        "steps compiled / compiling at serving | whole grid compiled s |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for r in result["runs"]:
         rows.append(
             f"| {r['kind']} | {r['listening_s']:.1f} | {r['serving_s']:.1f} | "
             f"{r['http_first_token_s']:.1f} | {r['grpc_first_token_s']:.1f} | "
-            f"{r['steps_compiled_at_serving']} / {r['steps_compiling_at_serving']} |"
+            f"{r['steps_compiled_at_serving']} / {r['steps_compiling_at_serving']} | "
+            f"{r['grid_complete_s']:.1f} |"
         )
     load = ", ".join(f"{v:.1f}" for v in result["load_average"])
     rows.append(f"\n{result['cores']} cores, load average before the runs: {load}")

@@ -69,6 +69,12 @@ class ControllerConfig:
             return cls(mode=BrownoutMode.FIXED, fixed_threshold=value, **fields)
         return cls(mode=text, **fields)
 
+    def initial_level(self, ladder: ThresholdLadder) -> float:
+        """The level both phases start at: the fixed one, else 1.0 (the exact model)."""
+        if self.mode is BrownoutMode.FIXED:
+            return ladder.snap(self.fixed_threshold)
+        return ladder.levels[-1]
+
     def slo(self, phase: Phase) -> float:
         return self.slo_ttft_s if phase == Phase.PREFILL else self.slo_tpot_s
 
@@ -87,8 +93,7 @@ class SloController:
         self.ladder = ladder
         self.clock = clock
         self._samples = {phase: collections.deque() for phase in Phase}
-        fixed = config.mode is BrownoutMode.FIXED
-        start = ladder.snap(config.fixed_threshold) if fixed else ladder.levels[-1]
+        start = config.initial_level(ladder)
         self._thresholds = Thresholds(start, start)
         self._last_check = clock()
         self.updates = 0

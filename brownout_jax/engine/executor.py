@@ -109,6 +109,7 @@ class Executor:
             config.max_batch,
             options,
             workers=config.compile_workers,
+            first_level=config.controller.initial_level(ladder),
         )
         self.grid.compile(background=config.compile_in_background, progress=progress)
         state = EngineState(
@@ -132,8 +133,8 @@ class Executor:
 
     def serving_level(self, phase: Phase, wanted: float) -> float:
         """The level a step of ``phase`` runs at: ``wanted`` once that level can run every
-        step (its covering bucket is usable), before that the highest such level below it
-        (the minimal set holds the lowest level, and the top one)."""
+        step (its covering bucket is usable); before that the highest such level below it, or
+        failing one, the lowest usable level (the minimal set holds the starting level)."""
         ready = [level for (p, level) in self._ready_levels if p == phase]
         below = [level for level in ready if level <= wanted]
         return max(below) if below else min(ready)

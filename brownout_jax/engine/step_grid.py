@@ -6,9 +6,11 @@ ahead of time, so serving never compiles: a switch is a dictionary lookup.
 
 Compilation runs on a thread pool (XLA compiles release the GIL; tracing is serialised), the
 *minimal set* first: for each phase the bucket every step fits by padding up
-(``EngineBuckets.covering``) at the top level (1.0) and the lowest. With that set compiled the
-engine can serve every request; the rest of the grid can then compile in the background and
-be put to use as each executable arrives (``take_compiled``).
+(``EngineBuckets.covering``) at the level the controller starts at (1.0, or the fixed level).
+With that set compiled the engine can serve every request; the rest of the grid can then
+compile in the background and be put to use as each executable arrives (``take_compiled``):
+next the lowest level's covering buckets (the controller's first move under a burst, no
+earlier than its first check), then level by level.
 """
 
 from __future__ import annotations
@@ -71,9 +73,11 @@ class StepGrid:
         num_slots: int,
         base_options: MoeOptions,
         workers: int | None = None,
+        first_level: float = 1.0,
     ):
         self.config = config
         self.ladder = ladder
+        self.first_level = first_level  # the minimal set's level
         self.buckets = buckets
         self.num_slots = num_slots
         self.base_options = base_options
@@ -107,28 +111,24 @@ class StepGrid:
         return list(self._keys)
 
     def _compile_order(self) -> list[StepKey]:
-        """Every key, in compilation order: the minimal set, then level by level (the top,
-        the lowest, the rest downwards), per phase the covering bucket first (with it a level
-        can serve every step), then the buckets smallest first."""
+        """Every key, in compilation order: the minimal set, the lowest level's covering
+        buckets, then level by level (the first, the lowest, the rest downwards), per phase
+        the covering bucket first (with it a level can serve every step), then the buckets
+        smallest first."""
         levels = self.ladder.levels
-        order = dict.fromkeys([levels[-1], levels[0], *reversed(levels[1:-1])])
+        order = dict.fromkeys([self.first_level, levels[0], *reversed(levels)])
         keys = self.minimal_keys()
+        keys += [StepKey(p, levels[0], self.buckets.covering(p)) for p in Phase]
         for level in order:
             for phase in Phase:
                 covering = self.buckets.covering(phase)
                 for bucket in (covering, *self.buckets.grid(phase)):
-                    key = StepKey(phase, level, bucket)
-                    if key not in keys:
-                        keys.append(key)
-        return keys
+                    keys.append(StepKey(phase, level, bucket))
+        return list(dict.fromkeys(keys))
 
     def minimal_keys(self) -> list[StepKey]:
-        levels = dict.fromkeys((self.ladder.levels[-1], self.ladder.levels[0]))
-        return [
-            StepKey(phase, level, self.buckets.covering(phase))
-            for phase in Phase
-            for level in levels
-        ]
+        """What the first request needs: each phase's covering bucket at the first level."""
+        return [StepKey(phase, self.first_level, self.buckets.covering(phase)) for phase in Phase]
 
     @property
     def total(self) -> int:
