@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from brownout_jax.engine.buckets import padded_size
+from brownout_jax.engine.buckets import right_padded
 from brownout_jax.eval.tasks import ChoiceItem
 from brownout_jax.model.config import ModelConfig
 from brownout_jax.model.params import ModelParams
@@ -47,12 +47,7 @@ def continuation_logprobs(
     batches = range(0, len(sequences), batch_size)
     for begin in tqdm(batches, desc="scoring", disable=not progress):
         chunk = sequences[begin : begin + batch_size]
-        length = padded_size(max(len(s) for s in chunk))
-        tokens = np.zeros((batch_size, length), np.int32)
-        lengths = np.zeros(batch_size, np.int32)
-        for i, seq in enumerate(chunk):
-            tokens[i, : len(seq)] = seq
-            lengths[i] = len(seq)
+        tokens, lengths = right_padded(chunk, batch_size)  # fixed rows: reruns route alike
         logp = np.asarray(
             token_logprobs(
                 params, jnp.asarray(tokens), jnp.asarray(lengths), config=config, options=options

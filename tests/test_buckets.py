@@ -11,6 +11,7 @@ from brownout_jax.engine.buckets import (
     geometric,
     padded_size,
     pick,
+    right_padded,
 )
 from brownout_jax.engine.phase import Phase
 
@@ -42,3 +43,9 @@ def test_covering_buckets_hold_every_step_of_their_phase():
     assert cheapest_fit({decode}, 3, 2) == decode
     assert cheapest_fit(buckets.grid(Phase.DECODE), 3, 2) == buckets.fit(Phase.DECODE, 3, 2)
     assert cheapest_fit({prefill}, 2, 10) is None  # two prompts wait for a larger bucket
+
+
+def test_right_padded_batches_pad_rows_and_length():
+    tokens, lengths = right_padded([[5, 6, 7], [1] * 20], rows=3)
+    assert tokens.shape == (3, 32) and lengths.tolist() == [3, 20, 0]
+    assert tokens[0, :4].tolist() == [5, 6, 7, 0] and not tokens[2].any()

@@ -49,9 +49,10 @@ def test_prefill_then_decode_equals_full_forward(tiny_checkpoints, name):
 
     prompt = np.where(np.arange(12)[None] < lengths[:, None], seqs[:, :12], 0)
     cache = ContiguousKVCache.allocate(config, 2, 32)
-    cache, last = jax.jit(prefill, static_argnums=1)(
+    out = jax.jit(prefill, static_argnums=1)(
         params, config, cache, jnp.asarray(prompt), jnp.asarray(lengths)
     )
+    cache, last = out.cache, out.logits
     ref_last = full[np.arange(2), lengths - 1]
     assert rel_err(last, ref_last) <= 1e-5
 
@@ -59,7 +60,7 @@ def test_prefill_then_decode_equals_full_forward(tiny_checkpoints, name):
     decode_jit = jax.jit(decode, static_argnums=1)
     for _ in range(total - lengths.max()):
         tokens = seqs[np.arange(2), positions]
-        cache, logits = decode_jit(
+        out = decode_jit(
             params,
             config,
             cache,
@@ -67,7 +68,8 @@ def test_prefill_then_decode_equals_full_forward(tiny_checkpoints, name):
             jnp.asarray(positions),
             jnp.ones(2, bool),
         )
-        assert rel_err(logits, full[np.arange(2), positions]) <= 1e-5
+        cache = out.cache
+        assert rel_err(out.logits, full[np.arange(2), positions]) <= 1e-5
         positions += 1
 
 

@@ -9,6 +9,9 @@ distillation pad to an open-ended series (``padded_size``).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
 
 from brownout_jax.engine.phase import Phase
 
@@ -37,6 +40,20 @@ def padded_size(need: int, minimum: int = 16, growth: int = 2) -> int:
     while size < need:
         size *= growth
     return size
+
+
+def right_padded(
+    sequences: Sequence[Sequence[int]], rows: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens (rows, padded_size(longest)), lengths (rows,)), int32: the sequences
+    right-padded with zeros; rows past them (``rows`` > their number) empty, length 0."""
+    rows = len(sequences) if rows is None else rows
+    tokens = np.zeros((rows, padded_size(max(len(s) for s in sequences))), np.int32)
+    lengths = np.zeros(rows, np.int32)
+    for i, seq in enumerate(sequences):
+        tokens[i, : len(seq)] = seq
+        lengths[i] = len(seq)
+    return tokens, lengths
 
 
 @dataclasses.dataclass(frozen=True, slots=True, order=True)

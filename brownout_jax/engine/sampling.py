@@ -43,13 +43,6 @@ class SamplingParams:
             top_p=np.ones(batch, np.float32) if top_p is None else np.asarray(top_p, np.float32),
         )
 
-    @classmethod
-    def abstract(cls, batch: int) -> SamplingParams:
-        return jax.tree_util.tree_map(
-            lambda a: jax.ShapeDtypeStruct((batch,), a.dtype),
-            cls.host(np.zeros(1), np.zeros(1)),
-        )
-
 
 def sample_tokens(
     logits: Float[Array, "B V"], sampling: SamplingParams, positions: Int[Array, " B"]

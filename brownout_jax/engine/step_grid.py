@@ -101,7 +101,6 @@ class StepGrid:
         self._background: threading.Thread | None = None
         self.error: BaseException | None = None  # a background compilation's failure
         self.compile_seconds = 0.0  # until the whole grid was compiled (or so far)
-        self.minimal_seconds = 0.0  # until the minimal set was compiled
         self._keys = self._compile_order()
         self._budget = MappingBudget.for_cpu_compilation(len(self._keys), jax.default_backend())
 
@@ -172,7 +171,7 @@ class StepGrid:
         minimal = len(self.minimal_keys())
         bar = tqdm(total=len(keys), desc="compiling steps", disable=not progress)
         self._compile_keys(keys[:minimal], bar)
-        self.minimal_seconds = self.compile_seconds = time.perf_counter() - start
+        self.compile_seconds = time.perf_counter() - start
         if not background:
             self._compile_keys(keys[minimal:], bar)
             self.compile_seconds = time.perf_counter() - start
@@ -182,7 +181,9 @@ class StepGrid:
 
         def rest() -> None:
             try:
-                self._compile_keys(keys[minimal:], None)
+                # While serving, one core is left to the engine: compilations must not
+                # take every core from the steps being served.
+                self._compile_keys(keys[minimal:], None, max(1, self.workers - 1))
             except BaseException as err:  # the engine thread raises it: fail fast
                 self.error = err
             self.compile_seconds = time.perf_counter() - start
@@ -194,16 +195,9 @@ class StepGrid:
         """Stops a background compilation (the engine is shutting down)."""
         self._cancelled.set()
 
-    def wait(self, timeout: float | None = None) -> None:
-        """Waits for a background compilation; raises its failure."""
-        if self._background is not None:
-            self._background.join(timeout)
-        if self.error is not None:
-            raise self.error
-
-    def _compile_keys(self, keys: list[StepKey], bar) -> None:
+    def _compile_keys(self, keys: list[StepKey], bar, workers: int | None = None) -> None:
         with concurrent.futures.ThreadPoolExecutor(
-            self.workers, thread_name_prefix="brownout-compile"
+            workers or self.workers, thread_name_prefix="brownout-compile"
         ) as pool:
             futures = [pool.submit(self._compile_one, key) for key in keys]
             try:

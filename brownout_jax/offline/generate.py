@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from brownout_jax.engine.buckets import padded_size
+from brownout_jax.engine.buckets import padded_size, right_padded
 from brownout_jax.engine.requests import GenerationRequest, RequestError, validate_request
 from brownout_jax.engine.sampling import SamplingParams, unpack_sampled
 from brownout_jax.model.config import ModelConfig
@@ -76,12 +76,8 @@ def generate(
         _validate(i, request, config)
 
     batch = len(prompts)
-    longest = max(len(p) for p in prompts)
-    prompt_len = padded_size(longest)
-    cache_len = padded_size(longest + max_new_tokens)  # ≥ prompt_len too
-    tokens = np.zeros((batch, prompt_len), np.int32)
-    for i, prompt in enumerate(prompts):
-        tokens[i, : len(prompt)] = prompt
+    tokens, lengths = right_padded(prompts)
+    cache_len = padded_size(int(lengths.max()) + max_new_tokens)  # ≥ the padded prompts too
     sampling = SamplingParams.host(
         temperature=np.full(batch, temperature),
         seed=np.arange(seed, seed + batch),
@@ -90,7 +86,7 @@ def generate(
     )
     inputs = PrefillInputs(
         tokens=jnp.asarray(tokens),
-        lengths=jnp.asarray([len(p) for p in prompts], jnp.int32),
+        lengths=jnp.asarray(lengths),
         sampling=sampling,
     )
     cache = ContiguousKVCache.allocate(config, batch, cache_len, params.embed.dtype)

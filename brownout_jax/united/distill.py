@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from brownout_jax.engine.buckets import padded_size
+from brownout_jax.engine.buckets import right_padded
 from brownout_jax.model.config import ModelConfig
 from brownout_jax.model.params import ExpertWeights, ModelParams, MoeParams
 from brownout_jax.model.transformer import collect_moe_inputs
@@ -72,12 +72,7 @@ def collect_calibration(
     per_layer: list[list[np.ndarray]] = [[] for _ in config.moe_layers]
     for start in range(0, len(sequences), batch_size):
         batch = sequences[start : start + batch_size]
-        length = padded_size(max(len(s) for s in batch))
-        tokens = np.zeros((batch_size, length), np.int32)
-        lengths = np.zeros(batch_size, np.int32)
-        for i, seq in enumerate(batch):
-            tokens[i, : len(seq)] = seq
-            lengths[i] = len(seq)
+        tokens, lengths = right_padded(batch, batch_size)  # one batch shape: few compiles
         inputs, mask = collect(params, config, jnp.asarray(tokens), jnp.asarray(lengths))
         keep = np.asarray(mask)
         for store, x in zip(per_layer, inputs, strict=True):
