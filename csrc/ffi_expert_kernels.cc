@@ -83,8 +83,12 @@ struct SharedWork {
   Problem problem{};
   const IsaKernels* kernels = nullptr;
   std::vector<int64_t> active_group, active_row0, active_rows;
-  int64_t gate_up_items = 0;
+  std::vector<int64_t> stream_group, stream_row0, stream_rows;
+  std::vector<float> scratch;  // one 64-byte-aligned block per worker (IsaKernels)
+  int64_t scratch_per_worker = 0;
+  int64_t gate_up_items = 0;  // stream items first, then panel gate/up items
   int64_t down_items = 0;
+  std::atomic<int64_t> next_worker{0};
   std::atomic<int64_t> next_gate_up{0};
   std::atomic<int64_t> done_gate_up{0};
   std::atomic<int64_t> next_down{0};
@@ -94,6 +98,17 @@ struct SharedWork {
     active_group.push_back(group);
     active_row0.push_back(row0);
     active_rows.push_back(rows);
+  }
+
+  // A group of few rows runs whole in one stream item when this copy can do that.
+  void AddGroup(int64_t group, int64_t row0, int64_t rows) {
+    if (rows <= kernels->stream_max_rows) {
+      stream_group.push_back(group);
+      stream_row0.push_back(row0);
+      stream_rows.push_back(rows);
+    } else {
+      AddRows(group, row0, rows);
+    }
   }
 };
 
@@ -108,16 +123,28 @@ void Relax(int spins) {
 }
 
 void WorkOn(SharedWork& w) {
+  const int64_t streams = w.problem.num_stream;
+  float* scratch = nullptr;
+  if (w.scratch_per_worker > 0) {
+    const int64_t worker = w.next_worker.fetch_add(1, std::memory_order_relaxed);
+    float* base = w.scratch.data() + worker * w.scratch_per_worker;
+    // 64-byte alignment for the packed panels' aligned loads (16 floats of slack per block).
+    scratch = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(base) + 63) & ~uintptr_t{63});
+  }
   for (int64_t i; (i = w.next_gate_up.fetch_add(1, std::memory_order_relaxed)) <
                   w.gate_up_items;) {
-    w.kernels->gate_up_item(w.problem, i);
+    if (i < streams) {
+      w.kernels->stream_item(w.problem, i, scratch);
+    } else {
+      w.kernels->gate_up_item(w.problem, i - streams, scratch);
+    }
     w.done_gate_up.fetch_add(1, std::memory_order_release);
   }
   for (int spins = 0; w.done_gate_up.load(std::memory_order_acquire) < w.gate_up_items; ++spins) {
     Relax(spins);
   }
   for (int64_t i; (i = w.next_down.fetch_add(1, std::memory_order_relaxed)) < w.down_items;) {
-    w.kernels->down_item(w.problem, i);
+    w.kernels->down_item(w.problem, i, scratch);
     w.done_down.fetch_add(1, std::memory_order_release);
   }
 }
@@ -128,17 +155,31 @@ void Run(ffi::ThreadPool& pool, const std::shared_ptr<SharedWork>& work, bool wi
          int64_t max_threads) {
   SharedWork& w = *work;
   const int64_t slots = static_cast<int64_t>(w.active_group.size());
+  const int64_t streams = static_cast<int64_t>(w.stream_group.size());
   Problem& p = w.problem;
   p.active_group = w.active_group.data();
   p.active_row0 = w.active_row0.data();
   p.active_rows = w.active_rows.data();
   p.num_active = slots;
+  p.stream_group = w.stream_group.data();
+  p.stream_row0 = w.stream_row0.data();
+  p.stream_rows = w.stream_rows.data();
+  p.num_stream = streams;
   const IsaKernels& k = *w.kernels;
-  w.gate_up_items = with_gate_up ? slots * ((p.f + k.gate_up_panel - 1) / k.gate_up_panel) : 0;
+  w.gate_up_items =
+      with_gate_up ? streams + slots * ((p.f + k.gate_up_panel - 1) / k.gate_up_panel) : 0;
   w.down_items = slots * ((p.d + k.down_panel - 1) / k.down_panel);
   int64_t threads = pool.num_threads();
   if (max_threads > 0 && threads > max_threads) threads = max_threads;
-  if (threads > w.down_items) threads = w.down_items;
+  const int64_t most_items = w.gate_up_items > w.down_items ? w.gate_up_items : w.down_items;
+  if (threads > most_items) threads = most_items;
+  if (threads < 1) threads = 1;
+  // linear() has no gate/up items: no packed gate/up panels of its output width.
+  const int64_t floats = k.scratch_floats(with_gate_up ? p.d : 0, p.f);
+  if (floats > 0) {
+    w.scratch_per_worker = floats + 16;
+    w.scratch.resize(static_cast<size_t>(threads * w.scratch_per_worker));
+  }
   for (int64_t t = 1; t < threads; ++t) {
     pool.Schedule([work] { WorkOn(*work); });
   }
@@ -205,12 +246,14 @@ ffi::Error GroupedSwigluImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
     // group_sizes belong to no group).
     int64_t rows = sizes[i] > 0 ? sizes[i] : 0;
     if (rows > m - row) rows = m - row;
-    if (rows > 0) work->AddRows(i, row, rows);
+    if (rows > 0) work->AddGroup(i, row, rows);
     row += rows;
   }
   float* out = y->typed_data();
   if (row < m) std::memset(out + row * d, 0, sizeof(float) * (m - row) * d);
-  if (work->active_group.empty() || d == 0) return ffi::Error::Success();
+  if ((work->active_group.empty() && work->stream_group.empty()) || d == 0) {
+    return ffi::Error::Success();
+  }
   if (f == 0) {
     std::memset(out, 0, sizeof(float) * row * d);
     return ffi::Error::Success();

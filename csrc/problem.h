@@ -38,6 +38,12 @@ struct Problem {
   const int64_t* active_row0;   // (num_active,) first row
   const int64_t* active_rows;   // (num_active,) row count (> 0)
   int64_t num_active;
+  // Groups run whole by one stream item each (few rows: their cost is reading the weights),
+  // listed like the active ones; the active list then holds only the others.
+  const int64_t* stream_group;
+  const int64_t* stream_row0;
+  const int64_t* stream_rows;
+  int64_t num_stream;
 };
 
 // Internal linkage on purpose: every ISA unit gets its own copy (see the header comment).
@@ -65,8 +71,15 @@ struct IsaKernels {
   ElementType hidden_type;  // what gate/up items store in h (and down items read)
   int64_t gate_up_panel;  // columns of F per gate/up item
   int64_t down_panel;     // columns of D per down item
-  void (*gate_up_item)(const Problem&, int64_t item);
-  void (*down_item)(const Problem&, int64_t item);
+  // Items get the calling thread's `scratch`: scratch_floats(d, f) floats, 64-byte aligned
+  // (packed weight panels, stream accumulators), never shared between threads.
+  void (*gate_up_item)(const Problem&, int64_t item, float* scratch);
+  void (*down_item)(const Problem&, int64_t item, float* scratch);
+  // Whole-group streaming for groups of at most stream_max_rows rows (0: none): one item
+  // reads the group's three weight matrices front to back — sequential memory, no barrier.
+  int64_t stream_max_rows;
+  void (*stream_item)(const Problem&, int64_t slot, float* scratch);
+  int64_t (*scratch_floats)(int64_t d, int64_t f);
 };
 
 // Defined in one translation unit each; the AVX units exist on x86-64 builds only. The

@@ -230,7 +230,9 @@ def test_fallback_when_the_library_is_missing(monkeypatch, caplog):
     assert moe.resolve_backend(moe.ExpertBackend.AUTO) is moe.ExpertBackend.CPU_KERNEL
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 7, 5), (16, 130, 70), (200, 64, 300), (3, 257, 1000)])
+@pytest.mark.parametrize(
+    "m,k,n", [(1, 7, 5), (16, 130, 70), (200, 64, 300), (3, 257, 1000), (20, 33, 1100)]
+)
 @pytest.mark.parametrize("x_dtype,w_dtype", [(F32, F32), (F32, BF16), (BF16, F32), (BF16, BF16)])
 def test_linear_every_copy_matches_float64(m, k, n, x_dtype, w_dtype):
     """The dense layers' matmul: odd sizes (edge panels, odd depth), rows over one chunk."""
