@@ -13,9 +13,9 @@ import jax.numpy as jnp
 from brownout_jax.checkpoints.errors import CheckpointError
 from brownout_jax.checkpoints.hf_safetensors import load_hf_params
 from brownout_jax.checkpoints.orbax_store import is_converted, load_converted
-from brownout_jax.checkpoints.united_store import load_united
+from brownout_jax.checkpoints.united_store import abstract_united, load_united, read_united_manifest
 from brownout_jax.model.config import ModelConfig
-from brownout_jax.model.params import ModelParams
+from brownout_jax.model.params import ModelParams, abstract_params
 from brownout_jax.united.united import attach_united
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -78,6 +78,20 @@ def _eos_ids(directory: Path, config: ModelConfig) -> tuple[int, ...]:
             if token is not None and int(token) not in ids:
                 ids.append(int(token))
     return tuple(ids)
+
+
+def abstract_model_params(
+    directory: str | Path, dtype: str | None = "auto", united: str | Path | None = None
+) -> ModelParams:
+    """The parameters ``load_model`` will return, as ShapeDtypeStructs, from the configs and
+    manifests alone (no weights read): what compiling the model's steps needs."""
+    config = ModelConfig.from_pretrained_dir(directory)
+    jdtype = resolve_dtype(dtype)
+    params = abstract_params(config, jdtype)
+    if united is None:
+        return params
+    experts = abstract_united(read_united_manifest(united), config, jdtype)
+    return jax.eval_shape(lambda p, u: attach_united(p, config, u), params, experts)
 
 
 def load_model(

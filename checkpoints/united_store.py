@@ -91,6 +91,23 @@ def update_united_manifest(directory: str | Path, key: str, value) -> Path:
     return path
 
 
+def abstract_united(manifest: dict, config: ModelConfig, dtype) -> UnitedExperts:
+    """The united experts a manifest describes, as ShapeDtypeStructs of ``dtype``."""
+    d, f = config.hidden_size, config.moe_intermediate_size
+    sds = jax.ShapeDtypeStruct
+
+    def layer(groups: list[int]) -> UnitedLayer:
+        u = max(groups) + 1
+        return UnitedLayer(
+            experts=ExpertWeights(
+                sds((u, d, f), dtype), sds((u, d, f), dtype), sds((u, f, d), dtype)
+            ),
+            group_of_expert=sds((config.num_experts,), jnp.int32),
+        )
+
+    return UnitedExperts(layers=tuple(layer(g) for g in manifest["groups"]))
+
+
 def load_united(
     directory: str | Path,
     config: ModelConfig,
@@ -112,20 +129,7 @@ def load_united(
         )
     if tuple(manifest["moe_layers"]) != config.moe_layers:
         raise CheckpointError(f"{directory}: MoE layers {manifest['moe_layers']} do not match")
-    d, f = config.hidden_size, config.moe_intermediate_size
-    stored = jnp.dtype(manifest["dtype"])
-
-    def abstract(groups: list[int]) -> UnitedLayer:
-        u = max(groups) + 1
-        sds = jax.ShapeDtypeStruct
-        return UnitedLayer(
-            experts=ExpertWeights(
-                sds((u, d, f), stored), sds((u, d, f), stored), sds((u, f, d), stored)
-            ),
-            group_of_expert=sds((config.num_experts,), jnp.int32),
-        )
-
-    target = UnitedExperts(layers=tuple(abstract(g) for g in manifest["groups"]))
+    target = abstract_united(manifest, config, jnp.dtype(manifest["dtype"]))
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             united = checkpointer.restore(directory / WEIGHTS_DIR, target)

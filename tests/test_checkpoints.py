@@ -196,3 +196,22 @@ def test_chat_prompt_uses_the_chat_template(tiny_with_tokenizer, capsys):
     assert cli.main([*args, "--prompt", "w5 w6", "--chat", "--output", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["prompt_token_ids"] == [3, 7, 8, 4, 5]  # w1 w5 w6 w2 w3
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_params_predicted_from_the_configs_are_the_loaded_ones(tiny_checkpoints, dtype):
+    """What the engine compiles while the weights load: the loaded tree, shapes and dtypes."""
+    from brownout_jax.checkpoints.demo_model import demo_model_dir, demo_united_dir
+    from brownout_jax.checkpoints.loader import abstract_model_params
+
+    cases = [(path, None) for path in tiny_checkpoints.values()]
+    cases.append((demo_model_dir(), demo_united_dir("similarity")))
+    for directory, united in cases:
+        predicted = abstract_model_params(directory, dtype, united)
+        loaded = load_model(directory, dtype, progress=False, united=united).params
+        assert jax.tree_util.tree_structure(predicted) == jax.tree_util.tree_structure(loaded)
+        leaves = zip(
+            jax.tree_util.tree_leaves(predicted), jax.tree_util.tree_leaves(loaded), strict=True
+        )
+        for a, b in leaves:
+            assert (a.shape, a.dtype) == (b.shape, b.dtype), directory

@@ -51,6 +51,8 @@ def test_the_minimal_set_comes_first_then_each_level_from_its_covering_bucket(ti
     assert keys[-len(middle) :] == middle
     first_of = {p: next(k for k in middle if k.phase == p) for p in Phase}
     assert all(first_of[p].bucket == covering[p] for p in Phase)
+    # Compiled from shapes alone, the grid fits exactly those params.
+    assert grid.fits(params) and not grid.fits(tiny_moe[1])  # without the united experts
     # A fixed threshold starts there.
     fixed = StepGrid(params, config, engine_config.ladder, buckets, 17, 4, MoeOptions(), 2, 0.5)
     assert {k.level for k in fixed.minimal_keys()} == {0.5}

@@ -18,6 +18,7 @@ only then offered to the scheduler: the dispatch path never compiles.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +83,28 @@ def ladder_for(params: ModelParams, config: EngineConfig) -> ThresholdLadder:
     return ThresholdLadder((1.0,))
 
 
+def make_grid(
+    params: ModelParams, model_config: ModelConfig, config: EngineConfig, ladder: ThresholdLadder
+) -> StepGrid:
+    """The step grid of an engine (uncompiled). ``params`` may be abstract (their shapes are all
+    compiling needs), but must be placed on the mesh already when there is one."""
+    mesh = None if config.mesh is None else make_mesh(config.mesh)
+    options = MoeOptions(
+        exempt_layers=config.exempt_layers, mesh=mesh, backend=config.experts_backend
+    )
+    return StepGrid(
+        params,
+        model_config,
+        ladder,
+        config.buckets(),
+        config.num_blocks,
+        config.max_batch,
+        options,
+        workers=config.compile_workers,
+        first_level=config.controller.initial_level(ladder),
+    )
+
+
 class Executor:
     def __init__(
         self,
@@ -90,28 +113,27 @@ class Executor:
         config: EngineConfig,
         ladder: ThresholdLadder,
         progress: bool = True,
+        grid: StepGrid | None = None,
     ):
+        """``grid``: one already compiled (``make_grid``, e.g. while the weights loaded) for
+        exactly these params' shapes; else the grid is made and compiled here."""
         self.config = config
         mesh = None if config.mesh is None else make_mesh(config.mesh)
         if mesh is not None and not is_expert_parallel(params):
             params = shard_params(params, model_config, mesh)
         self.num_devices = 0 if config.mesh is None else config.mesh.num_devices
         self._params = params
-        options = MoeOptions(
-            exempt_layers=config.exempt_layers, mesh=mesh, backend=config.experts_backend
-        )
-        self.grid = StepGrid(
-            params,
-            model_config,
-            ladder,
-            config.buckets(),
-            config.num_blocks,
-            config.max_batch,
-            options,
-            workers=config.compile_workers,
-            first_level=config.controller.initial_level(ladder),
-        )
-        self.grid.compile(background=config.compile_in_background, progress=progress)
+        if grid is not None and not grid.fits(params):
+            grid.cancel()
+            logging.getLogger("brownout_jax").warning(
+                "the step grid compiled from the checkpoint's configs does not fit the loaded "
+                "parameters; compiling again"
+            )
+            grid = None
+        if grid is None:
+            grid = make_grid(params, model_config, config, ladder)
+            grid.compile(background=config.compile_in_background, progress=progress)
+        self.grid = grid
         state = EngineState(
             pool=KVPool.allocate(
                 model_config, config.num_blocks, config.block_size, params.embed.dtype

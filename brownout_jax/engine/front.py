@@ -18,7 +18,7 @@ import time
 
 from brownout_jax.engine.config import EngineConfig
 from brownout_jax.engine.controller import ControllerConfig, SloController
-from brownout_jax.engine.executor import Executor, ladder_for
+from brownout_jax.engine.executor import Executor, ladder_for, make_grid
 from brownout_jax.engine.loop import EngineLoop
 from brownout_jax.engine.metrics import EngineMetrics, EngineStats, GridStatus, Occupancy
 from brownout_jax.engine.requests import (
@@ -31,6 +31,7 @@ from brownout_jax.engine.requests import (
     validate_request,
 )
 from brownout_jax.engine.scheduler import Scheduler, SchedulerLimits
+from brownout_jax.engine.step_grid import StepGrid
 from brownout_jax.engine.stream import TokenStream
 from brownout_jax.model.config import ModelConfig
 from brownout_jax.model.params import ModelParams
@@ -47,7 +48,10 @@ class Engine:
         model_name: str = "model",
         clock=time.monotonic,
         progress: bool = True,
+        grid: StepGrid | None = None,
     ):
+        """``grid``: the step grid, compiled already for these params' shapes
+        (``from_checkpoint`` compiles it while the weights load); else compiled here."""
         self.model_config = model_config
         config = config.for_model(model_config.max_position_embeddings)
         self.config = config
@@ -60,7 +64,7 @@ class Engine:
             num_devices=0 if config.mesh is None else config.mesh.num_devices,
             num_moe_layers=len(model_config.moe_layers),
         )
-        self._executor = Executor(params, model_config, config, self.ladder, progress)
+        self._executor = Executor(params, model_config, config, self.ladder, progress, grid)
         scheduler = Scheduler(
             SchedulerLimits(
                 max_batch=config.max_batch,
@@ -93,9 +97,28 @@ class Engine:
         dtype: str = "auto",
         progress: bool = True,
     ) -> Engine:
+        """Loads a checkpoint (and united experts) and builds its engine. Compiling needs only
+        the parameters' shapes, which the configs and manifests give: on one device the step
+        grid compiles on its own thread while the weights load."""
         from brownout_jax.checkpoints import load_model
+        from brownout_jax.checkpoints.loader import abstract_model_params
 
-        model = load_model(model_dir, dtype, progress=progress, united=united_dir)
+        compiling = None
+        if config.mesh is None:
+            shapes = abstract_model_params(model_dir, dtype, united_dir)
+            model_config = ModelConfig.from_pretrained_dir(model_dir)
+            resolved = config.for_model(model_config.max_position_embeddings)
+            grid = make_grid(shapes, model_config, resolved, ladder_for(shapes, resolved))
+            compiling = _CompileThread(grid, resolved.compile_in_background, progress)
+        try:
+            model = load_model(model_dir, dtype, progress=progress, united=united_dir)
+        except BaseException:
+            if compiling is not None:  # no point compiling for weights that did not load
+                compiling.grid.cancel()
+                compiling.join()
+            raise
+        if compiling is not None:
+            compiling.join()
         return cls(
             model.params,
             model.config,
@@ -104,6 +127,7 @@ class Engine:
             model.eos_token_ids,
             model_name=str(model.directory.name),
             progress=progress,
+            grid=None if compiling is None else compiling.result(),
         )
 
     # ------------------------------------------------------------------------- properties
@@ -210,3 +234,24 @@ class Engine:
         error = self._loop.error
         if error is not None:
             raise EngineDeadError(f"the engine loop died: {error!r}") from error
+
+
+class _CompileThread(threading.Thread):
+    """``StepGrid.compile`` on its own thread; ``result`` re-raises its failure."""
+
+    def __init__(self, grid: StepGrid, background: bool, progress: bool):
+        super().__init__(name="brownout-compile-start", daemon=True)
+        self.grid, self.background, self.progress = grid, background, progress
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.grid.compile(background=self.background, progress=self.progress)
+        except BaseException as err:  # handed to the thread that waits for the grid
+            self.error = err
+
+    def result(self) -> StepGrid:
+        if self.error is not None:
+            raise self.error
+        return self.grid

@@ -152,6 +152,14 @@ class StepGrid:
         with self._lock:
             return sorted(self._compiled.items())
 
+    def fits(self, params: ModelParams) -> bool:
+        """Whether ``params`` have the tree, shapes and dtypes the grid was compiled for."""
+        mine, theirs = self._params, abstract_tree(params)
+        if jax.tree_util.tree_structure(mine) != jax.tree_util.tree_structure(theirs):
+            return False
+        pairs = zip(jax.tree_util.tree_leaves(mine), jax.tree_util.tree_leaves(theirs), strict=True)
+        return all(a.shape == b.shape and a.dtype == b.dtype for a, b in pairs)
+
     def take_compiled(self) -> list[StepKey]:
         """Keys compiled since the last call (each is handed out once)."""
         with self._lock:
