@@ -196,3 +196,24 @@ def test_chat_prompt_uses_the_chat_template(tiny_with_tokenizer, capsys):
     assert cli.main([*args, "--prompt", "w5 w6", "--chat", "--output", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["prompt_token_ids"] == [3, 7, 8, 4, 5]  # w1 w5 w6 w2 w3
+
+
+def test_united_experts_are_stacked_while_loading_exactly_as_attached_afterwards():
+    """The HF loader builds each (E + U) stack once; the result equals loading the originals
+    and attaching the united experts (the path converted checkpoints take)."""
+    import jax
+
+    from brownout_jax.checkpoints import load_model
+    from brownout_jax.checkpoints.demo_model import demo_model_dir, demo_united_dir
+    from brownout_jax.checkpoints.united_store import load_united
+    from brownout_jax.united import attach_united
+
+    united_dir = demo_united_dir("contiguous")
+    stacked = load_model(demo_model_dir(), "float32", progress=False, united=united_dir)
+    plain = load_model(demo_model_dir(), "float32", progress=False)
+    united, _ = load_united(united_dir, plain.config, plain.fingerprint, plain.dtype)
+    attached = attach_united(plain.params, plain.config, united)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(stacked.params), jax.tree_util.tree_leaves(attached), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
