@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from brownout_jax.checkpoints.errors import CheckpointError
-from brownout_jax.checkpoints.hf_safetensors import load_hf_params
+from brownout_jax.checkpoints.hf_safetensors import TensorIndex, load_hf_params
 from brownout_jax.checkpoints.orbax_store import is_converted, load_converted
 from brownout_jax.checkpoints.united_store import abstract_united, load_united, read_united_manifest
 from brownout_jax.model.config import ModelConfig
@@ -108,14 +108,29 @@ def load_model(
         raise CheckpointError(f"{directory}: checkpoint directory not found")
     config = ModelConfig.from_pretrained_dir(directory)
     jdtype = resolve_dtype(dtype)
+    manifest = None
     if is_converted(directory):
         params, fingerprint = load_converted(directory, config, jdtype)
-    else:
+        if united is not None:
+            united_experts, manifest = load_united(
+                united, config, fingerprint, jdtype, expected_way
+            )
+            params = attach_united(params, config, united_experts)
+    elif united is None:
         params, fingerprint = load_hf_params(directory, config, jdtype, progress)
-    manifest = None
-    if united is not None:
+    else:
+        # United experts first (small, checked against the checkpoint's header fingerprint),
+        # so the loader stacks them with the originals: no second copy of any expert stack.
+        fingerprint = TensorIndex(directory).fingerprint()
         united_experts, manifest = load_united(united, config, fingerprint, jdtype, expected_way)
-        params = attach_united(params, config, united_experts)
+        if len(united_experts.layers) != len(config.moe_layers):
+            raise CheckpointError(
+                f"{united}: united experts cover {len(united_experts.layers)} MoE layers, the "
+                f"model has {len(config.moe_layers)}"
+            )
+        by_layer = dict(zip(config.moe_layers, united_experts.layers, strict=True))
+        del united_experts  # each layer's united experts are freed once stacked
+        params, _ = load_hf_params(directory, config, jdtype, progress, united=by_layer)
     return LoadedModel(
         directory=directory,
         config=config,

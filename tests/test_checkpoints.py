@@ -215,3 +215,24 @@ def test_params_predicted_from_the_configs_are_the_loaded_ones(tiny_checkpoints,
         )
         for a, b in leaves:
             assert (a.shape, a.dtype) == (b.shape, b.dtype), directory
+
+
+def test_united_experts_are_stacked_while_loading_exactly_as_attached_afterwards():
+    """The HF loader builds each (E + U) stack once; the result equals loading the originals
+    and attaching the united experts (the path converted checkpoints take)."""
+    import jax
+
+    from brownout_jax.checkpoints import load_model
+    from brownout_jax.checkpoints.demo_model import demo_model_dir, demo_united_dir
+    from brownout_jax.checkpoints.united_store import load_united
+    from brownout_jax.united.united import attach_united
+
+    united_dir = demo_united_dir("contiguous")
+    stacked = load_model(demo_model_dir(), "float32", progress=False, united=united_dir)
+    plain = load_model(demo_model_dir(), "float32", progress=False)
+    united, _ = load_united(united_dir, plain.config, plain.fingerprint, plain.dtype)
+    attached = attach_united(plain.params, plain.config, united)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(stacked.params), jax.tree_util.tree_leaves(attached), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
