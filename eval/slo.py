@@ -112,13 +112,13 @@ def summarize(
         run.steps, "prefill", slo_ttft, run.start, run.end
     )
     decode_rate, decode_series = violation_rate(run.steps, "decode", slo_tpot, run.start, run.end)
-    good = [
-        o
-        for o in run.outputs
-        if o.metrics.ttft is not None
-        and o.metrics.ttft <= slo_ttft
+    met_ttft = [o.metrics.ttft is not None and o.metrics.ttft <= slo_ttft for o in run.outputs]
+    met_tpot = [
+        o.metrics.ttft is not None
         and (o.metrics.tpot_mean is None or o.metrics.tpot_mean <= slo_tpot)
+        for o in run.outputs
     ]
+    good = [o for o, a, b in zip(run.outputs, met_ttft, met_tpot, strict=True) if a and b]
     tokens = sum(len(o.token_ids) for o in run.outputs)
     thresholds = {
         "prefill": float(np.mean([s.prefill_threshold for s in run.steps])) if run.steps else 1.0,
@@ -135,6 +135,12 @@ def summarize(
         "violation_rate_prefill": prefill_rate,
         "violation_rate_decode": decode_rate,
         "goodput_rps": round(len(good) / duration, 4),
+        # Request-level SLO attainment: the share of requests within each SLO, and both.
+        "attainment": {
+            "ttft": float(np.mean(met_ttft)) if run.outputs else None,
+            "tpot": float(np.mean(met_tpot)) if run.outputs else None,
+            "both": len(good) / len(run.outputs) if run.outputs else None,
+        },
         "throughput_tokens_per_s": round(tokens / duration, 3),
         "mean_ttft_s": float(np.mean(ttfts)) if ttfts else None,
         "p90_ttft_s": float(np.percentile(ttfts, 90)) if ttfts else None,

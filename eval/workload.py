@@ -1,12 +1,21 @@
-"""Request traces: Poisson/gamma arrivals, the paper's burst, a ramp; fixed seed → same trace."""
+"""Request traces: Poisson/gamma or constant-interval arrivals, the paper's burst, a ramp; fixed
+seed → same trace."""
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 from pathlib import Path
 
 import numpy as np
+
+
+class Arrivals(enum.StrEnum):
+    GAMMA = "gamma"  # gamma inter-arrival times of shape ``burstiness`` (1: Poisson)
+    # One request every 1/rate(t) seconds: the reference implementation's workload (with a
+    # burst_factor of 2 from burst_start_s on, its rate doubling).
+    CONSTANT = "constant"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -21,8 +30,10 @@ class WorkloadConfig:
     prompt_len: tuple[int, int] = (16, 64)  # synthetic lengths, inclusive range
     output_len: tuple[int, int] = (16, 64)
     seed: int = 0
+    arrivals: Arrivals = Arrivals.GAMMA
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "arrivals", Arrivals(self.arrivals))
         if self.request_rate <= 0 or self.duration_s <= 0 or self.burstiness <= 0:
             raise ValueError("request_rate, duration_s and burstiness must be positive")
 
@@ -45,11 +56,14 @@ class TraceRequest:
 
 
 def arrival_times(cfg: WorkloadConfig, rng: np.random.Generator) -> np.ndarray:
-    """Gamma inter-arrival times with mean 1/rate(t) and shape ``burstiness``."""
+    """Inter-arrival times with mean 1/rate(t): gamma of shape ``burstiness``, or constant."""
     times, t = [], 0.0
     while True:
         rate = cfg.rate_at(t)
-        t += rng.gamma(cfg.burstiness, 1.0 / (rate * cfg.burstiness))
+        if cfg.arrivals is Arrivals.CONSTANT:
+            t += 1.0 / rate
+        else:
+            t += rng.gamma(cfg.burstiness, 1.0 / (rate * cfg.burstiness))
         if t >= cfg.duration_s:
             return np.asarray(times)
         times.append(t)

@@ -85,7 +85,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("model", "prefill_threshold", "decode_threshold", "controller_mode", "slo_ttft_s", "slo_tpot_s", "queue_depth", "running", "kv_blocks_used", "kv_blocks_total", "prefill_slo_attainment", "decode_slo_attainment", "preemptions", "warmup_s", "compiled_steps", "steps_compiling")
+    __slots__ = ("model", "prefill_threshold", "decode_threshold", "controller_mode", "slo_ttft_s", "slo_tpot_s", "queue_depth", "running", "kv_blocks_used", "kv_blocks_total", "prefill_slo_attainment", "decode_slo_attainment", "preemptions", "warmup_s", "compiled_steps", "steps_compiling", "step_latency")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PREFILL_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     DECODE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,7 @@ class StatusResponse(_message.Message):
     WARMUP_S_FIELD_NUMBER: _ClassVar[int]
     COMPILED_STEPS_FIELD_NUMBER: _ClassVar[int]
     STEPS_COMPILING_FIELD_NUMBER: _ClassVar[int]
+    STEP_LATENCY_FIELD_NUMBER: _ClassVar[int]
     model: str
     prefill_threshold: float
     decode_threshold: float
@@ -118,4 +119,21 @@ class StatusResponse(_message.Message):
     warmup_s: float
     compiled_steps: int
     steps_compiling: int
-    def __init__(self, model: _Optional[str] = ..., prefill_threshold: _Optional[float] = ..., decode_threshold: _Optional[float] = ..., controller_mode: _Optional[str] = ..., slo_ttft_s: _Optional[float] = ..., slo_tpot_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., prefill_slo_attainment: _Optional[float] = ..., decode_slo_attainment: _Optional[float] = ..., preemptions: _Optional[int] = ..., warmup_s: _Optional[float] = ..., compiled_steps: _Optional[int] = ..., steps_compiling: _Optional[int] = ...) -> None: ...
+    step_latency: _containers.RepeatedCompositeFieldContainer[StepLatency]
+    def __init__(self, model: _Optional[str] = ..., prefill_threshold: _Optional[float] = ..., decode_threshold: _Optional[float] = ..., controller_mode: _Optional[str] = ..., slo_ttft_s: _Optional[float] = ..., slo_tpot_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., prefill_slo_attainment: _Optional[float] = ..., decode_slo_attainment: _Optional[float] = ..., preemptions: _Optional[int] = ..., warmup_s: _Optional[float] = ..., compiled_steps: _Optional[int] = ..., steps_compiling: _Optional[int] = ..., step_latency: _Optional[_Iterable[_Union[StepLatency, _Mapping]]] = ...) -> None: ...
+
+class StepLatency(_message.Message):
+    __slots__ = ("phase", "level", "rows", "size", "base_s", "predicted_s")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    BASE_S_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_S_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    level: float
+    rows: int
+    size: int
+    base_s: float
+    predicted_s: float
+    def __init__(self, phase: _Optional[str] = ..., level: _Optional[float] = ..., rows: _Optional[int] = ..., size: _Optional[int] = ..., base_s: _Optional[float] = ..., predicted_s: _Optional[float] = ...) -> None: ...

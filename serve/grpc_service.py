@@ -157,6 +157,17 @@ class GenerationService(pb_grpc.GenerationServicer):
             warmup_s=stats.compile_seconds,
             compiled_steps=stats.compiled_steps,
             steps_compiling=stats.steps_compiling,
+            step_latency=[
+                pb.StepLatency(
+                    phase=entry.phase,
+                    level=entry.level,
+                    rows=entry.bucket.batch,
+                    size=entry.bucket.size,
+                    base_s=entry.base_s,
+                    predicted_s=entry.predicted_s,
+                )
+                for entry in stats.latency
+            ],
         )
 
 

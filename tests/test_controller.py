@@ -19,7 +19,9 @@ class FakeClock:
 
 def _controller(**fields):
     clock = FakeClock()
-    cfg = ControllerConfig(slo_ttft_s=1.0, slo_tpot_s=0.1, window_s=2.0, check_interval_s=5.0)
+    cfg = ControllerConfig(
+        mode="reactive", slo_ttft_s=1.0, slo_tpot_s=0.1, window_s=2.0, check_interval_s=5.0
+    )
     cfg = ControllerConfig(**{**{f: getattr(cfg, f) for f in cfg.__slots__}, **fields})
     return SloController(cfg, DEFAULT_LADDER, clock), clock
 
@@ -95,7 +97,7 @@ def test_no_samples_hold_and_modes():
     fixed = SloController(ControllerConfig.parse_mode("fixed=0.45"), DEFAULT_LADDER)
     assert fixed.thresholds == Thresholds(0.4, 0.4)
     assert off.thresholds == Thresholds(1.0, 1.0)
-    with pytest.raises(ValueError, match="auto, off or fixed"):
+    with pytest.raises(ValueError, match="auto, reactive, off or fixed"):
         ControllerConfig.parse_mode("sometimes")
 
 
@@ -104,7 +106,7 @@ def test_coarse_ladder_recovers():
 
     clock = FakeClock()
     ctl = SloController(
-        ControllerConfig(slo_tpot_s=0.1, window_s=2.0, check_interval_s=5.0),
+        ControllerConfig(mode="reactive", slo_tpot_s=0.1, window_s=2.0, check_interval_s=5.0),
         ThresholdLadder((0.0, 0.5, 1.0)),
         clock,
     )

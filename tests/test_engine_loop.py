@@ -195,3 +195,47 @@ def test_steps_are_recorded_per_phase_with_their_thresholds():
     assert {(r.prefill_threshold, r.decode_threshold) for r in loop.metrics.step_log} == {
         (1.0, 1.0)
     }
+
+
+class RecordingExecutor(FakeExecutor):
+    def __init__(self):
+        super().__init__()
+        self.levels: list[tuple[Phase, float]] = []
+
+    def dispatch(self, plan, thresholds: Thresholds, now: float) -> FakeInFlight:
+        self.levels.append((plan.phase, thresholds.of(plan.phase)))
+        return super().dispatch(plan, thresholds, now)
+
+
+def test_auto_runs_each_step_at_the_level_the_latency_model_predicts_fits():
+    """Decode at level 1 is predicted at 300 ms against a 120-ms SLO, 0.5 at 50 ms (also with
+    the 50-ms step before it still in flight): the first decode step already runs at 0.5.
+    The fake runs in microseconds, so the online correction then learns that level 1 fits,
+    and the level climbs back (after the hysteresis)."""
+    from brownout_jax.engine.latency_model import LatencyModel
+
+    ladder = ThresholdLadder((0.0, 0.5, 1.0))
+    latency = LatencyModel(alpha=0.5)
+    decode_ms = {1.0: 300.0, 0.5: 50.0, 0.0: 40.0}
+    for level in ladder.levels:
+        for bucket in BUCKETS.grid(Phase.DECODE):
+            latency.set_base(Phase.DECODE, level, bucket, [decode_ms[level] / 1e3])
+        for bucket in BUCKETS.grid(Phase.PREFILL):
+            latency.set_base(Phase.PREFILL, level, bucket, [0.001])
+    controller = SloController(
+        ControllerConfig(slo_ttft_s=1.0, slo_tpot_s=0.12), ladder, latency=latency
+    )
+    executor = RecordingExecutor()
+    loop = _loop(executor)
+    loop.controller = controller
+    prompt, n = [3, 1, 4, 1, 5], 30
+    handle = _submit(loop, prompt, n, "auto", ignore_eos=True)
+    _run_until_drained(loop)
+    assert [e.token_id for e in handle.ready_events()] == expected(prompt, n)
+    decode_levels = [level for phase, level in executor.levels if phase == Phase.DECODE]
+    assert decode_levels[0] == 0.5
+    assert decode_levels[-1] == 1.0 and 0.0 not in decode_levels
+    # Learned online: level 1's prediction fell below the SLO for the bucket it ran.
+    bucket = BUCKETS.grid(Phase.DECODE)[0]
+    assert latency.predict(Phase.DECODE, 1.0, bucket) < 0.1
+    assert loop.metrics.step_log[-1].decode_threshold == 1.0

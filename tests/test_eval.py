@@ -110,6 +110,23 @@ def test_trace_is_reproducible_with_the_requested_rate_and_burstiness():
     assert inside / outside == pytest.approx(4.0, rel=0.2)
 
 
+def test_constant_arrivals_double_with_the_reference_burst():
+    """The reference implementation's workload: one request every 1/rate s, the rate doubling
+    after 5 s."""
+    cfg = WorkloadConfig(
+        request_rate=2.0,
+        duration_s=10.0,
+        arrivals="constant",
+        burst_start_s=5.0,
+        burst_duration_s=5.0,
+        burst_factor=2.0,
+    )
+    times = arrival_times(cfg, np.random.default_rng(0))
+    np.testing.assert_allclose(times[:10], np.arange(1, 11) * 0.5)
+    np.testing.assert_allclose(np.diff(times[10:]), 0.25)
+    assert len(times) == 10 + 19  # 0.5 … 5.0, then 5.25 … 9.75
+
+
 def test_eval_slo_end_to_end_writes_json_and_pngs(tmp_path, tiny_checkpoints, capsys):
     import matplotlib.image
 
@@ -128,7 +145,7 @@ def test_eval_slo_end_to_end_writes_json_and_pngs(tmp_path, tiny_checkpoints, ca
             "--request-rate",
             "10",
             "--modes",
-            "off,auto",
+            "off,reactive,auto",
             "--max-batch",
             "2",
             "--max-model-len",
@@ -155,7 +172,7 @@ def test_eval_slo_end_to_end_writes_json_and_pngs(tmp_path, tiny_checkpoints, ca
     )
     assert code == 0
     report = json.loads((out / "slo.json").read_text())
-    assert [r["mode"] for r in report["runs"]] == ["off", "auto"]
+    assert [r["mode"] for r in report["runs"]] == ["off", "reactive", "auto"]
     fields = {
         "violation_rate_prefill",
         "violation_rate_decode",
@@ -165,13 +182,17 @@ def test_eval_slo_end_to_end_writes_json_and_pngs(tmp_path, tiny_checkpoints, ca
         "timeline",
         "requests",
         "rejected",
+        "attainment",
     }
     for run in report["runs"]:
         assert fields <= set(run)
         assert run["requests"] > 0
+        # 1-ms SLOs: no request meets both.
+        assert run["attainment"]["both"] == 0.0 and 0.0 <= run["attainment"]["ttft"] <= 1.0
     assert report["runs"][0]["mean_thresholds"] == {"prefill": 1.0, "decode": 1.0}
-    assert report["runs"][1]["mean_thresholds"]["decode"] < 1.0  # the controller acted
-    for name in ("timeline-off.png", "timeline-auto.png", "comparison.png"):
+    for acted in report["runs"][1:]:  # reactive and auto both brown out under 1-ms SLOs
+        assert acted["mean_thresholds"]["decode"] < 1.0
+    for name in ("timeline-off.png", "timeline-reactive.png", "timeline-auto.png"):
         assert matplotlib.image.imread(out / name).shape[-1] in (3, 4)
 
 

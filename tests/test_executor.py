@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,3 +43,23 @@ def test_first_runs_leave_every_real_block_and_slot_unchanged(tiny_moe):
         state.pool.keys + state.pool.values, before.keys + before.values, strict=True
     ):
         np.testing.assert_array_equal(np.asarray(new)[real], old[real])
+
+
+def test_every_step_compiled_before_serving_is_timed_into_the_latency_model(tiny_moe):
+    config, _, _, params, _ = tiny_moe
+    engine_config = EngineConfig(
+        max_batch=4, max_prefill_batch=2, block_size=8, num_blocks=12, max_model_len=32
+    ).for_model(config.max_position_embeddings)
+    executor = Executor(params, config, engine_config, ThresholdLadder((0.0, 1.0)), False)
+    compiled = {(key.phase, key.level, key.bucket) for key, _ in executor.grid.compiled_items()}
+    table = executor.latency.table()
+    assert {(e.phase, e.level, e.bucket) for e in table} == compiled
+    assert all(np.isfinite(e.base_s) and e.base_s > 0 and e.correction == 1.0 for e in table)
+    untimed = Executor(
+        params,
+        config,
+        dataclasses.replace(engine_config, latency_samples=0),
+        ThresholdLadder((0.0, 1.0)),
+        False,
+    )
+    assert untimed.latency.table() == ()  # learned from the first executions while serving

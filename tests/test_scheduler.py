@@ -172,3 +172,20 @@ def test_decode_never_plans_a_one_row_bucket(rows):
     scheduler.next_step(_all, now=0.0)
     plan = scheduler.next_step(_all, now=0.0)
     assert plan.phase == Phase.DECODE and plan.bucket.batch == (2 if rows == 1 else 4)
+
+
+def test_next_bucket_looks_ahead_without_booking_anything():
+    scheduler = Scheduler(_limits())
+    assert scheduler.next_bucket(Phase.PREFILL, _all(Phase.PREFILL)) is None
+    assert scheduler.next_bucket(Phase.DECODE, _all(Phase.DECODE)) is None
+    for n in (5, 20, 9):
+        scheduler.add(_seq(n))
+    assert scheduler.next_bucket(Phase.PREFILL, _all(Phase.PREFILL)) == Bucket(4, 32)
+    assert scheduler.num_waiting == 3 and scheduler.allocator.used == 0
+    plan = scheduler.next_step(_all, now=0.0)
+    assert plan.bucket == Bucket(4, 32)
+    # The decode step the three would take next: 3 rows, 3 blocks for the 20+1 tokens.
+    ahead = scheduler.next_bucket(Phase.DECODE, _all(Phase.DECODE))
+    used = scheduler.allocator.used
+    assert ahead == Bucket(4, 4) and scheduler.next_step(_all, now=0.0).bucket == ahead
+    assert scheduler.allocator.used == used

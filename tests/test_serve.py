@@ -124,6 +124,10 @@ def test_health_and_status(server, client):
     status = client.status()
     assert status.model == "model" and status.controller_mode == "off"
     assert status.kv_blocks_total == 15 and status.compiled_steps > 0
+    # The latency table: every step timed before serving (the minimal set at least), by phase.
+    table = list(status.step_latency)
+    assert {entry.phase for entry in table} == {"prefill", "decode"}
+    assert all(entry.rows > 0 and entry.size > 0 and entry.predicted_s > 0 for entry in table)
 
 
 def test_sigterm_drains_in_flight_requests(tiny_with_tokenizer, start_server):

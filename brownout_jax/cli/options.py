@@ -87,7 +87,12 @@ def brownout_options(args, config, united_manifest: dict | None = None) -> tuple
 
 def add_brownout_mode_arguments(p, default: str = "auto") -> None:
     """The controller flags of a running engine: ``--brownout`` mode and the two SLOs."""
-    p.add_argument("--brownout", default=default, help="auto, off or fixed=X")
+    p.add_argument(
+        "--brownout",
+        default=default,
+        help="auto (predictive: per step, the highest level predicted to fit the SLO), "
+        "reactive (BrownoutServe's periodic P90 rule), off or fixed=X",
+    )
     p.add_argument("--slo-ttft", type=float, default=1.0, help="prefill step SLO, seconds")
     p.add_argument("--slo-tpot", type=float, default=0.2, help="decode step SLO, seconds")
 
@@ -121,6 +126,13 @@ def add_engine_arguments(
     )
     group.add_argument("--kv-blocks", type=int, default=kv_blocks, help=blocks_help)
     group.add_argument("--block-size", type=int, default=16)
+    group.add_argument(
+        "--latency-samples",
+        type=int,
+        default=2,
+        help="timed runs of each step compiled before serving: the predictive controller's "
+        "latency table (0: learned while serving)",
+    )
     group.add_argument(
         "--max-model-len",
         type=int,
@@ -179,6 +191,7 @@ def engine_config_from_args(args, **fields):
         allow_context_extrapolation=args.allow_context_extrapolation,
         mesh=args.mesh,
         experts_backend=experts_backend_from_args(args),
+        latency_samples=args.latency_samples,
     )
     values.update(fields)
     return EngineConfig(**values)

@@ -45,6 +45,9 @@ class EngineConfig:
     # serving once the minimal set is compiled (every request fits it, padded) and compiles
     # the rest in the background, each executable put to use as it arrives (the server).
     compile_in_background: bool = False
+    # Timed executions of each step compiled before serving (the latency model's base; the
+    # first, untimed execution is always made). 0: learn every step's latency while serving.
+    latency_samples: int = 2
     compile_workers: int | None = None  # concurrent compilations; None: every usable core
 
     def __post_init__(self) -> None:
@@ -52,6 +55,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {value}")
+        if self.latency_samples < 0:
+            raise ValueError(f"latency_samples must be ≥ 0, got {self.latency_samples}")
         if self.bucket_growth < 2:
             raise ValueError(f"bucket_growth must be ≥ 2, got {self.bucket_growth}")
         if self.num_blocks < 2:

@@ -1,4 +1,8 @@
-"""SLO-aware brownout controller (host side), as in BrownoutServe.
+"""SLO-aware brownout controller (host side): which ladder level each phase's steps run at.
+
+Modes: ``off`` (always 1.0, the exact model), ``fixed=X``, ``auto`` (the predictive policy,
+``engine.predictive``: per step, the highest level whose predicted latency fits the SLO) and
+``reactive``, BrownoutServe's rule, kept to be measured beside it:
 
 Per-step latencies of prefill steps (the TTFT side) and decode steps (the TPOT side) are kept
 with their timestamps. Every ``check_interval_s`` the P90 over the last ``window_s`` of each
@@ -19,16 +23,19 @@ import collections
 import dataclasses
 import enum
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from brownout_jax.engine.latency_model import LatencyModel
 from brownout_jax.engine.phase import Phase, Thresholds
+from brownout_jax.engine.predictive import PredictiveConfig, PredictivePolicy, StepView
 from brownout_jax.moe.ladder import DEFAULT_LADDER, ThresholdLadder
 
 
 class BrownoutMode(enum.StrEnum):
-    AUTO = "auto"  # the controller moves the thresholds
+    AUTO = "auto"  # predictive: per step, the highest level predicted to fit the SLO
+    REACTIVE = "reactive"  # BrownoutServe's rule: one notch per check after the window's P90
     OFF = "off"  # always 1.0, the exact model
     FIXED = "fixed"  # always fixed_threshold
 
@@ -44,13 +51,14 @@ class ControllerConfig:
     shrink: float = 0.8
     step: float = 0.1
     warning_fraction: float = 0.8
+    predictive: PredictiveConfig = PredictiveConfig()  # noqa: RUF009 (frozen)
 
     def __post_init__(self) -> None:
         try:  # the mode's name is accepted too (ControllerConfig(mode="off"))
             object.__setattr__(self, "mode", BrownoutMode(self.mode))
         except ValueError:
             raise ValueError(
-                f"brownout mode must be auto, off or fixed=X, got {self.mode!r}"
+                f"brownout mode must be auto, reactive, off or fixed=X, got {self.mode!r}"
             ) from None
         for name in ("slo_ttft_s", "slo_tpot_s", "window_s", "check_interval_s"):
             if getattr(self, name) <= 0:
@@ -60,7 +68,7 @@ class ControllerConfig:
 
     @classmethod
     def parse_mode(cls, text: str, **fields) -> ControllerConfig:
-        """``auto``, ``off`` or ``fixed=X`` (the CLI's --brownout)."""
+        """``auto``, ``reactive``, ``off`` or ``fixed=X`` (the CLI's --brownout)."""
         if text.startswith("fixed="):
             try:
                 value = float(text.split("=", 1)[1])
@@ -88,15 +96,41 @@ class SloController:
         config: ControllerConfig,
         ladder: ThresholdLadder = DEFAULT_LADDER,
         clock: Callable[[], float] = time.monotonic,
+        latency: LatencyModel | None = None,
     ):
+        """``latency``: the engine's step latency model (mode ``auto`` predicts from it)."""
         self.config = config
         self.ladder = ladder
         self.clock = clock
+        self.latency = LatencyModel() if latency is None else latency
+        self.policy = None
+        if config.mode is BrownoutMode.AUTO:
+            slo = {phase: config.slo(phase) for phase in Phase}
+            self.policy = PredictivePolicy(self.latency, slo, config.predictive)
         self._samples = {phase: collections.deque() for phase in Phase}
         start = config.initial_level(ladder)
         self._thresholds = Thresholds(start, start)
         self._last_check = clock()
         self.updates = 0
+
+    @property
+    def predictive(self) -> bool:
+        """True when each step's level is chosen at its dispatch (``choose``)."""
+        return self.policy is not None
+
+    def choose(
+        self, view: StepView, levels: Sequence[float], other_levels: Sequence[float]
+    ) -> float:
+        """Mode ``auto``: the level of the step about to run, among ``levels`` (those its
+        bucket can run at); it becomes the phase's threshold in force."""
+        if self.policy is None:
+            raise RuntimeError(f"mode {self.config.mode} does not choose levels per step")
+        before = self._thresholds.of(view.phase)
+        level = self.policy.choose(view, self._thresholds, levels, other_levels)
+        if level != before:
+            self._thresholds = self._thresholds.with_level(view.phase, level)
+            self.updates += 1
+        return level
 
     @property
     def thresholds(self) -> Thresholds:
@@ -146,7 +180,7 @@ class SloController:
         """Applies the rule if a check interval has passed; True if a threshold changed."""
         now = self.clock() if now is None else now
         if (
-            self.config.mode is not BrownoutMode.AUTO
+            self.config.mode is not BrownoutMode.REACTIVE
             or now - self._last_check < self.config.check_interval_s
         ):
             return False

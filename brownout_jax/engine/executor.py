@@ -13,12 +13,20 @@ level. So every executable is run once on rows that write only to the null KV bl
 dropped slot (the state's contents are unchanged for any request) before it is used. An
 executable compiled in the background is run once by the engine thread, between steps, and
 only then offered to the scheduler: the dispatch path never compiles.
+
+Timing. Before serving, each executable also runs ``latency_samples`` more times on random
+tokens, timed one by one; the median is its base in the engine's :class:`LatencyModel` (the
+predictive controller's table). Random tokens, because identical rows would all route to the
+same few experts and make every brownout level cost the same. Executables compiled in the
+background are not timed (the engine thread would stall serving): their first executions
+while serving give their base.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +35,7 @@ from tqdm.auto import tqdm
 
 from brownout_jax.engine.buckets import Bucket
 from brownout_jax.engine.config import EngineConfig
+from brownout_jax.engine.latency_model import LatencyModel
 from brownout_jax.engine.paged_cache import KVPool
 from brownout_jax.engine.phase import Phase, Thresholds
 from brownout_jax.engine.sampling import unpack_sampled
@@ -114,10 +123,14 @@ class Executor:
         ladder: ThresholdLadder,
         progress: bool = True,
         grid: StepGrid | None = None,
+        latency: LatencyModel | None = None,
     ):
         """``grid``: one already compiled (``make_grid``, e.g. while the weights loaded) for
-        exactly these params' shapes; else the grid is made and compiled here."""
+        exactly these params' shapes; else the grid is made and compiled here. ``latency``:
+        the model the steps compiled before serving are timed into."""
         self.config = config
+        self.latency = LatencyModel() if latency is None else latency
+        self._vocab_size = model_config.vocab_size
         mesh = None if config.mesh is None else make_mesh(config.mesh)
         if mesh is not None and not is_expert_parallel(params):
             params = shard_params(params, model_config, mesh)
@@ -179,19 +192,44 @@ class Executor:
                 self._ready_levels.add((key.phase, key.level))
         if wait:
             jax.block_until_ready(outputs)
+            self._time(keys, progress)
         return len(keys)
 
-    def _run_empty(self, key: StepKey):
+    def _time(self, keys: list[StepKey], progress: bool) -> None:
+        """The latency model's base: the median of ``latency_samples`` timed executions of
+        each step on random tokens (before serving: decode rows then read real slots)."""
+        samples = self.config.latency_samples
+        if not samples or not keys:
+            return
+        rng = np.random.default_rng(0)
+        last = self._state.last_tokens
+        random_tokens = rng.integers(0, self._vocab_size, last.shape, dtype=np.int32)
+        self._state = self._state.replace(last_tokens=jax.device_put(random_tokens, last.sharding))
+        for key in tqdm(keys, desc="timing steps", disable=not progress):
+            times = []
+            for _ in range(samples):
+                start = time.perf_counter()
+                self._state, packed = self._run_empty(key, rng)
+                packed.block_until_ready()
+                times.append(time.perf_counter() - start)
+            self.latency.set_base(key.phase, key.level, key.bucket, times)
+
+    def _run_empty(self, key: StepKey, rng: np.random.Generator | None = None):
         """One execution whose every row is real work (so the expert loops run) but writes
-        only to the null KV block and a dropped slot."""
+        only to the null KV block and a dropped slot. With ``rng`` (before serving only),
+        prefill rows are random tokens and decode rows read (and write) real slots' tokens."""
         buckets, slots = self.grid.buckets, self.config.max_batch
         batch, size = key.bucket.batch, key.bucket.size
         if key.phase == Phase.PREFILL:
             host = host_prefill_batch(batch, size, buckets.prefill_width(size), slots)
             host.lengths[:] = size
+            if rng is not None:
+                host.tokens[:] = rng.integers(0, self._vocab_size, host.tokens.shape)
         else:
             host = host_decode_batch(batch, size, slots)
             host.active[:] = True
+            if rng is not None:
+                host.slots[:] = np.arange(batch) % slots
         inputs = jax.device_put(host, self.grid.input_sharding)
         return self.grid.executable(key)(self._params, self._state, inputs)
 

@@ -19,6 +19,7 @@ import time
 from brownout_jax.engine.config import EngineConfig
 from brownout_jax.engine.controller import ControllerConfig, SloController
 from brownout_jax.engine.executor import Executor, ladder_for, make_grid
+from brownout_jax.engine.latency_model import LatencyModel
 from brownout_jax.engine.loop import EngineLoop
 from brownout_jax.engine.metrics import EngineMetrics, EngineStats, GridStatus, Occupancy
 from brownout_jax.engine.requests import (
@@ -64,7 +65,12 @@ class Engine:
             num_devices=0 if config.mesh is None else config.mesh.num_devices,
             num_moe_layers=len(model_config.moe_layers),
         )
-        self._executor = Executor(params, model_config, config, self.ladder, progress, grid)
+        # Step latencies: timed before serving, corrected while serving; every controller
+        # of this engine (set_controller) predicts from the same one.
+        self.latency = LatencyModel()
+        self._executor = Executor(
+            params, model_config, config, self.ladder, progress, grid, self.latency
+        )
         scheduler = Scheduler(
             SchedulerLimits(
                 max_batch=config.max_batch,
@@ -78,7 +84,7 @@ class Engine:
         self._loop = EngineLoop(
             self._executor,
             scheduler,
-            SloController(config.controller, self.ladder, clock),
+            SloController(config.controller, self.ladder, clock, self.latency),
             self.metrics,
             lambda handle: TokenStream(handle, tokenizer, self.eos_token_ids),
             clock,
@@ -204,7 +210,7 @@ class Engine:
         """Replaces the brownout controller (mode, SLOs, window) with a fresh one over the
         same ladder; safe at any time (every level is compiled), meant for idle moments such
         as between evaluation runs."""
-        controller = SloController(config, self.ladder, self.clock)
+        controller = SloController(config, self.ladder, self.clock, self.latency)
         with self._loop.lock:
             self._loop.controller = controller
 
@@ -218,7 +224,9 @@ class Engine:
         )
         compiling = GridStatus(grid.compile_seconds, grid.count, grid.pending)
         with self._loop.lock:
-            return self.metrics.snapshot(occupancy, self._loop.controller, compiling)
+            return self.metrics.snapshot(
+                occupancy, self._loop.controller, compiling, self.latency.table()
+            )
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stops taking requests; with ``drain`` finishes those accepted, else cancels them."""

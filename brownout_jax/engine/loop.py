@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 from brownout_jax.engine.controller import SloController
 from brownout_jax.engine.metrics import EngineMetrics
 from brownout_jax.engine.phase import Phase, Thresholds
+from brownout_jax.engine.predictive import StepView
 from brownout_jax.engine.requests import FinishReason, RequestHandle, TokenEvent
-from brownout_jax.engine.scheduler import Scheduler, Sequence
+from brownout_jax.engine.scheduler import Scheduler, Sequence, StepPlan
 from brownout_jax.engine.stream import TokenStream
 
 if TYPE_CHECKING:  # the loop itself is host-only: tests drive it with a fake executor
@@ -54,6 +55,7 @@ class EngineLoop:
         self.error: BaseException | None = None
         self._by_handle: dict[RequestHandle, Sequence] = {}
         self._in_flight: InFlight | None = None
+        self._last_read = 0.0  # when the last step's tokens arrived (engine clock)
 
     def run(self) -> None:
         try:
@@ -137,15 +139,60 @@ class EngineLoop:
         plan = self.scheduler.next_step(usable, now)
         if plan is None:
             return None
+        if self.controller.predictive:
+            levels = self._choose_level(plan, levels, now)
         return executor.dispatch(plan, levels, self.clock())
+
+    def _choose_level(self, plan: StepPlan, levels: Thresholds, now: float) -> Thresholds:
+        """Mode ``auto``: the level of this step from the latency model (host state only)."""
+        phase, ladder = plan.phase, self.controller.ladder.levels
+        runnable = [lv for lv in ladder if plan.bucket in self.executor.usable_buckets(phase, lv)]
+        other = phase.other
+        other_levels = [lv for lv in ladder if self.executor.usable_buckets(other, lv)]
+        next_bucket = self.scheduler.next_bucket(
+            other, self.executor.usable_buckets(other, levels.of(other))
+        )
+        ages: tuple[float, ...] = ()
+        if phase == Phase.PREFILL:  # who waits for a first token (not recomputations)
+            queued = list(plan.sequences) + list(self.scheduler.waiting)
+            ages = tuple(
+                now - s.handle.metrics.arrival
+                for s in queued
+                if not s.generated and s.handle.metrics.arrival is not None
+            )
+        view = StepView(
+            phase, plan.bucket, self._in_flight_rest(now), ages, len(plan.rows), next_bucket
+        )
+        with self.lock:
+            level = self.controller.choose(view, runnable or [levels.of(phase)], other_levels)
+        return levels.with_level(phase, level)
+
+    def _in_flight_rest(self, now: float) -> float:
+        """Predicted seconds the step on the device still runs: it started when the one
+        before it was read (or at its dispatch, if later)."""
+        step = self._in_flight
+        if step is None:
+            return 0.0
+        phase = step.plan.phase
+        predicted = self.controller.latency.predict(
+            phase, step.thresholds.of(phase), step.plan.bucket
+        )
+        started = max(step.dispatched_at, self._last_read)
+        return 0.0 if predicted is None else max(0.0, predicted - (now - started))
 
     def _process(self, step: InFlight) -> None:
         result = self.executor.read(step)  # the step's one sync
         now = self.clock()
         latency = now - step.dispatched_at
+        # Its execution: the device ran it once the step before was done (read).
+        execution = now - max(step.dispatched_at, self._last_read)
+        self._last_read = now
         phase = step.plan.phase
         with self.lock:
             self.controller.record(phase, latency, now)
+            self.controller.latency.observe(
+                phase, step.thresholds.of(phase), step.plan.bucket, execution
+            )
             self.metrics.record_step(phase, latency, len(step.plan.rows), now, step.thresholds)
             if result.device_load is not None:
                 self.metrics.record_device_load(

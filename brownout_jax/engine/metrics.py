@@ -13,6 +13,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from brownout_jax.engine.controller import SloController
+from brownout_jax.engine.latency_model import LatencyEntry
 from brownout_jax.engine.phase import Phase, Thresholds
 from brownout_jax.engine.requests import FinishReason, RequestMetrics
 
@@ -120,6 +121,8 @@ class EngineStats:
     # Expert parallelism only (empty on one device): per (phase, threshold) in use so far.
     device_load: tuple[DeviceLoadStats, ...] = ()
     steps_compiling: int = 0  # executables of the grid still compiling in the background
+    # The predictive controller's table: each step's measured base and corrected prediction.
+    latency: tuple[LatencyEntry, ...] = ()
 
 
 class EngineMetrics:
@@ -212,7 +215,11 @@ class EngineMetrics:
         self._recent.append(metrics)
 
     def snapshot(
-        self, occupancy: Occupancy, controller: SloController, grid: GridStatus
+        self,
+        occupancy: Occupancy,
+        controller: SloController,
+        grid: GridStatus,
+        latency: tuple[LatencyEntry, ...] = (),
     ) -> EngineStats:
         thresholds = controller.thresholds
         cfg = controller.config
@@ -250,4 +257,5 @@ class EngineMetrics:
                 for (phase, threshold), acc in sorted(self._loads.items())
             ),
             steps_compiling=grid.compiling,
+            latency=latency,
         )

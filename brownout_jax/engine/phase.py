@@ -10,6 +10,10 @@ class Phase(enum.StrEnum):
     PREFILL = "prefill"  # waiting prompts → their first token: the TTFT side
     DECODE = "decode"  # one token for every running sequence: the TPOT side
 
+    @property
+    def other(self) -> Phase:
+        return Phase.DECODE if self is Phase.PREFILL else Phase.PREFILL
+
 
 @dataclasses.dataclass(frozen=True, slots=True, order=True)
 class Thresholds:

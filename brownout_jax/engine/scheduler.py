@@ -122,6 +122,21 @@ class Scheduler:
             return self._plan_decode(decodable, usable(Phase.DECODE))
         return None
 
+    def next_bucket(self, phase: Phase, usable: Collection[Bucket]) -> Bucket | None:
+        """The bucket the next step of ``phase`` would take now (None: no such step); books
+        nothing. What the predictive controller looks ahead to."""
+        if phase == Phase.PREFILL:
+            return self._admissible(usable)[1]
+        decodable = [
+            s for s in self.running if s.dispatched < s.request.max_new_tokens and not s.preempted
+        ]
+        if not decodable:
+            return None
+        need = max(
+            blocks_needed(len(s.prompt) + s.dispatched, self.limits.block_size) for s in decodable
+        )
+        return cheapest_fit(usable, len(decodable), need)
+
     def _admissible(self, usable: Collection[Bucket]) -> tuple[list[Sequence], Bucket | None]:
         limits = self.limits
         batch: list[Sequence] = []

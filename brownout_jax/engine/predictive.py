@@ -1,0 +1,157 @@
+"""The predictive brownout policy: per step, the highest ladder level predicted to meet the SLO.
+
+BrownoutServe's controller (mode ``reactive`` here) moves one notch every few seconds after
+the P90 of the last window. Every (phase, level, bucket) step of this engine is compiled and
+timed before serving (:class:`LatencyModel`), so the latency of each level for the step about
+to run can be predicted; the policy picks, at each dispatch, the highest level that fits.
+
+What a step's latency is. The engine reads step i's tokens after dispatching step i+1, and
+the device runs steps one after another, so a step's latency (dispatch → tokens read, what
+the SLO windows measure) is what is left of the step in flight plus its own execution. Under
+load, prefill and decode steps alternate: a decode step's latency includes the prefill before
+it — the inter-token time a user sees. A level L fits a step when
+
+- its latency, ``in_flight_s + exec(phase, L, bucket)``, is within ``margin · SLO(phase)``;
+- the step of the other phase that follows it (a decode after a prefill while sequences run,
+  a prefill after a decode while requests wait) can still fit its own SLO at that phase's
+  lowest level: ``exec(phase, L) + exec(other, lowest) ≤ margin · SLO(other)``;
+- prefill only: the waiting requests' TTFT — wait so far + what is in flight + the prefill
+  rounds up to the one that serves each (a round: a prefill step and the decode step
+  interleaved with it) — is within ``margin · SLO_ttft`` for the first ``horizon_steps``
+  rounds of the queue.
+
+The highest fitting level wins; if none fits, the level with the fewest predicted misses, ties
+to the lower level (a backlog drains fastest there: with the oldest request already past its
+SLO, that is level 0). Hysteresis: a lower level applies at once; a higher one only after it
+has fit with the tighter ``raise_margin`` at ``raise_after`` consecutive decisions of the
+phase, so a load at the boundary does not flap between levels. Decisions read host state only
+(no device sync). No JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from brownout_jax.engine.buckets import Bucket
+from brownout_jax.engine.latency_model import LatencyModel
+from brownout_jax.engine.phase import Phase, Thresholds
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PredictiveConfig:
+    margin: float = 0.9  # a step must be predicted within margin · SLO
+    raise_margin: float = 0.75  # … within raise_margin · SLO to raise the level
+    raise_after: int = 3  # consecutive decisions a higher level must fit before it applies
+    horizon_steps: int = 4  # prefill rounds of the queue whose TTFT is predicted
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.raise_margin <= self.margin <= 1.0:
+            raise ValueError(
+                "need 0 < raise_margin ≤ margin ≤ 1, got "
+                f"raise_margin={self.raise_margin}, margin={self.margin}"
+            )
+        if self.raise_after < 1 or self.horizon_steps < 1:
+            raise ValueError("raise_after and horizon_steps must be ≥ 1")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StepView:
+    """What the engine knows when it dispatches a step (host state only)."""
+
+    phase: Phase
+    bucket: Bucket
+    in_flight_s: float = 0.0  # predicted rest of the step still running on the device
+    # Prefill: the waiting requests' ages, the step's own rows first, then the queue's order.
+    waiting_ages_s: tuple[float, ...] = ()
+    prefill_rows: int = 1  # requests one prefill step takes
+    # The step of the other phase expected next (None: none): the decode step of the running
+    # sequences after a prefill, the prefill of the queue's head after a decode.
+    next_bucket: Bucket | None = None
+
+
+class PredictivePolicy:
+    def __init__(
+        self,
+        latency: LatencyModel,
+        slo: dict[Phase, float],
+        config: PredictiveConfig = PredictiveConfig(),
+    ):
+        self.latency = latency
+        self.slo = slo
+        self.config = config
+        self._streak = {phase: 0 for phase in Phase}
+
+    def misses(
+        self,
+        view: StepView,
+        level: float,
+        thresholds: Thresholds,
+        other_levels: Sequence[float],
+        margin: float,
+    ) -> int | None:
+        """Predicted SLO misses if the step runs at ``level`` (0: it fits); None: unknown."""
+        phase = view.phase
+        own = self.latency.predict(phase, level, view.bucket)
+        if own is None:
+            return None
+        other = Phase.DECODE if phase == Phase.PREFILL else Phase.PREFILL
+        misses = int(view.in_flight_s + own > margin * self.slo[phase])
+        if view.next_bucket is not None:
+            cheapest = [self.latency.predict(other, lv, view.next_bucket) for lv in other_levels]
+            known = [s for s in cheapest if s is not None]
+            if known and own + min(known) > margin * self.slo[other]:
+                misses += 1
+        if phase == Phase.PREFILL and view.waiting_ages_s:
+            decode = 0.0  # the decode step interleaved with each prefill round
+            if view.next_bucket is not None:
+                decode = self.latency.predict(other, thresholds.decode, view.next_bucket) or 0.0
+            rows = max(1, view.prefill_rows)
+            limit = margin * self.slo[phase]
+            for i, age in enumerate(view.waiting_ages_s[: rows * self.config.horizon_steps]):
+                ahead = i // rows  # prefill rounds before the one that serves request i
+                ttft = age + view.in_flight_s + (ahead + 1) * own + ahead * decode
+                misses += int(ttft > limit)
+        return misses
+
+    def choose(
+        self,
+        view: StepView,
+        thresholds: Thresholds,
+        levels: Sequence[float],
+        other_levels: Sequence[float] | None = None,
+    ) -> float:
+        """The level the step about to run uses, among ``levels`` (those it can run at);
+        ``other_levels``: those the other phase can run at (default: the same)."""
+        current = thresholds.of(view.phase)
+        other_levels = levels if other_levels is None else other_levels
+        cfg = self.config
+
+        def count(level: float, margin: float) -> int | None:
+            return self.misses(view, level, thresholds, other_levels, margin)
+
+        known = {lv: m for lv in levels if (m := count(lv, cfg.margin)) is not None}
+        if not known:
+            return current
+        fitting = [lv for lv, m in known.items() if m == 0]
+        if fitting:
+            target = max(fitting)
+        else:
+            fewest = min(known.values())
+            target = min(lv for lv, m in known.items() if m == fewest)
+        if target <= current or current not in known:
+            self._streak[view.phase] = 0
+            return target
+        # Raising: only to a level that fits comfortably, and only once it has several times
+        # in a row (a load at the boundary keeps the level it has).
+        comfortable = [
+            lv for lv in known if current < lv <= target and count(lv, cfg.raise_margin) == 0
+        ]
+        if not comfortable:
+            self._streak[view.phase] = 0
+            return current
+        self._streak[view.phase] += 1
+        if self._streak[view.phase] < cfg.raise_after:
+            return current
+        self._streak[view.phase] = 0
+        return max(comfortable)
