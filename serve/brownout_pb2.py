@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!brownout_jax/serve/brownout.proto\x12\x0b\x62rownout.v1\"\x81\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x17\n\nrequest_id\x18\t \x01(\tH\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x42\x08\n\x06_top_pB\r\n\x0b_request_id\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"H\n\x06Timing\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x02 \x01(\x01\x12\x0f\n\x07queue_s\x18\x03 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x04 \x01(\x01\"-\n\nThresholds\x12\x0f\n\x07prefill\x18\x01 \x01(\x02\x12\x0e\n\x06\x64\x65\x63ode\x18\x02 \x01(\x02\"\xe5\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.brownout.v1.Usage\x12#\n\x06timing\x18\x07 \x01(\x0b\x32\x13.brownout.v1.Timing\x12+\n\nthresholds\x18\x08 \x01(\x0b\x32\x17.brownout.v1.Thresholds\"\x0f\n\rStatusRequest\"\xb3\x03\n\x0eStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11prefill_threshold\x18\x02 \x01(\x02\x12\x18\n\x10\x64\x65\x63ode_threshold\x18\x03 \x01(\x02\x12\x17\n\x0f\x63ontroller_mode\x18\x04 \x01(\t\x12\x12\n\nslo_ttft_s\x18\x05 \x01(\x01\x12\x12\n\nslo_tpot_s\x18\x06 \x01(\x01\x12\x13\n\x0bqueue_depth\x18\x07 \x01(\r\x12\x0f\n\x07running\x18\x08 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\t \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\n \x01(\r\x12\x1e\n\x16prefill_slo_attainment\x18\x0b \x01(\x01\x12\x1d\n\x15\x64\x65\x63ode_slo_attainment\x18\x0c \x01(\x01\x12\x13\n\x0bpreemptions\x18\r \x01(\x04\x12\x10\n\x08warmup_s\x18\x0e \x01(\x01\x12\x16\n\x0e\x63ompiled_steps\x18\x0f \x01(\r\x12\x17\n\x0fsteps_compiling\x18\x10 \x01(\r\x12.\n\x0cstep_latency\x18\x11 \x03(\x0b\x32\x18.brownout.v1.StepLatency\"l\n\x0bStepLatency\x12\r\n\x05phase\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\x02\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x0c\n\x04size\x18\x04 \x01(\r\x12\x0e\n\x06\x62\x61se_s\x18\x05 \x01(\x01\x12\x13\n\x0bpredicted_s\x18\x06 \x01(\x01\x32\xeb\x01\n\nGeneration\x12I\n\x08Generate\x12\x1c.brownout.v1.GenerateRequest\x1a\x1d.brownout.v1.GenerateResponse0\x01\x12L\n\rGenerateUnary\x12\x1c.brownout.v1.GenerateRequest\x1a\x1d.brownout.v1.GenerateResponse\x12\x44\n\tGetStatus\x12\x1a.brownout.v1.StatusRequest\x1a\x1b.brownout.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!brownout_jax/serve/brownout.proto\x12\x0b\x62rownout.v1\"\x93\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x17\n\nrequest_id\x18\t \x01(\tH\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x10\n\x08\x62rownout\x18\x0c \x01(\tB\x08\n\x06_top_pB\r\n\x0b_request_id\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"H\n\x06Timing\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x02 \x01(\x01\x12\x0f\n\x07queue_s\x18\x03 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x04 \x01(\x01\"-\n\nThresholds\x12\x0f\n\x07prefill\x18\x01 \x01(\x02\x12\x0e\n\x06\x64\x65\x63ode\x18\x02 \x01(\x02\"\xe5\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.brownout.v1.Usage\x12#\n\x06timing\x18\x07 \x01(\x0b\x32\x13.brownout.v1.Timing\x12+\n\nthresholds\x18\x08 \x01(\x0b\x32\x17.brownout.v1.Thresholds\"\x0f\n\rStatusRequest\"\xb3\x03\n\x0eStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11prefill_threshold\x18\x02 \x01(\x02\x12\x18\n\x10\x64\x65\x63ode_threshold\x18\x03 \x01(\x02\x12\x17\n\x0f\x63ontroller_mode\x18\x04 \x01(\t\x12\x12\n\nslo_ttft_s\x18\x05 \x01(\x01\x12\x12\n\nslo_tpot_s\x18\x06 \x01(\x01\x12\x13\n\x0bqueue_depth\x18\x07 \x01(\r\x12\x0f\n\x07running\x18\x08 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\t \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\n \x01(\r\x12\x1e\n\x16prefill_slo_attainment\x18\x0b \x01(\x01\x12\x1d\n\x15\x64\x65\x63ode_slo_attainment\x18\x0c \x01(\x01\x12\x13\n\x0bpreemptions\x18\r \x01(\x04\x12\x10\n\x08warmup_s\x18\x0e \x01(\x01\x12\x16\n\x0e\x63ompiled_steps\x18\x0f \x01(\r\x12\x17\n\x0fsteps_compiling\x18\x10 \x01(\r\x12.\n\x0cstep_latency\x18\x11 \x03(\x0b\x32\x18.brownout.v1.StepLatency\"l\n\x0bStepLatency\x12\r\n\x05phase\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\x02\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x0c\n\x04size\x18\x04 \x01(\r\x12\x0e\n\x06\x62\x61se_s\x18\x05 \x01(\x01\x12\x13\n\x0bpredicted_s\x18\x06 \x01(\x01\x32\xeb\x01\n\nGeneration\x12I\n\x08Generate\x12\x1c.brownout.v1.GenerateRequest\x1a\x1d.brownout.v1.GenerateResponse0\x01\x12L\n\rGenerateUnary\x12\x1c.brownout.v1.GenerateRequest\x1a\x1d.brownout.v1.GenerateResponse\x12\x44\n\tGetStatus\x12\x1a.brownout.v1.StatusRequest\x1a\x1b.brownout.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,21 +32,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'brownout_jax.serve.brownout
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=51
-  _globals['_GENERATEREQUEST']._serialized_end=308
-  _globals['_USAGE']._serialized_start=310
-  _globals['_USAGE']._serialized_end=367
-  _globals['_TIMING']._serialized_start=369
-  _globals['_TIMING']._serialized_end=441
-  _globals['_THRESHOLDS']._serialized_start=443
-  _globals['_THRESHOLDS']._serialized_end=488
-  _globals['_GENERATERESPONSE']._serialized_start=491
-  _globals['_GENERATERESPONSE']._serialized_end=720
-  _globals['_STATUSREQUEST']._serialized_start=722
-  _globals['_STATUSREQUEST']._serialized_end=737
-  _globals['_STATUSRESPONSE']._serialized_start=740
-  _globals['_STATUSRESPONSE']._serialized_end=1175
-  _globals['_STEPLATENCY']._serialized_start=1177
-  _globals['_STEPLATENCY']._serialized_end=1285
-  _globals['_GENERATION']._serialized_start=1288
-  _globals['_GENERATION']._serialized_end=1523
+  _globals['_GENERATEREQUEST']._serialized_end=326
+  _globals['_USAGE']._serialized_start=328
+  _globals['_USAGE']._serialized_end=385
+  _globals['_TIMING']._serialized_start=387
+  _globals['_TIMING']._serialized_end=459
+  _globals['_THRESHOLDS']._serialized_start=461
+  _globals['_THRESHOLDS']._serialized_end=506
+  _globals['_GENERATERESPONSE']._serialized_start=509
+  _globals['_GENERATERESPONSE']._serialized_end=738
+  _globals['_STATUSREQUEST']._serialized_start=740
+  _globals['_STATUSREQUEST']._serialized_end=755
+  _globals['_STATUSRESPONSE']._serialized_start=758
+  _globals['_STATUSRESPONSE']._serialized_end=1193
+  _globals['_STEPLATENCY']._serialized_start=1195
+  _globals['_STEPLATENCY']._serialized_end=1303
+  _globals['_GENERATION']._serialized_start=1306
+  _globals['_GENERATION']._serialized_end=1541
 # @@protoc_insertion_point(module_scope)

@@ -26,6 +26,7 @@ def request_from_args(args) -> pb.GenerateRequest:
         seed=args.seed,
         stop=args.stop,
         ignore_eos=args.ignore_eos,
+        brownout=args.brownout_class,
     )
     if args.prompt_ids is not None:
         request.prompt_token_ids.extend(args.prompt_ids)

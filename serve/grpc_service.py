@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from brownout_jax.engine.requests import (
+    BrownoutClass,
     EngineClosedError,
     EngineDeadError,
     EngineOverloadedError,
@@ -45,6 +46,9 @@ def request_from_proto(message: pb.GenerateRequest) -> GenerationRequest:
         stop_token_ids=tuple(message.stop_token_ids),
         ignore_eos=message.ignore_eos,
         request_id=message.request_id if message.HasField("request_id") else None,
+        # proto3's unset string is "": the default class. A bad name is refused by the
+        # engine's validation (INVALID_ARGUMENT naming the field).
+        brownout=message.brownout or BrownoutClass.ALLOWED,
     )
 
 

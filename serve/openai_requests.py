@@ -51,14 +51,6 @@ def _bad(field: str, message: str) -> OpenAIError:
 def _refuse_unsupported(body: GenerationFields) -> None:
     if body.n != 1:
         raise _bad("n", f"only n = 1 is served (got {body.n}); send n requests instead")
-    if body.brownout == "never":
-        # ISSUE 15: the engine has no per-request brownout class yet. Once it does, drop this
-        # refusal and pass body.brownout into GenerationRequest in _sampling below.
-        raise _bad(
-            "brownout",
-            '"never" (exempting a request from brownout) is not supported by this server '
-            'yet; send "allowed" or leave it out',
-        )
     for name, neutral in (
         ("presence_penalty", 0.0),
         ("frequency_penalty", 0.0),
@@ -83,6 +75,7 @@ def _sampling(body: GenerationFields, max_tokens: int) -> dict:
         "stop": (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
         "stop_token_ids": tuple(body.stop_token_ids or ()),
         "ignore_eos": body.ignore_eos,
+        "brownout": body.brownout,  # brownout-jax's extension: "never" is never browned out
     }
 
 

@@ -16,6 +16,7 @@ from brownout_jax.model.params import ExpertWeights, MoeParams
 from brownout_jax.model.transformer import forward_logits
 from brownout_jax.moe.block import moe_block
 from brownout_jax.moe.brownout import (
+    route,
     route_with_brownout,
     select_hot_experts,
     select_hot_experts_reference,
@@ -143,6 +144,29 @@ def test_fast_path_with_united_experts_matches_dense_twin(threshold):
     fast = apply_experts_sorted(x, ids, routing.expert_weights, params.experts, mask)
     dense = apply_experts_dense(x, ids, routing.expert_weights, params.experts, mask)
     assert rel_err(fast, dense) <= 1e-5
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.7])
+def test_exact_tokens_keep_their_experts_and_the_hot_set_counts_every_token(threshold):
+    # Cases where a hot set over the other tokens alone would route them differently (at 0 the
+    # hot set is empty whatever is counted).
+    teeth = 0
+    for seed in range(8):
+        x, params, mask = _moe_problem(seed)
+        exact = jnp.asarray(np.random.default_rng(100 + seed).random(24) < 0.4)
+        top_k = route_top_k(x, params.router, 4, False).expert_ids
+        plain = route(x, params, mask, 4, False, threshold, 4).expert_ids
+        got = route(x, params, mask, 4, False, threshold, 4, exact_tokens=exact).expert_ids
+        exact_np, others = np.asarray(exact), np.asarray(mask & ~exact)
+        assert np.asarray(got)[exact_np].tolist() == np.asarray(top_k)[exact_np].tolist()
+        assert np.asarray(got)[others].tolist() == np.asarray(plain)[others].tolist()
+        # Brownout is really on for the others, so keeping top-k ids above is not vacuous.
+        assert (np.asarray(plain)[exact_np & np.asarray(mask)] >= 16).any()
+        without_exact = route_with_brownout(
+            top_k, mask & ~exact, params.group_of_expert, 4, threshold
+        )
+        teeth += np.asarray(without_exact)[others].tolist() != np.asarray(plain)[others].tolist()
+    assert teeth > 0 or threshold == 0.0
 
 
 def test_model_level_threshold_one_exact_and_exempt_layers(tiny_moe):

@@ -3,18 +3,20 @@ and nothing compiles after warm-up."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import CompileCounter, tiny_model_config
+from conftest import CompileCounter, rel_err, tiny_model_config
 
 from brownout_jax.engine.config import EngineConfig
 from brownout_jax.engine.controller import ControllerConfig
 from brownout_jax.engine.front import Engine
-from brownout_jax.engine.phase import Phase
+from brownout_jax.engine.phase import Phase, Thresholds
 from brownout_jax.engine.requests import (
+    BrownoutClass,
     EngineClosedError,
     EngineDeadError,
     FinishReason,
@@ -130,6 +132,7 @@ def test_cancel_frees_slot_and_blocks(engine):
         ({"prompt_token_ids": (1,), "top_k": -1}, "top_k"),
         ({"prompt_token_ids": (1,), "stop": ("x",)}, "stop"),
         ({"prompt": "hello"}, "prompt"),
+        ({"prompt_token_ids": (1,), "brownout": "sometimes"}, "brownout"),
     ],
 )
 def test_bad_requests_name_the_field(engine, request_fields, field):
@@ -247,3 +250,64 @@ def test_no_decode_step_copies_the_kv_pool(engine):
             continue
         copied = re.findall(r"= f32\[([\d,]+)\]\S* copy\(", executable.as_text())
         assert not shapes & set(copied), f"decode step {key} copies the KV pool"
+
+
+def _same_batch_results(engine, requests):
+    """Submits ``requests`` so that the engine thread takes them in one go (and so schedules
+    them into the same prefill step), then waits for every result."""
+    loop = engine._loop
+    take = loop._take_new_requests
+    gate = threading.Event()
+    loop._take_new_requests = lambda: take() if gate.is_set() else None
+    try:
+        handles = [engine.submit(r) for r in requests]
+    finally:
+        gate.set()
+        del loop._take_new_requests
+    return [h.result(timeout=120) for h in handles]
+
+
+def test_never_request_equals_the_exact_model_inside_a_browned_out_batch(tiny_moe):
+    config, _, _, browned, _ = tiny_moe
+    engine = Engine(
+        browned,
+        config,
+        EngineConfig(
+            max_batch=4,
+            max_prefill_batch=4,
+            max_prefill_tokens=64,
+            block_size=16,
+            num_blocks=16,
+            max_model_len=32,
+            ladder=ThresholdLadder((0.0, 1.0)),
+            controller=ControllerConfig.parse_mode("fixed=0"),
+        ),
+        progress=False,
+    )
+    prompts = _prompts(4, seed=21, low=5, high=14)
+    classes = [BrownoutClass.ALLOWED, "never", BrownoutClass.ALLOWED, BrownoutClass.ALLOWED]
+    requests = [
+        GenerationRequest(prompt_token_ids=tuple(p), max_new_tokens=6, ignore_eos=True, brownout=c)
+        for p, c in zip(prompts, classes, strict=True)
+    ]
+    try:
+        at_zero = _same_batch_results(engine, requests)
+        engine.set_controller(ControllerConfig(mode="off"))
+        exact = _same_batch_results(engine, requests)
+    finally:
+        engine.shutdown()
+    # Each run's four requests shared every step: one prefill, then the same decode steps.
+    for outputs in (at_zero, exact):
+        assert len({tuple(o.metrics.token_times) for o in outputs}) == 1
+    assert all(o.metrics.thresholds_used == {Thresholds(0.0, 0.0)} for o in at_zero)
+    assert all(o.metrics.thresholds_used == {Thresholds(1.0, 1.0)} for o in exact)
+    never, others = at_zero[1], at_zero[:1] + at_zero[2:]
+    assert len(never.token_ids) == 6 and never.token_ids == exact[1].token_ids
+    assert rel_err(never.logprobs, exact[1].logprobs) <= 1e-5
+    # The batch around it really ran browned out: its other requests left the exact model.
+    browned_errors = [
+        rel_err(o.logprobs, e.logprobs) for o, e in zip(others, exact[:1] + exact[2:], strict=True)
+    ]
+    assert max(browned_errors) > 1e-3, browned_errors
+    pairs = zip(others, exact[:1] + exact[2:], strict=True)
+    assert any(o.token_ids != e.token_ids for o, e in pairs)

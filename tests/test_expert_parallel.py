@@ -116,6 +116,35 @@ def test_logits_on_2_and_4_devices_equal_one_device(models, grouping):
                 assert err <= 1e-5, (n, t, phase, err)
 
 
+@functools.partial(jax.jit, static_argnames=("options",))
+def _prefill_then_decode_exact(params, tokens, lengths, next_tokens, exact_rows, options):
+    cache = ContiguousKVCache.allocate(CONFIG, tokens.shape[0], 32, params.embed.dtype)
+    first = prefill(params, CONFIG, cache, tokens, lengths, options, exact_rows)
+    active = lengths > 0
+    second = decode(params, CONFIG, first.cache, next_tokens, lengths, active, options, exact_rows)
+    return first.logits, second.logits
+
+
+def test_exact_rows_on_4_devices_equal_one_device_and_the_exact_model(models):
+    """Routing (and so the exemption of a never-brownout row) happens before the experts are
+    sharded: on a mesh the exact row still gets the exact model's logits."""
+    params = models["similarity"]
+    batch = _batch()
+    exact_rows = jnp.asarray([True, False, False])
+    exact_model = _prefill_then_decode(params, *batch, MoeOptions(threshold=1.0))
+    at_zero = _prefill_then_decode(params, *batch, MoeOptions(threshold=0.0))
+    mesh = _mesh(4)
+    placed = shard_params(params, CONFIG, mesh)
+    options = MoeOptions(threshold=0.0, mesh=mesh)
+    got = _prefill_then_decode_exact(placed, *batch, exact_rows, options)
+    for out, exact, browned in zip(got, exact_model, at_zero, strict=True):
+        out, exact, browned = map(np.asarray, (out, exact, browned))
+        assert rel_err(out[0], exact[0]) <= 1e-5  # the never row: the exact model
+        assert rel_err(out[1], browned[1]) <= 1e-5  # its neighbour: browned out as before
+        # Brownout really changes both rows, so the two checks above are not vacuous.
+        assert min(rel_err(browned[r], exact[r]) for r in (0, 1)) > 1e-3
+
+
 def test_engine_greedy_on_mesh_equals_one_device_and_compiles_once_per_step(models):
     params = models["similarity"]
     config = EngineConfig(

@@ -195,7 +195,7 @@ def test_models_health_metrics_version(server):
         ("/v1/completions", {"max_tokens": 0}, "max_tokens"),
         ("/v1/completions", {"stop": [""]}, "stop"),
         ("/v1/completions", {"n": 2}, "n"),
-        ("/v1/completions", {"brownout": "never"}, "brownout"),
+        ("/v1/completions", {"brownout": "sometimes"}, "brownout"),
         ("/v1/chat/completions", {"messages": []}, "messages"),
         ("/v1/chat/completions", {"max_completion_tokens": 0}, "max_completion_tokens"),
         ("/v1/chat/completions", {"top_logprobs": 3}, "top_logprobs"),
@@ -217,6 +217,25 @@ def test_bad_field_is_400_naming_it(server, path, fields, param):
     error = json.loads(text)["error"]
     assert status == 400 and error["param"] == param, text
     assert error["message"].startswith(param) and "Traceback" not in text
+
+
+def test_never_brownout_class_is_served_on_both_fronts(server):
+    """The server runs the exact model (--brownout off): a never request gets the same tokens
+    as the default class; what the class changes under brownout is tests/test_engine.py's."""
+    request = pb.GenerateRequest(prompt_token_ids=[5, 6, 7], max_tokens=6, ignore_eos=True)
+    with GenerationClient(server.target) as grpc_client:
+        allowed = grpc_client.generate(request)
+        request.brownout = "never"
+        never = grpc_client.generate(request)
+    assert list(never.token_ids) == list(allowed.token_ids) and never.finish_reason == "length"
+    completion = _client(server).completions.create(
+        model="model",
+        prompt=[5, 6, 7],
+        max_tokens=6,
+        temperature=0,
+        extra_body={"ignore_eos": True, "brownout": "never"},
+    )
+    assert completion.choices[0].text == never.text
 
 
 def test_prompt_past_the_context_names_the_limit_on_both_fronts(server):

@@ -14,6 +14,7 @@ import pytest
 from brownout_jax.engine.metrics import EngineMetrics
 from brownout_jax.engine.phase import Thresholds
 from brownout_jax.engine.requests import (
+    BrownoutClass,
     EngineClosedError,
     EngineDeadError,
     EngineOverloadedError,
@@ -42,6 +43,7 @@ class ScriptedEngine:
         self.alive = True
         self.metrics = EngineMetrics()
         self.cancelled = threading.Event()
+        self.submitted = []  # every request that passed validation
 
     def stats(self):
         return None
@@ -55,6 +57,7 @@ class ScriptedEngine:
         }
         if self.mode in errors:
             raise errors[self.mode]
+        self.submitted.append(request)
         handle = RequestHandle("scripted-0", request, self)
         handle.metrics.prompt_tokens = len(request.prompt_token_ids)
         threading.Thread(target=self._play, args=(handle, self.mode), daemon=True).start()
@@ -153,8 +156,7 @@ def test_health_models_version_metrics(front, engine):
         ({"stop": 3}, "stop", ["str, list[str]"]),
         ({"n": 2}, "n", ["n = 1"]),
         ({"logprobs": 2}, "logprobs", []),
-        ({"brownout": "never"}, "brownout", ["not supported by this server yet"]),
-        ({"brownout": "sometimes"}, "brownout", []),
+        ({"brownout": "sometimes"}, "brownout", ["allowed", "never"]),
         ({"presence_penalty": 0.5}, "presence_penalty", []),
         ({"echo": True}, "echo", []),
     ],
@@ -169,6 +171,22 @@ def test_bad_field_is_400_naming_it(front, engine, fields, param, words):
     assert error["type"] == "invalid_request_error"
     assert all(w in error["message"] for w in words), error["message"]
     assert "Traceback" not in text
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({}, BrownoutClass.ALLOWED),
+        ({"brownout": "allowed"}, BrownoutClass.ALLOWED),
+        ({"brownout": "never"}, BrownoutClass.NEVER),
+    ],
+)
+def test_brownout_class_reaches_the_engine(front, engine, fields, expected):
+    _, port = front
+    status, _, text = call(port, "POST", "/v1/completions", {"prompt": [1, 2], **fields})
+    assert status == 200, text
+    (request,) = engine.submitted
+    assert request.brownout is expected
 
 
 def test_missing_prompt_and_malformed_json_are_400(front, engine):

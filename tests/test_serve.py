@@ -11,9 +11,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from brownout_jax.checkpoints import load_model
+from brownout_jax.cli.main import build_parser, main
+from brownout_jax.engine.requests import BrownoutClass
 from brownout_jax.offline.generate import generate
 from brownout_jax.serve import brownout_pb2 as pb
+from brownout_jax.serve.cli_client import request_from_args
 from brownout_jax.serve.client import GenerationClient
+from brownout_jax.serve.grpc_service import request_from_proto
 
 SERVER_ARGS = ("--kv-blocks", "16", "--max-model-len", "32", "--no-http")
 
@@ -94,6 +98,7 @@ def test_64_concurrent_streams_complete(server):
         ({"prompt_token_ids": [1], "max_tokens": 4, "top_p": 0.0}, "top_p"),
         ({"prompt_token_ids": [1], "max_tokens": 4, "top_p": 1.5}, "top_p"),
         ({"prompt_token_ids": [1], "max_tokens": 4, "top_k": -2}, "top_k"),
+        ({"prompt_token_ids": [1], "max_tokens": 4, "brownout": "Never"}, "brownout"),
     ],
 )
 def test_bad_input_is_invalid_argument_naming_the_field(client, request_fields, field):
@@ -102,6 +107,35 @@ def test_bad_input_is_invalid_argument_naming_the_field(client, request_fields, 
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details().startswith(f"{field}:")
     assert "Traceback" not in info.value.details()
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("", BrownoutClass.ALLOWED),
+        ("allowed", BrownoutClass.ALLOWED),
+        ("never", BrownoutClass.NEVER),
+    ],
+)
+def test_brownout_field_maps_to_the_request_class(name, expected):
+    assert request_from_proto(_ids_request(brownout=name)).brownout is expected
+
+
+def test_cli_brownout_class_goes_to_the_server_only(capsys):
+    argv = ["generate", "--prompt-ids", "1,2", "--brownout-class", "never"]
+    args = build_parser().parse_args([*argv, "--server", "127.0.0.1:1"])
+    assert request_from_args(args).brownout == "never"
+    assert request_from_args(build_parser().parse_args(argv[:3])).brownout == "allowed"
+    assert main(argv) == 2  # offline generation has no engine to exempt the request in
+    assert "--brownout-class" in capsys.readouterr().err
+
+
+def test_never_request_is_served(client):
+    """The server runs the exact model (--brownout off): a never request's tokens are the
+    same as the default class's; brownout's effect on it is tests/test_engine.py's."""
+    allowed = client.generate(_ids_request(ignore_eos=True), timeout=60)
+    never = client.generate(_ids_request(ignore_eos=True, brownout="never"), timeout=60)
+    assert never.finish_reason == "length" and list(never.token_ids) == list(allowed.token_ids)
 
 
 def test_cancelled_stream_frees_its_blocks(client):

@@ -12,6 +12,7 @@ from brownout_jax.cli.options import (
     check_mesh,
     parse_ids,
 )
+from brownout_jax.engine.requests import BrownoutClass
 from brownout_jax.moe.expert_backend import add_experts_backend_argument
 from brownout_jax.moe.mesh_config import add_mesh_argument
 
@@ -41,6 +42,13 @@ def add_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the EOS token")
+    p.add_argument(
+        "--brownout-class",
+        choices=[c.value for c in BrownoutClass],
+        default=BrownoutClass.ALLOWED.value,
+        help="with --server: never = this request is never browned out (its own experts at "
+        "every level)",
+    )
     p.add_argument(
         "--dtype",
         default="auto",
@@ -81,6 +89,11 @@ def run(args) -> int:
         return run_remote_generate(args)
     if args.stop:
         raise ValueError("--stop strings are applied by the server: use them with --server")
+    if args.brownout_class != BrownoutClass.ALLOWED:
+        raise ValueError(
+            "--brownout-class is applied by the server's engine: use it with --server "
+            "(offline, --threshold 1 runs the exact model)"
+        )
     from brownout_jax.checkpoints import load_model
     from brownout_jax.moe.expert_parallel import expert_parallel_setup
     from brownout_jax.offline.generate import generate

@@ -38,6 +38,7 @@ from brownout_jax.engine.config import EngineConfig
 from brownout_jax.engine.latency_model import LatencyModel
 from brownout_jax.engine.paged_cache import KVPool
 from brownout_jax.engine.phase import Phase, Thresholds
+from brownout_jax.engine.requests import BrownoutClass
 from brownout_jax.engine.sampling import unpack_sampled
 from brownout_jax.engine.scheduler import StepPlan
 from brownout_jax.engine.step_grid import StepGrid, StepKey
@@ -254,6 +255,7 @@ class Executor:
                 host.lengths[i] = len(row.tokens)
                 host.block_tables[i, : len(row.blocks)] = row.blocks
                 host.slots[i] = row.slot
+                host.exact[i] = row.request.brownout == BrownoutClass.NEVER
                 _fill_sampling(host.sampling, i, row.request)
             return host
         host = host_decode_batch(batch, size, slots)
@@ -262,6 +264,7 @@ class Executor:
             host.positions[i] = row.position
             host.block_tables[i, : len(row.blocks)] = row.blocks
             host.active[i] = True
+            host.exact[i] = row.request.brownout == BrownoutClass.NEVER
             _fill_sampling(host.sampling, i, row.request)
         return host
 

@@ -20,6 +20,16 @@ class FinishReason(enum.StrEnum):
     ERROR = "error"
 
 
+class BrownoutClass(enum.StrEnum):
+    """Whether a request's tokens may be browned out (sent to united experts)."""
+
+    ALLOWED = "allowed"  # follows the step's brownout level
+    NEVER = "never"  # always its own experts, whatever the level
+
+
+_BROWNOUT_NAMES = tuple(c.value for c in BrownoutClass)  # a tuple: unhashable input is fine
+
+
 class RequestError(ValueError):
     """A request field is invalid (gRPC: INVALID_ARGUMENT). ``field`` names it."""
 
@@ -54,6 +64,13 @@ class GenerationRequest:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     request_id: str | None = None
+    brownout: BrownoutClass = BrownoutClass.ALLOWED  # its name is accepted too ("never")
+
+    def __post_init__(self) -> None:
+        # A known name becomes the enum; anything else stays as given for validate_request
+        # to refuse with the field's name (a front builds the request before validating it).
+        if not isinstance(self.brownout, BrownoutClass) and self.brownout in _BROWNOUT_NAMES:
+            object.__setattr__(self, "brownout", BrownoutClass(self.brownout))
 
 
 def validate_request(request: GenerationRequest, vocab_size: int, max_model_len: int) -> None:
@@ -91,6 +108,9 @@ def validate_request(request: GenerationRequest, vocab_size: int, max_model_len:
         raise RequestError("seed", f"must lie in [0, 2^32), got {request.seed}")
     if any(not s for s in request.stop):
         raise RequestError("stop", "stop strings must be non-empty")
+    if not isinstance(request.brownout, BrownoutClass):
+        names = " or ".join(repr(name) for name in _BROWNOUT_NAMES)
+        raise RequestError("brownout", f"must be {names}, got {request.brownout!r}")
     bad_stop = [t for t in request.stop_token_ids if not 0 <= t < vocab_size]
     if bad_stop:
         raise RequestError("stop_token_ids", f"ids outside [0, {vocab_size}): {bad_stop[:5]}")

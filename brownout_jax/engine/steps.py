@@ -39,6 +39,7 @@ class PrefillBatch:
     block_tables: Int[Array, "B W"]
     slots: Int[Array, " B"]  # slot of each row; num_slots for padding rows (dropped)
     sampling: SamplingParams
+    exact: Bool[Array, " B"]  # rows whose request is never browned out (BrownoutClass.NEVER)
 
 
 @struct.dataclass
@@ -48,6 +49,7 @@ class DecodeBatch:
     block_tables: Int[Array, "B W"]
     active: Bool[Array, " B"]
     sampling: SamplingParams
+    exact: Bool[Array, " B"]  # rows whose request is never browned out (BrownoutClass.NEVER)
 
 
 def _pack(tokens: Int[Array, " B"], logprobs: Array, load: DeviceLoad | None) -> Int[Array, "R 2"]:
@@ -78,7 +80,9 @@ def engine_prefill_step(
     moe_options: MoeOptions,
 ) -> tuple[EngineState, Int[Array, "R 2"]]:
     cache = PagedKVCache(pool=state.pool, block_tables=batch.block_tables)
-    out: StepOutput = prefill(params, config, cache, batch.tokens, batch.lengths, moe_options)
+    out: StepOutput = prefill(
+        params, config, cache, batch.tokens, batch.lengths, moe_options, batch.exact
+    )
     tokens, logprobs = sample_tokens(out.logits, batch.sampling, batch.lengths)
     last = state.last_tokens.at[batch.slots].set(tokens, mode="drop")
     packed = _pack(tokens, logprobs, out.device_load)
@@ -98,7 +102,7 @@ def engine_decode_step(
     inputs = state.last_tokens[jnp.minimum(batch.slots, num_slots - 1)]
     cache = PagedKVCache(pool=state.pool, block_tables=batch.block_tables)
     out: StepOutput = decode(
-        params, config, cache, inputs, batch.positions, batch.active, moe_options
+        params, config, cache, inputs, batch.positions, batch.active, moe_options, batch.exact
     )
     tokens, logprobs = sample_tokens(out.logits, batch.sampling, batch.positions + 1)
     targets = jnp.where(batch.active, batch.slots, num_slots)
@@ -115,6 +119,7 @@ def host_prefill_batch(batch: int, length: int, width: int, num_slots: int) -> P
         block_tables=np.zeros((batch, width), np.int32),
         slots=np.full(batch, num_slots, np.int32),
         sampling=SamplingParams.host(np.zeros(batch), np.zeros(batch)),
+        exact=np.zeros(batch, bool),
     )
 
 
@@ -125,4 +130,5 @@ def host_decode_batch(batch: int, width: int, num_slots: int) -> DecodeBatch:
         block_tables=np.zeros((batch, width), np.int32),
         active=np.zeros(batch, bool),
         sampling=SamplingParams.host(np.zeros(batch), np.zeros(batch)),
+        exact=np.zeros(batch, bool),
     )

@@ -128,8 +128,10 @@ def decoder_layer(
     cache: KVCache | None,
     read_cache: bool,
     moe_options: MoeOptions,
+    exact_rows: Bool[Array, " B"] | None = None,
 ) -> tuple[Float[Array, "B T D"], KVCache | None, MoeTrace | None]:
-    """One decoder layer; the trace is None for a dense-MLP layer."""
+    """One decoder layer; the trace is None for a dense-MLP layer. ``exact_rows``: sequences
+    whose tokens are never browned out (their requests' ``BrownoutClass.NEVER``)."""
     attn_out, cache = attention_block(
         rms_norm(h, params.input_norm, config.rms_norm_eps),
         params.attention,
@@ -146,6 +148,9 @@ def decoder_layer(
     x = rms_norm(h, params.post_attention_norm, config.rms_norm_eps).reshape(b * t, d)
     if not isinstance(params.mlp, MoeParams):
         return h + dense_mlp(x, params.mlp, token_mask.reshape(b * t)).reshape(b, t, d), cache, None
+    exact_tokens = None
+    if exact_rows is not None:
+        exact_tokens = jnp.broadcast_to(exact_rows[:, None], (b, t)).reshape(b * t)
     moe = moe_block(
         x,
         params.mlp,
@@ -153,6 +158,7 @@ def decoder_layer(
         config.num_experts_per_tok,
         config.norm_topk_prob,
         moe_options.at_layer(layer),
+        exact_tokens,
     )
     return h + moe.out.reshape(b, t, d), cache, MoeTrace(x, moe.expert_ids, moe.device_load)
 
@@ -181,7 +187,9 @@ def forward_hidden(
     cache: KVCache | None,
     read_cache: bool,
     moe_options: MoeOptions,
+    exact_rows: Bool[Array, " B"] | None = None,
 ) -> Forward:
+    """``exact_rows``: sequences never browned out (None: none)."""
     h = take_rows(params.embed, tokens)
     rope = rope_tables(positions, config.head_dim, config.rope_theta, h.dtype)
     traces = []
@@ -197,6 +205,7 @@ def forward_hidden(
             cache,
             read_cache,
             moe_options,
+            exact_rows,
         )
         if trace is not None:
             traces.append(trace)
@@ -277,11 +286,13 @@ def prefill(
     tokens: Int[Array, "B T"],
     lengths: Int[Array, " B"],
     moe_options: MoeOptions = DEFAULT_MOE_OPTIONS,
+    exact_rows: Bool[Array, " B"] | None = None,
 ) -> StepOutput:
-    """Right-padded prompts from position 0 → cache filled, logits of each last real token."""
+    """Right-padded prompts from position 0 → cache filled, logits of each last real token.
+    ``exact_rows``: prompts never browned out."""
     positions, token_mask = _prompt_positions(tokens, lengths)
     forward = forward_hidden(
-        params, config, tokens, positions, token_mask, cache, False, moe_options
+        params, config, tokens, positions, token_mask, cache, False, moe_options, exact_rows
     )
     last = jnp.maximum(lengths - 1, 0)
     last_hidden = jnp.take_along_axis(forward.hidden, last[:, None, None], axis=1)[:, 0]
@@ -298,8 +309,10 @@ def decode(
     positions: Int[Array, " B"],
     active: Bool[Array, " B"],
     moe_options: MoeOptions = DEFAULT_MOE_OPTIONS,
+    exact_rows: Bool[Array, " B"] | None = None,
 ) -> StepOutput:
-    """One token per sequence, each at its own position; inactive rows are never routed."""
+    """One token per sequence, each at its own position; inactive rows are never routed.
+    ``exact_rows``: sequences never browned out."""
     forward = forward_hidden(
         params,
         config,
@@ -309,6 +322,7 @@ def decode(
         cache,
         True,
         moe_options,
+        exact_rows,
     )
     logits = lm_logits(params, forward.hidden[:, 0], active)
     return StepOutput(forward.cache, logits, forward.device_load)

@@ -50,7 +50,9 @@ def moe_block(
     top_k: int,
     norm_topk_prob: bool,
     options: MoeOptions,
+    exact_tokens: Bool[Array, " N"] | None = None,
 ) -> MoeOutput:
+    """``exact_tokens``: tokens whose requests are never browned out (see ``moe.brownout``)."""
     if options.mesh is not None:
         layout = ExpertLayout.of(params, options.mesh)
         num_groups = layout.padded_united  # groups past U have no members: never counted
@@ -58,7 +60,9 @@ def moe_block(
         raise ValueError("params are laid out for expert parallelism: pass MoeOptions(mesh=...)")
     else:
         layout, num_groups = None, params.num_united
-    routing = route(x, params, token_mask, top_k, norm_topk_prob, options.threshold, num_groups)
+    routing = route(
+        x, params, token_mask, top_k, norm_topk_prob, options.threshold, num_groups, exact_tokens
+    )
     if layout is None:
         out = apply_routed_experts(
             x, routing, params.experts, token_mask, options, params.num_united

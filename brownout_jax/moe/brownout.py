@@ -7,6 +7,10 @@ other assignment is redirected to the united expert of its expert's group, keepi
 weight — except in a group where only one cold expert is active: redirecting it would read as
 many weights as it saves, so it keeps its own expert (as the reference implementation does).
 
+A request may be exempt (``BrownoutClass.NEVER``): its tokens (``exact_tokens``) keep their own
+experts at every level. They still count towards the hot set, which is a property of the step's
+whole load, so exempting a request changes no other request's routing.
+
 Thresholds are exact fractions (``p / q``) so that the hot-set cut ``count · q ≥ p · total`` is
 integer arithmetic, identical on every backend and in the NumPy reference.
 """
@@ -86,9 +90,11 @@ def route(
     norm_topk_prob: bool,
     threshold: float,
     num_groups: int,
+    exact_tokens: Bool[Array, " N"] | None = None,
 ) -> RouterOutput:
     """Top-k routing, then brownout at ``threshold`` (none at 1): the expert ids a step runs.
-    ``num_groups``: united groups in the stacked layout (padded on an expert mesh)."""
+    ``num_groups``: united groups in the stacked layout (padded on an expert mesh);
+    ``exact_tokens``: tokens never browned out (they keep their top-k experts)."""
     routing = route_top_k(x, params.router, top_k, norm_topk_prob)
     if threshold >= 1.0:
         return routing
@@ -97,4 +103,6 @@ def route(
     ids = route_with_brownout(
         routing.expert_ids, token_mask, params.group_of_expert, num_groups, threshold
     )
+    if exact_tokens is not None:
+        ids = jnp.where(exact_tokens[:, None], routing.expert_ids, ids)
     return routing.replace(expert_ids=ids)
