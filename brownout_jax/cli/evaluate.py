@@ -383,6 +383,17 @@ def run_slo_cmd(args) -> int:
             "slo_ttft_s": args.slo_ttft,
             "slo_tpot_s": args.slo_tpot,
             "compile_s": engine.compile_seconds,
+            # The predictive controller's table at the end: base and corrected prediction.
+            "step_latency": [
+                {
+                    "phase": e.phase,
+                    "level": e.level,
+                    "bucket": [e.bucket.batch, e.bucket.size],
+                    "base_s": round(e.base_s, 6),
+                    "predicted_s": round(e.predicted_s, 6),
+                }
+                for e in engine.stats().latency
+            ],
         }
         path = write_results(results, Path(args.out), args.slo_ttft, args.slo_tpot, meta)
     print(f"wrote {path} and PNG timelines", file=sys.stderr)

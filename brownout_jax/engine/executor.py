@@ -16,8 +16,9 @@ only then offered to the scheduler: the dispatch path never compiles.
 
 Timing. Before serving, each executable also runs ``latency_samples`` more times on random
 tokens, timed one by one; the median is its base in the engine's :class:`LatencyModel` (the
-predictive controller's table). Random tokens, because identical rows would all route to the
-same few experts and make every brownout level cost the same. Executables compiled in the
+predictive controller's table). Random tokens, and decode rows on distinct slots and KV blocks
+(free before serving), because identical rows would all route to the same few experts and make
+every brownout level cost the same. Executables compiled in the
 background are not timed (the engine thread would stall serving): their first executions
 while serving give their base.
 """
@@ -217,8 +218,9 @@ class Executor:
 
     def _run_empty(self, key: StepKey, rng: np.random.Generator | None = None):
         """One execution whose every row is real work (so the expert loops run) but writes
-        only to the null KV block and a dropped slot. With ``rng`` (before serving only),
-        prefill rows are random tokens and decode rows read (and write) real slots' tokens."""
+        only to the null KV block and a dropped slot. With ``rng`` (before serving only, when
+        no request owns a slot or block), prefill rows are random tokens and decode rows read
+        and write real slots and blocks."""
         buckets, slots = self.grid.buckets, self.config.max_batch
         batch, size = key.bucket.batch, key.bucket.size
         if key.phase == Phase.PREFILL:
@@ -230,7 +232,11 @@ class Executor:
             host = host_decode_batch(batch, size, slots)
             host.active[:] = True
             if rng is not None:
+                # Each row its own real block: on the shared null block every row would
+                # attend to the same cached token, their hidden states would nearly agree and
+                # all route to the same few experts, so every level would time alike.
                 host.slots[:] = np.arange(batch) % slots
+                host.block_tables[:, 0] = 1 + np.arange(batch) % (self.config.num_blocks - 1)
         inputs = jax.device_put(host, self.grid.input_sharding)
         return self.grid.executable(key)(self._params, self._state, inputs)
 
