@@ -21,11 +21,12 @@ it — the inter-token time a user sees. A level L fits a step when
   rounds of the queue.
 
 The highest fitting level wins; if none fits, the level with the fewest predicted misses, ties
-to the lower level (a backlog drains fastest there: with the oldest request already past its
-SLO, that is level 0). Hysteresis: a lower level applies at once; a higher one only after it
-has fit with the tighter ``raise_margin`` at ``raise_after`` consecutive decisions of the
-phase, so a load at the boundary does not flap between levels. Decisions read host state only
-(no device sync). No JAX.
+to the lower level (a backlog drains fastest there). A waiting request already late at the
+fastest level is not counted by default (``count_late_requests``): it is lost whatever the
+level, and browning out on its behalf would only cost quality. Hysteresis: a lower level
+applies at once; a higher one only after it has fit with the tighter ``raise_margin`` at
+``raise_after`` consecutive decisions of the phase, so a load at the boundary does not flap
+between levels. Decisions read host state only (no device sync). No JAX.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ class PredictiveConfig:
     raise_margin: float = 0.75  # … within raise_margin · SLO to raise the level
     raise_after: int = 3  # consecutive decisions a higher level must fit before it applies
     horizon_steps: int = 4  # prefill rounds of the queue whose TTFT is predicted
+    # A waiting request whose TTFT misses the SLO even at the fastest level is lost whatever
+    # the level: False, it is not counted (no brownout on its behalf); True, it is, so a
+    # backlog past its SLO takes prefill to the lowest level (the fastest drain).
+    count_late_requests: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.raise_margin <= self.margin <= 1.0:
@@ -89,8 +94,11 @@ class PredictivePolicy:
         thresholds: Thresholds,
         other_levels: Sequence[float],
         margin: float,
+        fastest_s: float | None = None,
     ) -> int | None:
-        """Predicted SLO misses if the step runs at ``level`` (0: it fits); None: unknown."""
+        """Predicted SLO misses if the step runs at ``level`` (0: it fits); None: unknown.
+        ``fastest_s``: the step's predicted execution at its fastest level (which requests
+        are late whatever the level)."""
         phase = view.phase
         own = self.latency.predict(phase, level, view.bucket)
         if own is None:
@@ -108,10 +116,16 @@ class PredictivePolicy:
                 decode = self.latency.predict(other, thresholds.decode, view.next_bucket) or 0.0
             rows = max(1, view.prefill_rows)
             limit = margin * self.slo[phase]
+            skip_late = fastest_s is not None and not self.config.count_late_requests
+
+            def ttft(age: float, ahead: int, step: float) -> float:
+                return age + view.in_flight_s + (ahead + 1) * step + ahead * decode
+
             for i, age in enumerate(view.waiting_ages_s[: rows * self.config.horizon_steps]):
                 ahead = i // rows  # prefill rounds before the one that serves request i
-                ttft = age + view.in_flight_s + (ahead + 1) * own + ahead * decode
-                misses += int(ttft > limit)
+                if skip_late and ttft(age, ahead, min(own, fastest_s)) > limit:
+                    continue  # late whatever the level
+                misses += int(ttft(age, ahead, own) > limit)
         return misses
 
     def choose(
@@ -127,8 +141,11 @@ class PredictivePolicy:
         other_levels = levels if other_levels is None else other_levels
         cfg = self.config
 
+        known_s = [self.latency.predict(view.phase, lv, view.bucket) for lv in levels]
+        fastest = min((t for t in known_s if t is not None), default=None)
+
         def count(level: float, margin: float) -> int | None:
-            return self.misses(view, level, thresholds, other_levels, margin)
+            return self.misses(view, level, thresholds, other_levels, margin, fastest)
 
         known = {lv: m for lv in levels if (m := count(lv, cfg.margin)) is not None}
         if not known:
