@@ -90,15 +90,15 @@ def test_prefill_brings_the_oldest_waiting_request_under_its_ttft_slo():
     ages = (0.35, 0.3, 0.3, 0.3, 0.05)
     assert policy.misses(_prefill(ages=ages), 1.0, Thresholds(), LEVELS, 0.9) == 1
     assert policy.choose(_prefill(ages=ages), Thresholds(), LEVELS) == 0.5
-    # No level can bring the oldest under the SLO (already waited 1.2 s): it is not counted,
-    # and the next one fits at level 1; counting late requests, level 0 drains fastest.
-    assert policy.choose(_prefill(ages=(1.2, 0.1)), Thresholds(), LEVELS) == 1.0
-    draining = PredictivePolicy(
+    # No level can bring the oldest under the SLO (already waited 1.2 s): level 0 drains
+    # fastest; leaving late requests out of the count, the next one fits at level 1.
+    assert policy.choose(_prefill(ages=(1.2, 0.1)), Thresholds(), LEVELS) == 0.0
+    lenient = PredictivePolicy(
         _model(),
         {Phase.DECODE: 1.0, Phase.PREFILL: 1.0},
-        PredictiveConfig(count_late_requests=True),
+        PredictiveConfig(count_late_requests=False),
     )
-    assert draining.choose(_prefill(ages=(1.2, 0.1)), Thresholds(), LEVELS) == 0.0
+    assert lenient.choose(_prefill(ages=(1.2, 0.1)), Thresholds(), LEVELS) == 1.0
 
 
 def test_recovery_returns_to_one_after_raise_after_comfortable_steps():

@@ -21,9 +21,9 @@ it — the inter-token time a user sees. A level L fits a step when
   rounds of the queue.
 
 The highest fitting level wins; if none fits, the level with the fewest predicted misses, ties
-to the lower level (a backlog drains fastest there). A waiting request already late at the
-fastest level is not counted by default (``count_late_requests``): it is lost whatever the
-level, and browning out on its behalf would only cost quality. Hysteresis: a lower level
+to the lower level (a backlog drains fastest there: with the oldest request already past its
+SLO at every level, that is the lowest level; ``count_late_requests=False`` leaves such
+requests out of the count instead). Hysteresis: a lower level
 applies at once; a higher one only after it has fit with the tighter ``raise_margin`` at
 ``raise_after`` consecutive decisions of the phase, so a load at the boundary does not flap
 between levels. Decisions read host state only (no device sync). No JAX.
@@ -45,10 +45,12 @@ class PredictiveConfig:
     raise_margin: float = 0.75  # … within raise_margin · SLO to raise the level
     raise_after: int = 3  # consecutive decisions a higher level must fit before it applies
     horizon_steps: int = 4  # prefill rounds of the queue whose TTFT is predicted
-    # A waiting request whose TTFT misses the SLO even at the fastest level is lost whatever
-    # the level: False, it is not counted (no brownout on its behalf); True, it is, so a
-    # backlog past its SLO takes prefill to the lowest level (the fastest drain).
-    count_late_requests: bool = False
+    # A waiting request whose TTFT misses the SLO even at the fastest level: True (default),
+    # it counts, so a backlog past its SLO takes prefill to the lowest level — the fastest
+    # drain, which serves the requests behind it sooner (measured: more goodput, fewer
+    # violation periods); False, it is lost whatever the level and not counted (no brownout
+    # on its behalf: a higher mean prefill threshold).
+    count_late_requests: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.raise_margin <= self.margin <= 1.0:
