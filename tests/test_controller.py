@@ -116,3 +116,19 @@ def test_coarse_ladder_recovers():
         _feed(ctl, clock, Phase.DECODE, latency)
         ctl.maybe_update()
         assert ctl.threshold(Phase.DECODE) == expected
+
+
+def test_slo_margin_flag_reaches_the_predictive_policy():
+    import argparse
+
+    from brownout_jax.cli.options import add_brownout_mode_arguments, controller_from_args
+
+    parser = argparse.ArgumentParser()
+    add_brownout_mode_arguments(parser)
+    config = controller_from_args(parser.parse_args(["--slo-margin", "0.7"]))
+    assert config.mode == "auto"
+    assert (config.predictive.margin, config.predictive.raise_margin) == (0.7, 0.7)
+    default = controller_from_args(parser.parse_args([]))
+    assert (default.predictive.margin, default.predictive.raise_margin) == (0.9, 0.75)
+    with pytest.raises(ValueError, match="margin"):
+        controller_from_args(parser.parse_args(["--slo-margin", "1.5"]))

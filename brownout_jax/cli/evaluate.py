@@ -8,7 +8,11 @@ import time
 from pathlib import Path
 
 from brownout_jax.cli.evaluate_quality import add_quality_parsers
-from brownout_jax.cli.options import add_engine_arguments  # no JAX: the parser stays cheap
+from brownout_jax.cli.options import (  # no JAX: the parser stays cheap
+    add_engine_arguments,
+    add_slo_margin_argument,
+    predictive_from_args,
+)
 from brownout_jax.moe.mesh_config import add_mesh_argument
 from brownout_jax.united.exemption import add_exempt_arguments
 
@@ -150,6 +154,7 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--output-len", type=_pair, default=(16, 64))
     p.add_argument("--slo-ttft", type=float, default=1.0)
     p.add_argument("--slo-tpot", type=float, default=0.2)
+    add_slo_margin_argument(p)
     p.add_argument("--check-interval", type=float, default=5.0)
     p.add_argument("--window", type=float, default=2.0)
     p.add_argument("--accuracy-table", help="`eval accuracy --output json` file")
@@ -360,6 +365,7 @@ def run_slo_cmd(args) -> int:
     controller = ControllerConfig(
         slo_ttft_s=args.slo_ttft,
         slo_tpot_s=args.slo_tpot,
+        predictive=predictive_from_args(args),
         window_s=args.window,
         check_interval_s=args.check_interval,
     )

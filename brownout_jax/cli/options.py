@@ -95,13 +95,37 @@ def add_brownout_mode_arguments(p, default: str = "auto") -> None:
     )
     p.add_argument("--slo-ttft", type=float, default=1.0, help="prefill step SLO, seconds")
     p.add_argument("--slo-tpot", type=float, default=0.2, help="decode step SLO, seconds")
+    add_slo_margin_argument(p)
+
+
+def add_slo_margin_argument(p) -> None:
+    p.add_argument(
+        "--slo-margin",
+        type=float,
+        default=0.9,
+        help="auto: a step must be predicted within this share of its SLO (raising a level "
+        "needs 0.75 of it, or this margin if lower)",
+    )
+
+
+def predictive_from_args(args):
+    """The predictive policy's settings of ``--slo-margin``."""
+    from brownout_jax.engine.predictive import PredictiveConfig
+
+    margin = args.slo_margin
+    return PredictiveConfig(
+        margin=margin, raise_margin=min(PredictiveConfig().raise_margin, margin)
+    )
 
 
 def controller_from_args(args):
     from brownout_jax.engine.controller import ControllerConfig
 
     return ControllerConfig.parse_mode(
-        args.brownout, slo_ttft_s=args.slo_ttft, slo_tpot_s=args.slo_tpot
+        args.brownout,
+        slo_ttft_s=args.slo_ttft,
+        slo_tpot_s=args.slo_tpot,
+        predictive=predictive_from_args(args),
     )
 
 
