@@ -173,3 +173,18 @@ def test_auto_is_the_default_mode_and_chooses_per_step():
 def test_config_rejects_margins_out_of_order():
     with pytest.raises(ValueError, match="raise_margin"):
         PredictiveConfig(margin=0.8, raise_margin=0.9)
+
+
+def test_levels_that_time_alike_are_not_browned_out_for_nothing():
+    """No level fits (a request already 1.2 s old); the levels differ by 2 %: the policy keeps
+    level 1 (browning out would save no time). With min_gain 0, the fastest level drains."""
+    model = LatencyModel()
+    for level, ms in ((0.0, 392.0), (0.5, 396.0), (1.0, 400.0)):
+        model.set_base(Phase.PREFILL, level, PREFILL, [ms / 1e3])
+    slo = {Phase.DECODE: 1.0, Phase.PREFILL: 1.0}
+    view = _prefill(ages=(1.2,), decoding=False)
+    assert PredictivePolicy(model, slo).choose(view, Thresholds(), LEVELS) == 1.0
+    eager = PredictivePolicy(model, slo, PredictiveConfig(min_gain=0.0))
+    assert eager.choose(view, Thresholds(), LEVELS) == 0.0
+    # Where a lower level is markedly faster (the synthetic table: 250 vs 400 ms), it drains.
+    assert _policy().choose(_prefill(ages=(1.2,), decoding=False), Thresholds(), LEVELS) == 0.0

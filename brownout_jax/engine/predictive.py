@@ -20,13 +20,14 @@ it — the inter-token time a user sees. A level L fits a step when
   interleaved with it) — is within ``margin · SLO_ttft`` for the first ``horizon_steps``
   rounds of the queue.
 
-The highest fitting level wins; if none fits, the level with the fewest predicted misses, ties
-to the lower level (a backlog drains fastest there: with the oldest request already past its
-SLO at every level, that is the lowest level; ``count_late_requests=False`` leaves such
-requests out of the count instead). Hysteresis: a lower level
-applies at once; a higher one only after it has fit with the tighter ``raise_margin`` at
-``raise_after`` consecutive decisions of the phase, so a load at the boundary does not flap
-between levels. Decisions read host state only (no device sync). No JAX.
+The highest fitting level wins. If none fits: the fewest predicted misses, and of the levels
+with that many the fastest (a backlog drains fastest there; with the oldest request already
+past its SLO at every level, usually the lowest level) — or a higher one predicted within
+``min_gain`` (5 %) of it, since browning out for no time saved only costs quality.
+``count_late_requests=False`` leaves requests late at every level out of the count. Hysteresis:
+a lower level applies at once; a higher one only after it has fit with the tighter
+``raise_margin`` at ``raise_after`` consecutive decisions of the phase, so a load at the
+boundary does not flap between levels. Decisions read host state only (no device sync). No JAX.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ class PredictiveConfig:
     # violation periods); False, it is lost whatever the level and not counted (no brownout
     # on its behalf: a higher mean prefill threshold).
     count_late_requests: bool = True
+    # When no level fits: a lower level is taken over a higher one with as many predicted
+    # misses only if it is predicted at least this much faster (levels that time alike, as on
+    # a model whose experts are a sliver of each step, cost quality for nothing).
+    min_gain: float = 0.05
 
     def __post_init__(self) -> None:
         if not 0.0 < self.raise_margin <= self.margin <= 1.0:
@@ -58,6 +63,8 @@ class PredictiveConfig:
                 "need 0 < raise_margin ≤ margin ≤ 1, got "
                 f"raise_margin={self.raise_margin}, margin={self.margin}"
             )
+        if self.min_gain < 0:
+            raise ValueError(f"min_gain must be ≥ 0, got {self.min_gain}")
         if self.raise_after < 1 or self.horizon_steps < 1:
             raise ValueError("raise_after and horizon_steps must be ≥ 1")
 
@@ -155,9 +162,12 @@ class PredictivePolicy:
         fitting = [lv for lv, m in known.items() if m == 0]
         if fitting:
             target = max(fitting)
-        else:
+        else:  # the fewest misses; of those, the fastest level — or a higher one as fast
             fewest = min(known.values())
-            target = min(lv for lv, m in known.items() if m == fewest)
+            tied = {lv: self.latency.predict(view.phase, lv, view.bucket) for lv in known}
+            tied = {lv: t for lv, t in tied.items() if known[lv] == fewest}
+            quickest = min(tied.values())
+            target = max(lv for lv, t in tied.items() if t <= quickest * (1 + cfg.min_gain))
         if target <= current or current not in known:
             self._streak[view.phase] = 0
             return target
