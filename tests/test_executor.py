@@ -16,11 +16,15 @@ from brownout_jax.engine.steps import EngineState
 from brownout_jax.moe.ladder import ThresholdLadder
 
 
+def _engine_config(model_config) -> EngineConfig:
+    return EngineConfig(
+        max_batch=4, max_prefill_batch=2, block_size=8, num_blocks=12, max_model_len=32
+    ).for_model(model_config.max_position_embeddings)
+
+
 def test_first_runs_leave_every_real_block_and_slot_unchanged(tiny_moe):
     config, _, _, params, _ = tiny_moe
-    engine_config = EngineConfig(
-        max_batch=4, max_prefill_batch=2, block_size=8, num_blocks=12, max_model_len=32
-    ).for_model(config.max_position_embeddings)
+    engine_config = _engine_config(config)
     executor = Executor(params, config, engine_config, ThresholdLadder((0.0, 1.0)), False)
     pool = KVPool.allocate(config, engine_config.num_blocks, 8, jnp.float32)
     keys = jax.random.split(jax.random.key(1), 2 * config.num_layers)
@@ -47,9 +51,7 @@ def test_first_runs_leave_every_real_block_and_slot_unchanged(tiny_moe):
 
 def test_every_step_compiled_before_serving_is_timed_into_the_latency_model(tiny_moe):
     config, _, _, params, _ = tiny_moe
-    engine_config = EngineConfig(
-        max_batch=4, max_prefill_batch=2, block_size=8, num_blocks=12, max_model_len=32
-    ).for_model(config.max_position_embeddings)
+    engine_config = _engine_config(config)
     executor = Executor(params, config, engine_config, ThresholdLadder((0.0, 1.0)), False)
     compiled = {(key.phase, key.level, key.bucket) for key, _ in executor.grid.compiled_items()}
     table = executor.latency.table()
