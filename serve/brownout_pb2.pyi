@@ -125,17 +125,19 @@ class StatusResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., prefill_threshold: _Optional[float] = ..., decode_threshold: _Optional[float] = ..., controller_mode: _Optional[str] = ..., slo_ttft_s: _Optional[float] = ..., slo_tpot_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., prefill_slo_attainment: _Optional[float] = ..., decode_slo_attainment: _Optional[float] = ..., preemptions: _Optional[int] = ..., warmup_s: _Optional[float] = ..., compiled_steps: _Optional[int] = ..., steps_compiling: _Optional[int] = ..., step_latency: _Optional[_Iterable[_Union[StepLatency, _Mapping]]] = ...) -> None: ...
 
 class StepLatency(_message.Message):
-    __slots__ = ("phase", "level", "rows", "size", "base_s", "predicted_s")
+    __slots__ = ("phase", "level", "rows", "size", "base_s", "predicted_s", "predicted_p90_s")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     BASE_S_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_S_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_P90_S_FIELD_NUMBER: _ClassVar[int]
     phase: str
     level: float
     rows: int
     size: int
     base_s: float
     predicted_s: float
-    def __init__(self, phase: _Optional[str] = ..., level: _Optional[float] = ..., rows: _Optional[int] = ..., size: _Optional[int] = ..., base_s: _Optional[float] = ..., predicted_s: _Optional[float] = ...) -> None: ...
+    predicted_p90_s: float
+    def __init__(self, phase: _Optional[str] = ..., level: _Optional[float] = ..., rows: _Optional[int] = ..., size: _Optional[int] = ..., base_s: _Optional[float] = ..., predicted_s: _Optional[float] = ..., predicted_p90_s: _Optional[float] = ...) -> None: ...

@@ -169,6 +169,7 @@ class GenerationService(pb_grpc.GenerationServicer):
                     size=entry.bucket.size,
                     base_s=entry.base_s,
                     predicted_s=entry.predicted_s,
+                    predicted_p90_s=entry.predicted_p90_s,
                 )
                 for entry in stats.latency
             ],

@@ -188,3 +188,23 @@ def test_levels_that_time_alike_are_not_browned_out_for_nothing():
     assert eager.choose(view, Thresholds(), LEVELS) == 0.0
     # Where a lower level is markedly faster (the synthetic table: 250 vs 400 ms), it drains.
     assert _policy().choose(_prefill(ages=(1.2,), decoding=False), Thresholds(), LEVELS) == 0.0
+
+
+def test_the_p90_prediction_learns_the_spread_of_step_times():
+    model = _model()
+    mean = model.predict(Phase.DECODE, 1.0, DECODE)
+    assert model.predict_p90(Phase.DECODE, 1.0, DECODE) == mean  # no spread measured yet
+    for i in range(40):  # ±20 % around the base, alternately
+        model.observe(Phase.DECODE, 1.0, DECODE, mean * (1.2 if i % 2 else 0.8))
+    spread = model.spread(Phase.DECODE)
+    assert 0.15 < spread < 0.3
+    p90 = model.predict_p90(Phase.DECODE, 1.0, DECODE)
+    assert p90 == pytest.approx(model.predict(Phase.DECODE, 1.0, DECODE) * (1 + 1.2816 * spread))
+    assert model.predict_p90(Phase.PREFILL, 1.0, PREFILL) == model.predict(
+        Phase.PREFILL, 1.0, PREFILL
+    )  # per phase
+    # The policy decides on the P90: 0.1 s mean fits 0.18 s, its P90 (~0.13 s) + 0.06 does not.
+    policy = _policy(model)
+    entry = next(e for e in model.table() if e.phase == Phase.DECODE and e.level == 1.0)
+    assert entry.predicted_p90_s == pytest.approx(p90)
+    assert policy.choose(_decode(in_flight_s=0.18 - 0.1), Thresholds(), LEVELS) < 1.0

@@ -11,6 +11,11 @@ within a few steps for all levels at once. A bucket not run yet starts from its 
 correction (an EWMA over all its buckets): a machine-wide slowdown carries over to shapes the
 load has not reached yet.
 
+The SLOs bound a P90, not a mean: the model also keeps an EWMA of the squared relative
+deviation of each measured step from its prediction, per phase, and ``predict_p90`` adds
+1.28 of its root (the normal distribution's 90th percentile) — steps that vary by 10 % are
+predicted 13 % above their mean.
+
 A step without a base (compiled later, in the background) is predicted from the nearest
 measured level of the same phase and bucket, the next higher level first (browning out less
 never makes a step faster, so that errs on the safe side); its first measured execution then
@@ -20,10 +25,13 @@ becomes its base.
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 
 from brownout_jax.engine.buckets import Bucket
 from brownout_jax.engine.phase import Phase
+
+P90_Z = 1.2816  # standard normal 90th percentile
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -35,10 +43,15 @@ class LatencyEntry:
     bucket: Bucket
     base_s: float  # measured before serving (or first seen while serving)
     correction: float  # EWMA of measured / base for this (phase, bucket)
+    spread: float = 0.0  # relative standard deviation of the phase's steps (EWMA)
 
     @property
     def predicted_s(self) -> float:
         return self.base_s * self.correction
+
+    @property
+    def predicted_p90_s(self) -> float:
+        return self.predicted_s * (1.0 + P90_Z * self.spread)
 
 
 class LatencyModel:
@@ -49,6 +62,7 @@ class LatencyModel:
         self._base: dict[tuple[Phase, float, Bucket], float] = {}
         self._correction: dict[tuple[Phase, Bucket], float] = {}
         self._phase_correction: dict[Phase, float] = {}
+        self._variance: dict[Phase, float] = {}  # EWMA of (measured / predicted - 1)²
 
     def set_base(self, phase: Phase, level: float, bucket: Bucket, samples_s: list[float]) -> None:
         """The median of timed executions of one step (the first run excluded by the caller)."""
@@ -73,6 +87,15 @@ class LatencyModel:
             return None
         return base * self.correction(phase, bucket)
 
+    def predict_p90(self, phase: Phase, level: float, bucket: Bucket) -> float | None:
+        """The 90th percentile of this step's execution time, as the SLO windows see it."""
+        mean = self.predict(phase, level, bucket)
+        return None if mean is None else mean * (1.0 + P90_Z * self.spread(phase))
+
+    def spread(self, phase: Phase) -> float:
+        """Relative standard deviation of the phase's steps around their predictions."""
+        return math.sqrt(self._variance.get(phase, 0.0))
+
     def observe(self, phase: Phase, level: float, bucket: Bucket, seconds: float) -> None:
         """A measured execution time; the first one of an unmeasured step becomes its base."""
         if not seconds > 0:
@@ -83,7 +106,11 @@ class LatencyModel:
             return
         ratio, keep = seconds / base, 1 - self.alpha
         key = (phase, bucket)
-        self._correction[key] = keep * self.correction(phase, bucket) + self.alpha * ratio
+        before = self.correction(phase, bucket)
+        deviation = ratio / before - 1.0
+        variance = self._variance.get(phase, 0.0)
+        self._variance[phase] = keep * variance + self.alpha * deviation * deviation
+        self._correction[key] = keep * before + self.alpha * ratio
         overall = self._phase_correction.get(phase, 1.0)
         self._phase_correction[phase] = keep * overall + self.alpha * ratio
 
@@ -94,6 +121,8 @@ class LatencyModel:
 
     def table(self) -> tuple[LatencyEntry, ...]:
         return tuple(
-            LatencyEntry(phase, level, bucket, base, self.correction(phase, bucket))
+            LatencyEntry(
+                phase, level, bucket, base, self.correction(phase, bucket), self.spread(phase)
+            )
             for (phase, level, bucket), base in sorted(self._base.items())
         )

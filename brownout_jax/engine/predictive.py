@@ -9,7 +9,8 @@ What a step's latency is. The engine reads step i's tokens after dispatching ste
 the device runs steps one after another, so a step's latency (dispatch → tokens read, what
 the SLO windows measure) is what is left of the step in flight plus its own execution. Under
 load, prefill and decode steps alternate: a decode step's latency includes the prefill before
-it — the inter-token time a user sees. A level L fits a step when
+it — the inter-token time a user sees. A level L fits a step when (each execution time here
+is a predicted 90th percentile, ``LatencyModel.predict_p90``: the SLO windows bound a P90)
 
 - its latency, ``in_flight_s + exec(phase, L, bucket)``, is within ``margin · SLO(phase)``;
 - the step of the other phase that follows it (a decode after a prefill while sequences run,
@@ -109,20 +110,22 @@ class PredictivePolicy:
         ``fastest_s``: the step's predicted execution at its fastest level (which requests
         are late whatever the level)."""
         phase = view.phase
-        own = self.latency.predict(phase, level, view.bucket)
+        own = self.latency.predict_p90(phase, level, view.bucket)
         if own is None:
             return None
         other = Phase.DECODE if phase == Phase.PREFILL else Phase.PREFILL
         misses = int(view.in_flight_s + own > margin * self.slo[phase])
         if view.next_bucket is not None:
-            cheapest = [self.latency.predict(other, lv, view.next_bucket) for lv in other_levels]
+            cheapest = [
+                self.latency.predict_p90(other, lv, view.next_bucket) for lv in other_levels
+            ]
             known = [s for s in cheapest if s is not None]
             if known and own + min(known) > margin * self.slo[other]:
                 misses += 1
         if phase == Phase.PREFILL and view.waiting_ages_s:
             decode = 0.0  # the decode step interleaved with each prefill round
             if view.next_bucket is not None:
-                decode = self.latency.predict(other, thresholds.decode, view.next_bucket) or 0.0
+                decode = self.latency.predict_p90(other, thresholds.decode, view.next_bucket) or 0.0
             rows = max(1, view.prefill_rows)
             limit = margin * self.slo[phase]
             skip_late = fastest_s is not None and not self.config.count_late_requests
@@ -150,7 +153,7 @@ class PredictivePolicy:
         other_levels = levels if other_levels is None else other_levels
         cfg = self.config
 
-        known_s = [self.latency.predict(view.phase, lv, view.bucket) for lv in levels]
+        known_s = [self.latency.predict_p90(view.phase, lv, view.bucket) for lv in levels]
         fastest = min((t for t in known_s if t is not None), default=None)
 
         def count(level: float, margin: float) -> int | None:
@@ -164,7 +167,7 @@ class PredictivePolicy:
             target = max(fitting)
         else:  # the fewest misses; of those, the fastest level — or a higher one as fast
             fewest = min(known.values())
-            tied = {lv: self.latency.predict(view.phase, lv, view.bucket) for lv in known}
+            tied = {lv: self.latency.predict_p90(view.phase, lv, view.bucket) for lv in known}
             tied = {lv: t for lv, t in tied.items() if known[lv] == fewest}
             quickest = min(tied.values())
             target = max(lv for lv, t in tied.items() if t <= quickest * (1 + cfg.min_gain))
