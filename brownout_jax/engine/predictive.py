@@ -113,7 +113,7 @@ class PredictivePolicy:
         own = self.latency.predict_p90(phase, level, view.bucket)
         if own is None:
             return None
-        other = Phase.DECODE if phase == Phase.PREFILL else Phase.PREFILL
+        other = phase.other
         misses = int(view.in_flight_s + own > margin * self.slo[phase])
         if view.next_bucket is not None:
             cheapest = [
