@@ -120,10 +120,12 @@ def summarize(
     ]
     good = [o for o, a, b in zip(run.outputs, met_ttft, met_tpot, strict=True) if a and b]
     tokens = sum(len(o.token_ids) for o in run.outputs)
-    thresholds = {
-        "prefill": float(np.mean([s.prefill_threshold for s in run.steps])) if run.steps else 1.0,
-        "decode": float(np.mean([s.decode_threshold for s in run.steps])) if run.steps else 1.0,
-    }
+    # The level each phase's steps ran at, averaged over that phase's steps (the level in
+    # force between a phase's steps browns nothing out).
+    thresholds = {}
+    for phase in ("prefill", "decode"):
+        ran = [getattr(s, f"{phase}_threshold") for s in run.steps if s.phase == phase]
+        thresholds[phase] = float(np.mean(ran)) if ran else 1.0
     ttfts = [o.metrics.ttft for o in run.outputs if o.metrics.ttft is not None]
     tpots = [o.metrics.tpot_mean for o in run.outputs if o.metrics.tpot_mean is not None]
     result = {
@@ -154,6 +156,7 @@ def summarize(
                 (round(s.time - run.start, 4), s.prefill_threshold, s.decode_threshold)
                 for s in run.steps
             ],
+            "step_phases": "".join("p" if s.phase == "prefill" else "d" for s in run.steps),
         },
     }
     if accuracy_table:
