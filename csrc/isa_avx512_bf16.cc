@@ -108,26 +108,22 @@ inline void GateUpStep(const uint16_t* __restrict x, int64_t ldx, const uint16_t
   }
 }
 
-template <int MR, bool kFull>
-inline void GateUpTile(const uint16_t* __restrict x, int64_t ldx, const uint16_t* __restrict wg,
-                       const uint16_t* __restrict wu, int64_t ldw, int64_t depth, int64_t ncols,
-                       uint16_t* __restrict h, int64_t ldh) {
-  constexpr int Q = kGateUpCols / 32;
-  __m512 g_lo[MR][Q], g_hi[MR][Q], u_lo[MR][Q], u_hi[MR][Q];
-#pragma GCC unroll 8
+// Epilogues shared by the streamed and the packed tiles (accumulators in (lo, hi) column
+// halves of each 32-column vector pair, see Columns0/Columns1).
+template <int MR, int Q>
+inline void ZeroAccumulators(__m512 (&lo)[MR][Q], __m512 (&hi)[MR][Q]) {
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 4
-    for (int q = 0; q < Q; ++q) {
-      g_lo[r][q] = g_hi[r][q] = u_lo[r][q] = u_hi[r][q] = _mm512_setzero_ps();
-    }
+    for (int q = 0; q < Q; ++q) lo[r][q] = hi[r][q] = _mm512_setzero_ps();
   }
-  int64_t k = 0;
-  for (; k + 1 < depth; k += 2) {
-    GateUpStep<MR, Q, kFull, true>(x, ldx, wg, wu, ldw, k, ncols, g_lo, g_hi, u_lo, u_hi);
-  }
-  if (k < depth) {
-    GateUpStep<MR, Q, kFull, false>(x, ldx, wg, wu, ldw, k, ncols, g_lo, g_hi, u_lo, u_hi);
-  }
+}
+
+// h = SiLU(gate) · up, rounded to bf16.
+template <int MR, int Q>
+inline void StoreSiluProduct(__m512 (&g_lo)[MR][Q], __m512 (&g_hi)[MR][Q],
+                             __m512 (&u_lo)[MR][Q], __m512 (&u_hi)[MR][Q], int64_t ncols,
+                             uint16_t* __restrict h, int64_t ldh) {
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 4
@@ -140,6 +136,42 @@ inline void GateUpTile(const uint16_t* __restrict x, int64_t ldx, const uint16_t
       StoreBf16(h + r * ldh + 32 * q + 16, h1, ncols - 32 * q - 16);
     }
   }
+}
+
+// y = row weight · accumulators, fp32 (no weight: 1).
+template <int MR, int Q>
+inline void StoreScaled(__m512 (&lo)[MR][Q], __m512 (&hi)[MR][Q], int64_t ncols,
+                        const float* __restrict row_weight, float* __restrict y, int64_t ldy) {
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    const __m512 scale = _mm512_set1_ps(row_weight == nullptr ? 1.0f : row_weight[r]);
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q) {
+      float* out = y + r * ldy + 32 * q;
+      const int64_t valid = ncols - 32 * q;
+      _mm512_mask_storeu_ps(out, Mask16(valid), _mm512_mul_ps(Columns0(lo[r][q], hi[r][q]), scale));
+      _mm512_mask_storeu_ps(out + 16, Mask16(valid - 16),
+                            _mm512_mul_ps(Columns1(lo[r][q], hi[r][q]), scale));
+    }
+  }
+}
+
+template <int MR, bool kFull>
+inline void GateUpTile(const uint16_t* __restrict x, int64_t ldx, const uint16_t* __restrict wg,
+                       const uint16_t* __restrict wu, int64_t ldw, int64_t depth, int64_t ncols,
+                       uint16_t* __restrict h, int64_t ldh) {
+  constexpr int Q = kGateUpCols / 32;
+  __m512 g_lo[MR][Q], g_hi[MR][Q], u_lo[MR][Q], u_hi[MR][Q];
+  ZeroAccumulators<MR, Q>(g_lo, g_hi);
+  ZeroAccumulators<MR, Q>(u_lo, u_hi);
+  int64_t k = 0;
+  for (; k + 1 < depth; k += 2) {
+    GateUpStep<MR, Q, kFull, true>(x, ldx, wg, wu, ldw, k, ncols, g_lo, g_hi, u_lo, u_hi);
+  }
+  if (k < depth) {
+    GateUpStep<MR, Q, kFull, false>(x, ldx, wg, wu, ldw, k, ncols, g_lo, g_hi, u_lo, u_hi);
+  }
+  StoreSiluProduct<MR, Q>(g_lo, g_hi, u_lo, u_hi, ncols, h, ldh);
 }
 
 // One depth step of a down tile (a pair of rows of w_down, or the odd last row alone).
@@ -173,26 +205,11 @@ inline void DownTile(const uint16_t* __restrict h, int64_t ldh, const uint16_t* 
                      float* __restrict y, int64_t ldy) {
   constexpr int Q = kDownCols / 32;
   __m512 lo[MR][Q], hi[MR][Q];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 4
-    for (int q = 0; q < Q; ++q) lo[r][q] = hi[r][q] = _mm512_setzero_ps();
-  }
+  ZeroAccumulators<MR, Q>(lo, hi);
   int64_t k = 0;
   for (; k + 1 < depth; k += 2) DownStep<MR, Q, kFull, true>(h, ldh, wd, ldw, k, ncols, lo, hi);
   if (k < depth) DownStep<MR, Q, kFull, false>(h, ldh, wd, ldw, k, ncols, lo, hi);
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
-    const __m512 scale = _mm512_set1_ps(row_weight == nullptr ? 1.0f : row_weight[r]);
-#pragma GCC unroll 4
-    for (int q = 0; q < Q; ++q) {
-      float* out = y + r * ldy + 32 * q;
-      const int64_t valid = ncols - 32 * q;
-      _mm512_mask_storeu_ps(out, Mask16(valid), _mm512_mul_ps(Columns0(lo[r][q], hi[r][q]), scale));
-      _mm512_mask_storeu_ps(out + 16, Mask16(valid - 16),
-                            _mm512_mul_ps(Columns1(lo[r][q], hi[r][q]), scale));
-    }
-  }
+  StoreScaled<MR, Q>(lo, hi, ncols, row_weight, y, ldy);
 }
 
 // ---------------------------------------------------------------- packed panels
@@ -262,27 +279,11 @@ inline void GateUpTilePacked(const uint16_t* __restrict x, int64_t ldx, const __
                              uint16_t* __restrict h, int64_t ldh) {
   constexpr int Q = kGateUpCols / 32;
   __m512 g_lo[MR][Q], g_hi[MR][Q], u_lo[MR][Q], u_hi[MR][Q];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 4
-    for (int q = 0; q < Q; ++q) {
-      g_lo[r][q] = g_hi[r][q] = u_lo[r][q] = u_hi[r][q] = _mm512_setzero_ps();
-    }
-  }
+  ZeroAccumulators<MR, Q>(g_lo, g_hi);
+  ZeroAccumulators<MR, Q>(u_lo, u_hi);
   PackedDots<MR, Q>(x, ldx, gate, depth, g_lo, g_hi);
   PackedDots<MR, Q>(x, ldx, up, depth, u_lo, u_hi);
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 4
-    for (int q = 0; q < Q; ++q) {
-      const __m512 h0 = _mm512_mul_ps(Silu512(Columns0(g_lo[r][q], g_hi[r][q])),
-                                      Columns0(u_lo[r][q], u_hi[r][q]));
-      const __m512 h1 = _mm512_mul_ps(Silu512(Columns1(g_lo[r][q], g_hi[r][q])),
-                                      Columns1(u_lo[r][q], u_hi[r][q]));
-      StoreBf16(h + r * ldh + 32 * q, h0, ncols - 32 * q);
-      StoreBf16(h + r * ldh + 32 * q + 16, h1, ncols - 32 * q - 16);
-    }
-  }
+  StoreSiluProduct<MR, Q>(g_lo, g_hi, u_lo, u_hi, ncols, h, ldh);
 }
 
 template <int MR>
@@ -291,24 +292,9 @@ inline void DownTilePacked(const uint16_t* __restrict h, int64_t ldh, const __m5
                            float* __restrict y, int64_t ldy) {
   constexpr int Q = kDownCols / 32;
   __m512 lo[MR][Q], hi[MR][Q];
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
-#pragma GCC unroll 4
-    for (int q = 0; q < Q; ++q) lo[r][q] = hi[r][q] = _mm512_setzero_ps();
-  }
+  ZeroAccumulators<MR, Q>(lo, hi);
   PackedDots<MR, Q>(h, ldh, panel, depth, lo, hi);
-#pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
-    const __m512 scale = _mm512_set1_ps(row_weight == nullptr ? 1.0f : row_weight[r]);
-#pragma GCC unroll 4
-    for (int q = 0; q < Q; ++q) {
-      float* out = y + r * ldy + 32 * q;
-      const int64_t valid = ncols - 32 * q;
-      _mm512_mask_storeu_ps(out, Mask16(valid), _mm512_mul_ps(Columns0(lo[r][q], hi[r][q]), scale));
-      _mm512_mask_storeu_ps(out + 16, Mask16(valid - 16),
-                            _mm512_mul_ps(Columns1(lo[r][q], hi[r][q]), scale));
-    }
-  }
+  StoreScaled<MR, Q>(lo, hi, ncols, row_weight, y, ldy);
 }
 
 template <int MR>
