@@ -65,3 +65,15 @@ def test_every_step_compiled_before_serving_is_timed_into_the_latency_model(tiny
         False,
     )
     assert untimed.latency.table() == ()  # learned from the first executions while serving
+
+
+def test_with_background_compilation_only_the_minimal_set_is_timed(tiny_moe):
+    config, _, _, params, _ = tiny_moe
+    engine_config = dataclasses.replace(_engine_config(config), compile_in_background=True)
+    executor = Executor(params, config, engine_config, ThresholdLadder((0.0, 1.0)), False)
+    try:
+        timed = {(e.phase, e.level, e.bucket) for e in executor.latency.table()}
+        minimal = {(k.phase, k.level, k.bucket) for k in executor.grid.minimal_keys()}
+        assert timed == minimal
+    finally:
+        executor.close()

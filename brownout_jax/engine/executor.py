@@ -18,9 +18,9 @@ Timing. Before serving, each executable also runs ``latency_samples`` more times
 tokens, timed one by one; the median is its base in the engine's :class:`LatencyModel` (the
 predictive controller's table). Random tokens, and decode rows on distinct slots and KV blocks
 (free before serving), because identical rows would all route to the same few experts and make
-every brownout level cost the same. Executables compiled in the
-background are not timed (the engine thread would stall serving): their first executions
-while serving give their base.
+every brownout level cost the same. With background compilation only the minimal set is timed
+(serving waits for these runs, and a warm cache has many more steps ready at start): the
+others' first executions while serving give their base.
 """
 
 from __future__ import annotations
@@ -201,6 +201,11 @@ class Executor:
         """The latency model's base: the median of ``latency_samples`` timed executions of
         each step on random tokens (before serving: decode rows then read real slots)."""
         samples = self.config.latency_samples
+        if self.config.compile_in_background:
+            # Serving waits for these runs: only the minimal set is timed (the rest, loaded
+            # or compiled meanwhile, is learned from its first executions while serving).
+            minimal = set(self.grid.minimal_keys())
+            keys = [key for key in keys if key in minimal]
         if not samples or not keys:
             return
         rng = np.random.default_rng(0)
