@@ -24,12 +24,18 @@ COMMON_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-fno-math-
 AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]
 SOURCE_FLAGS = {
     "ffi_expert_kernels.cc": [],
+    "ffi_packed_linear.cc": [],
     "isa_generic.cc": [],
+    "packed_generic.cc": [],
     **(
         {
             "isa_avx2.cc": ["-mavx2", "-mfma", "-mf16c"],
             "isa_avx512.cc": AVX512,
             "isa_avx512_bf16.cc": [*AVX512, "-mavx512bf16"],
+            "packed_avx2.cc": ["-mavx2", "-mfma", "-mf16c"],
+            "packed_avx512.cc": AVX512,
+            "packed_avx512_bf16.cc": [*AVX512, "-mavx512bf16"],
+            "packed_amx_bf16.cc": [*AVX512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"],
         }
         if X86
         else {}

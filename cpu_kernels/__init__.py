@@ -3,12 +3,25 @@
 the reference, the Pallas kernels' per-group references), not on the model.
 
 Modules: ``library`` (find, load, register the compiled library; run-time ISA choice),
-``api`` (the checked, jittable entry point) and ``reference`` (the slow twin).
+``packing`` (the packed weight layout the matmul kernels read), ``api`` (the checked,
+jittable entry points) and ``reference`` (the slow twins).
 """
 
-from brownout_jax.cpu_kernels.api import KernelUnavailableError, grouped_swiglu, linear
+from brownout_jax.cpu_kernels.api import (
+    KernelUnavailableError,
+    grouped_swiglu,
+    linear,
+    packed_linear,
+)
 from brownout_jax.cpu_kernels.library import Isa, KernelLibrary, load_library
-from brownout_jax.cpu_kernels.reference import grouped_swiglu_reference
+from brownout_jax.cpu_kernels.packing import (
+    MatmulPath,
+    PackedWeight,
+    pack,
+    packed_linear_xla,
+    unpack,
+)
+from brownout_jax.cpu_kernels.reference import grouped_swiglu_reference, packed_linear_reference
 
 __all__ = [
     "Isa",
@@ -16,6 +29,13 @@ __all__ = [
     "KernelUnavailableError",
     "grouped_swiglu",
     "grouped_swiglu_reference",
+    "MatmulPath",
+    "PackedWeight",
     "linear",
     "load_library",
+    "pack",
+    "packed_linear",
+    "packed_linear_reference",
+    "packed_linear_xla",
+    "unpack",
 ]

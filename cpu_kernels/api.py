@@ -30,9 +30,11 @@ from jaxtyping import Array, Bool, Float, Int
 from brownout_jax.cpu_kernels.library import (
     GROUPED_SWIGLU_TARGET,
     LINEAR_TARGET,
+    PACKED_LINEAR_TARGET,
     Isa,
     load_library,
 )
+from brownout_jax.cpu_kernels.packing import PackedWeight
 
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
@@ -140,3 +142,44 @@ def linear(
     return jax.ffi.ffi_call(
         LINEAR_TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
     )(x, w, row_mask.astype(bool), isa=np.int64(int(isa)), max_threads=np.int64(max_threads))
+
+
+def packed_linear(
+    x: Float[Array, "M K"],
+    w: PackedWeight,
+    row_mask: Bool[Array, " M"] | None = None,
+    *,
+    isa: Isa = Isa.AUTO,
+    max_threads: int = 0,
+) -> Float[Array, "M N"]:
+    """``x · w`` in float32 with ``w`` in the packed layout (``packing.pack``). AUTO runs AMX
+    tiles for 16 rows or more of bf16 x where the CPU has AMX-BF16, else the best vector copy
+    (AVX-512-BF16 for bf16 x, then AVX-512, AVX2, scalar). ``row_mask`` as for ``linear``."""
+    if not isinstance(w, PackedWeight):
+        raise ValueError(f"packed_linear: w must be a PackedWeight, got {type(w).__name__}")
+    if x.ndim != 2 or x.shape[1] != w.k:
+        raise ValueError(f"packed_linear: x must be (M, K={w.k}), got shape {x.shape}")
+    if row_mask is not None and row_mask.shape != (x.shape[0],):
+        raise ValueError(f"packed_linear: row_mask must be ({x.shape[0]},), got {row_mask.shape}")
+    if jnp.dtype(x.dtype) not in _DTYPES:
+        raise ValueError(f"packed_linear: x must be float32 or bfloat16, got {x.dtype}")
+    library = load_library()
+    if not library.available:
+        raise KernelUnavailableError(f"packed_linear: {library.unavailable_reason}")
+    x_bf16 = jnp.dtype(x.dtype) == jnp.bfloat16
+    if library.packed_isa_name(Isa(isa), x_bf16, x.shape[0]) is None:
+        raise KernelUnavailableError(
+            f"packed_linear: this CPU cannot run the {Isa(isa).name} copy"
+            + ("" if x_bf16 else " (AVX512_BF16 and AMX_BF16 need bfloat16 x)")
+        )
+    if row_mask is None:
+        row_mask = jnp.ones((x.shape[0],), bool)
+    return jax.ffi.ffi_call(
+        PACKED_LINEAR_TARGET, jax.ShapeDtypeStruct((x.shape[0], w.n), jnp.float32)
+    )(
+        x,
+        w.data,
+        row_mask.astype(bool),
+        isa=np.int64(int(isa)),
+        max_threads=np.int64(max_threads),
+    )

@@ -20,6 +20,7 @@ ENV_VARIABLE = "BROWNOUT_JAX_CPU_KERNELS"
 LIBRARY_STEM = "_grouped_experts"
 GROUPED_SWIGLU_TARGET = "brownout_grouped_swiglu"
 LINEAR_TARGET = "brownout_linear"
+PACKED_LINEAR_TARGET = "brownout_packed_linear"
 
 
 class Isa(enum.IntEnum):
@@ -30,6 +31,7 @@ class Isa(enum.IntEnum):
     AVX2 = 2  # AVX2 + FMA
     AVX512 = 3  # AVX-512 F/BW/VL, fp32 multiply-adds
     AVX512_BF16 = 4  # AVX-512-BF16 pair dot products; bf16 activations and weights only
+    AMX_BF16 = 5  # AMX tiles (packed matmul only, bf16 x); AUTO takes it from 16 rows on
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -50,6 +52,14 @@ class KernelLibrary:
         if self.handle is None:
             return None
         name = self.handle.BrownoutCpuKernelIsa(int(isa), int(all_bf16)).decode()
+        return name or None
+
+    def packed_isa_name(self, isa: Isa, x_bf16: bool, rows: int) -> str | None:
+        """The copy a packed matmul of ``rows`` rows runs with ``isa`` on this CPU (AUTO: the
+        best; AMX from 16 rows of bf16 x), None if this CPU lacks it."""
+        if self.handle is None:
+            return None
+        name = self.handle.BrownoutPackedLinearIsa(int(isa), int(x_bf16), int(rows)).decode()
         return name or None
 
 
@@ -76,9 +86,12 @@ def load_library() -> KernelLibrary:
         handle = ctypes.CDLL(str(path))
         handle.BrownoutCpuKernelIsa.restype = ctypes.c_char_p
         handle.BrownoutCpuKernelIsa.argtypes = (ctypes.c_int64, ctypes.c_int32)
+        handle.BrownoutPackedLinearIsa.restype = ctypes.c_char_p
+        handle.BrownoutPackedLinearIsa.argtypes = (ctypes.c_int64, ctypes.c_int32, ctypes.c_int64)
         targets = {
             GROUPED_SWIGLU_TARGET: handle.BrownoutGroupedSwiglu,
             LINEAR_TARGET: handle.BrownoutLinear,
+            PACKED_LINEAR_TARGET: handle.BrownoutPackedLinear,
         }
     except (OSError, AttributeError) as err:
         return KernelLibrary(path, f"{path} cannot be loaded: {err}")

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from brownout_jax.cpu_kernels.packing import PackedWeight, unpack
 from pallas_kernels.reference import moe_down_reference, moe_gate_up_reference
 
 
@@ -20,3 +22,12 @@ def grouped_swiglu_reference(
     """Same contract as ``grouped_swiglu``; rows past sum(group_sizes) are zero."""
     hidden = moe_gate_up_reference(x, w_gate, w_up, group_sizes, out_dtype=jnp.float32)
     return moe_down_reference(hidden, w_down, group_sizes, row_weights, out_dtype=jnp.float32)
+
+
+def packed_linear_reference(x: Float[Array, "M K"], w: PackedWeight) -> Float[Array, "M N"]:
+    """``x · unpack(w)`` in float32 at the highest precision."""
+    return jnp.dot(
+        x.astype(jnp.float32),
+        unpack(w).astype(jnp.float32),
+        precision=jax.lax.Precision.HIGHEST,
+    )

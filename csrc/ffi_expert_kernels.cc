@@ -18,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "cpu_features.h"
 #include "problem.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -32,37 +33,10 @@ enum IsaRequest : int64_t { kAuto = 0, kGeneric = 1, kAvx2 = 2, kAvx512 = 3, kAv
 // stream past them.
 constexpr int64_t kLinearRowChunk = 96;
 
-bool CpuHasAvx512() {
-#if defined(BROWNOUT_HAVE_X86_KERNELS)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl");
-#else
-  return false;
-#endif
-}
-
-bool CpuHasAvx512Bf16() {
-#if defined(BROWNOUT_HAVE_X86_KERNELS)
-  __builtin_cpu_init();
-  return CpuHasAvx512() && __builtin_cpu_supports("avx512bf16");
-#else
-  return false;
-#endif
-}
-
-bool CpuHasAvx2() {
-#if defined(BROWNOUT_HAVE_X86_KERNELS)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
-
 // The best copy the CPU runs for these operand types, or the requested one; nullptr when the
 // CPU lacks it. The bf16-dot copy takes bf16 activations and weights only.
 const IsaKernels* SelectKernels(int64_t request, bool all_bf16) {
+  if (request < kAuto || request > kAvx512Bf16) return nullptr;  // e.g. AMX: packed only
 #if defined(BROWNOUT_HAVE_X86_KERNELS)
   if (request == kAvx512Bf16 || (request == kAuto && all_bf16 && CpuHasAvx512Bf16())) {
     return CpuHasAvx512Bf16() && all_bf16 ? &Avx512Bf16Kernels() : nullptr;

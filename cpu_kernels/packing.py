@@ -1,0 +1,121 @@
+"""The packed weight layout of the CPU matmul kernels, and how weights get into it.
+
+A (K, N) bfloat16 weight is stored as ``packed[b, p, 2c + j] = w[2p + j, 32b + c]``, shape
+``(NB, KP, 64)`` with NB = ⌈N / 32⌉ and KP = ⌈K / 32⌉ · 16, zeros past K and N. Why this
+layout (csrc/packed_linear.h has the details):
+
+* every 32-column block is one contiguous run (KP · 128 bytes), so a decode-sized matmul reads
+  its weights front to back — the stored (K, N) layout reads 64–128 bytes per row with a
+  row-sized stride, which defeats the prefetchers (a Qwen LM head row is 303 KB);
+* each 32-bit lane holds a depth pair (w[2p, c], w[2p+1, c]): the operand of AVX-512-BF16's
+  vdpbf16ps as loaded, and 16 consecutive pairs of a half block are an AMX-BF16 B tile in its
+  VNNI form (128-byte stride), so neither path shuffles weights at run time;
+* 32 columns (two 16-column AMX tiles, two zmm of pairs) is the widest block both use whole;
+  K padded to 32 is one AMX tile depth, so no path has a depth tail.
+
+SGLang's and vLLM's CPU kernels use the same family of layouts (K in pairs, N in 16/32-column
+blocks). Checkpoints on disk keep (K, N); weights are packed once, after loading, and the
+original is dropped (no second copy); ``unpack`` restores (K, N) exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+BLOCK_COLS = 32
+DEPTH_ALIGN = 32
+
+
+class MatmulPath(enum.Enum):
+    """Which implementation runs a packed weight's matmul at some row count."""
+
+    KERNEL = "kernel"  # cpu_kernels.packed_linear
+    XLA = "xla"  # XLA's dot on the packed layout (packed_linear_xla)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["data"], meta_fields=["k", "n", "paths"]
+)
+@dataclasses.dataclass(frozen=True)
+class PackedWeight:
+    """A (k, n) weight in the packed layout. ``paths`` is the measured choice of
+    implementation by row count: ``((rows, path), …)`` by ascending rows — a matmul of M rows
+    takes the path of the first entry with rows ≥ M (past the last: the last's); empty means
+    the kernel everywhere. Static (part of the tree structure): a jitted step is compiled for
+    one choice."""
+
+    data: Float[Array, "NB KP 64"]
+    k: int
+    n: int
+    paths: tuple[tuple[int, MatmulPath], ...] = ()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.k, self.n)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    def path_for(self, rows: int) -> MatmulPath:
+        for bound, path in self.paths:
+            if rows <= bound:
+                return path
+        return self.paths[-1][1] if self.paths else MatmulPath.KERNEL
+
+    def with_paths(self, paths) -> PackedWeight:
+        return dataclasses.replace(self, paths=tuple(paths))
+
+
+def packed_dims(k: int, n: int) -> tuple[int, int]:
+    """(NB, KP) of a (k, n) weight."""
+    return -(-n // BLOCK_COLS), -(-k // DEPTH_ALIGN) * (DEPTH_ALIGN // 2)
+
+
+def _pack(w):
+    k, n = w.shape
+    blocks, kp = packed_dims(k, n)
+    w = jnp.pad(w, ((0, 2 * kp - k), (0, blocks * BLOCK_COLS - n)))
+    return w.reshape(kp, 2, blocks, BLOCK_COLS).transpose(2, 0, 3, 1).reshape(blocks, kp, 64)
+
+
+def _unpack(data, k: int, n: int):
+    blocks, kp, _ = data.shape
+    w = data.reshape(blocks, kp, BLOCK_COLS, 2).transpose(1, 3, 0, 2)
+    return w.reshape(2 * kp, blocks * BLOCK_COLS)[:k, :n]
+
+
+_pack_jit = jax.jit(_pack)
+
+
+def pack(w: Float[Array, "K N"]) -> PackedWeight:
+    """The packed form of a bfloat16 (K, N) weight (one fused pass: the only transient is the
+    output). Traceable: ``jax.eval_shape(pack, spec)`` gives the packed shapes."""
+    if w.ndim != 2:
+        raise ValueError(f"pack: w must be (K, N), got shape {w.shape}")
+    if jnp.dtype(w.dtype) != jnp.bfloat16:
+        raise ValueError(f"pack: the packed kernels read bfloat16 weights, got {w.dtype}")
+    k, n = w.shape
+    return PackedWeight(_pack_jit(w), k, n)
+
+
+def unpack(packed: PackedWeight) -> Float[Array, "K N"]:
+    """The (K, N) weight back, bit for bit."""
+    return _unpack(packed.data, packed.k, packed.n)
+
+
+def packed_linear_xla(x: Float[Array, "M K"], packed: PackedWeight) -> Float[Array, "M N"]:
+    """XLA's dot on the packed layout (contracting the depth pairs in place), float32 out:
+    the other path of the per-shape choice, measured on the layout the weight really has."""
+    blocks, kp, _ = packed.data.shape
+    m, k = x.shape
+    x = jnp.pad(x, ((0, 0), (0, 2 * kp - k))).reshape(m, kp, 2)
+    w = packed.data.reshape(blocks, kp, BLOCK_COLS, 2)
+    y = jnp.einsum("mpj,bpcj->mbc", x, w, preferred_element_type=jnp.float32)
+    return y.reshape(m, blocks * BLOCK_COLS)[:, : packed.n]
