@@ -15,6 +15,7 @@ from brownout_jax.checkpoints.hf_safetensors import TensorIndex, load_hf_params
 from brownout_jax.checkpoints.orbax_store import is_converted, load_converted
 from brownout_jax.checkpoints.united_store import abstract_united, load_united, read_united_manifest
 from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.matmul_choice import pack_for_inference
 from brownout_jax.model.params import ModelParams, abstract_params
 from brownout_jax.united.united import attach_united
 
@@ -81,17 +82,21 @@ def _eos_ids(directory: Path, config: ModelConfig) -> tuple[int, ...]:
 
 
 def abstract_model_params(
-    directory: str | Path, dtype: str | None = "auto", united: str | Path | None = None
+    directory: str | Path,
+    dtype: str | None = "auto",
+    united: str | Path | None = None,
+    pack: bool = True,
+    pack_experts: bool = True,
 ) -> ModelParams:
     """The parameters ``load_model`` will return, as ShapeDtypeStructs, from the configs and
     manifests alone (no weights read): what compiling the model's steps needs."""
     config = ModelConfig.from_pretrained_dir(directory)
     jdtype = resolve_dtype(dtype)
     params = abstract_params(config, jdtype)
-    if united is None:
-        return params
-    experts = abstract_united(read_united_manifest(united), config, jdtype)
-    return jax.eval_shape(lambda p, u: attach_united(p, config, u), params, experts)
+    if united is not None:
+        experts = abstract_united(read_united_manifest(united), config, jdtype)
+        params = jax.eval_shape(lambda p, u: attach_united(p, config, u), params, experts)
+    return pack_for_inference(params, experts=pack_experts) if pack else params
 
 
 def load_model(
@@ -100,9 +105,14 @@ def load_model(
     progress: bool = True,
     united: str | Path | None = None,
     expected_way: int | None = None,
+    pack: bool = True,
+    pack_experts: bool = True,
 ) -> LoadedModel:
     """Loads a HF safetensors checkpoint or a ``brownout-jax convert`` output, with the united
-    experts of ``united`` (a ``brownout-jax unite`` output) attached when given."""
+    experts of ``united`` (a ``brownout-jax unite`` output) attached when given. With ``pack``
+    (inference) the bf16 dense weights are packed for the CPU kernels as this machine's
+    measured choice says (``model.matmul_choice``; a no-op off CPU), and with ``pack_experts``
+    the expert stacks too (not for an expert-parallel mesh, which shards the stored stacks)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory not found")
@@ -131,6 +141,8 @@ def load_model(
         by_layer = dict(zip(config.moe_layers, united_experts.layers, strict=True))
         del united_experts  # each layer's united experts are freed once stacked
         params, _ = load_hf_params(directory, config, jdtype, progress, united=by_layer)
+    if pack:
+        params = pack_for_inference(params, progress, consume=True, experts=pack_experts)
     return LoadedModel(
         directory=directory,
         config=config,

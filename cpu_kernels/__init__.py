@@ -11,15 +11,19 @@ from brownout_jax.cpu_kernels.api import (
     KernelUnavailableError,
     grouped_swiglu,
     linear,
+    packed_grouped_swiglu,
     packed_linear,
 )
 from brownout_jax.cpu_kernels.library import Isa, KernelLibrary, load_library
 from brownout_jax.cpu_kernels.packing import (
     MatmulPath,
+    PackedStack,
     PackedWeight,
     pack,
+    pack_stack,
     packed_linear_xla,
     unpack,
+    unpack_stack,
 )
 from brownout_jax.cpu_kernels.reference import grouped_swiglu_reference, packed_linear_reference
 
@@ -28,14 +32,18 @@ __all__ = [
     "KernelLibrary",
     "KernelUnavailableError",
     "MatmulPath",
+    "PackedStack",
     "PackedWeight",
     "grouped_swiglu",
     "grouped_swiglu_reference",
     "linear",
     "load_library",
     "pack",
+    "pack_stack",
+    "packed_grouped_swiglu",
     "packed_linear",
     "packed_linear_reference",
     "packed_linear_xla",
     "unpack",
+    "unpack_stack",
 ]

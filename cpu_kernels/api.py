@@ -30,11 +30,12 @@ from jaxtyping import Array, Bool, Float, Int
 from brownout_jax.cpu_kernels.library import (
     GROUPED_SWIGLU_TARGET,
     LINEAR_TARGET,
+    PACKED_GROUPED_SWIGLU_TARGET,
     PACKED_LINEAR_TARGET,
     Isa,
     load_library,
 )
-from brownout_jax.cpu_kernels.packing import PackedWeight
+from brownout_jax.cpu_kernels.packing import PackedStack, PackedWeight
 
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
@@ -112,6 +113,69 @@ def grouped_swiglu(
         w_up,
         w_down,
         row_weights.astype(jnp.float32),
+        isa=np.int64(int(isa)),
+        max_threads=np.int64(max_threads),
+    )
+    return y
+
+
+def packed_grouped_swiglu(
+    x: Float[Array, "M D"],
+    group_sizes: Int[Array, " G"],
+    w_gate: PackedStack,
+    w_up: PackedStack,
+    w_down: PackedStack,
+    row_weights: Float[Array, " M"] | None = None,
+    *,
+    isa: Isa = Isa.AUTO,
+    max_threads: int = 0,
+) -> Float[Array, "M D"]:
+    """``grouped_swiglu`` on packed stacks (``packing.pack_stack`` of the (G, D, F) and
+    (G, F, D) weights): the same contract and scheduling, the tiles of the packed matmul."""
+    stacks = (w_gate, w_up, w_down)
+    if not all(isinstance(w, PackedStack) for w in stacks):
+        raise ValueError("packed_grouped_swiglu: w_gate, w_up and w_down must be PackedStacks")
+    if x.ndim != 2:
+        raise ValueError(f"packed_grouped_swiglu: x must be (M, D), got shape {x.shape}")
+    m, d = x.shape
+    g, _, f = w_gate.shape
+    if w_gate.shape != (g, d, f) or w_up.shape != (g, d, f) or w_down.shape != (g, f, d):
+        raise ValueError(
+            f"packed_grouped_swiglu: stacks must pack (G, D={d}, F), (G, D, F), (G, F, D); got "
+            f"{w_gate.shape}, {w_up.shape}, {w_down.shape}"
+        )
+    if group_sizes.shape != (g,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"packed_grouped_swiglu: group_sizes must be ({g},) integers")
+    if row_weights is not None and row_weights.shape != (m,):
+        raise ValueError(f"packed_grouped_swiglu: row_weights must be ({m},)")
+    if jnp.dtype(x.dtype) not in _DTYPES:
+        raise ValueError(f"packed_grouped_swiglu: x must be float32 or bfloat16, got {x.dtype}")
+    library = load_library()
+    if not library.available:
+        raise KernelUnavailableError(f"packed_grouped_swiglu: {library.unavailable_reason}")
+    x_bf16 = jnp.dtype(x.dtype) == jnp.bfloat16
+    if library.packed_experts_isa_name(Isa(isa), x_bf16) is None:
+        raise KernelUnavailableError(
+            f"packed_grouped_swiglu: this CPU cannot run the {Isa(isa).name} copy"
+            + ("" if x_bf16 else " (AVX512_BF16 needs bfloat16 x)")
+        )
+    if row_weights is None:
+        row_weights = jnp.ones((m,), jnp.float32)
+    f_padded = -(-f // 32) * 32
+    y, _hidden = jax.ffi.ffi_call(
+        PACKED_GROUPED_SWIGLU_TARGET,
+        (
+            jax.ShapeDtypeStruct((m, d), jnp.float32),
+            jax.ShapeDtypeStruct((m, f_padded), jnp.float32),
+        ),
+    )(
+        x,
+        group_sizes.astype(jnp.int32),
+        w_gate.data,
+        w_up.data,
+        w_down.data,
+        row_weights.astype(jnp.float32),
+        f=np.int64(f),
         isa=np.int64(int(isa)),
         max_threads=np.int64(max_threads),
     )

@@ -21,6 +21,7 @@ LIBRARY_STEM = "_grouped_experts"
 GROUPED_SWIGLU_TARGET = "brownout_grouped_swiglu"
 LINEAR_TARGET = "brownout_linear"
 PACKED_LINEAR_TARGET = "brownout_packed_linear"
+PACKED_GROUPED_SWIGLU_TARGET = "brownout_packed_grouped_swiglu"
 
 
 class Isa(enum.IntEnum):
@@ -62,6 +63,14 @@ class KernelLibrary:
         name = self.handle.BrownoutPackedLinearIsa(int(isa), int(x_bf16), int(rows)).decode()
         return name or None
 
+    def packed_experts_isa_name(self, isa: Isa, x_bf16: bool) -> str | None:
+        """The copy the packed-stack grouped SwiGLU runs with ``isa`` (AMX has none of its
+        own: it resolves like AUTO), None if this CPU lacks it."""
+        if self.handle is None:
+            return None
+        name = self.handle.BrownoutPackedExpertsIsa(int(isa), int(x_bf16)).decode()
+        return name or None
+
 
 def _packaged_library() -> Path | None:
     here = Path(__file__).resolve().parent
@@ -88,10 +97,13 @@ def load_library() -> KernelLibrary:
         handle.BrownoutCpuKernelIsa.argtypes = (ctypes.c_int64, ctypes.c_int32)
         handle.BrownoutPackedLinearIsa.restype = ctypes.c_char_p
         handle.BrownoutPackedLinearIsa.argtypes = (ctypes.c_int64, ctypes.c_int32, ctypes.c_int64)
+        handle.BrownoutPackedExpertsIsa.restype = ctypes.c_char_p
+        handle.BrownoutPackedExpertsIsa.argtypes = (ctypes.c_int64, ctypes.c_int32)
         targets = {
             GROUPED_SWIGLU_TARGET: handle.BrownoutGroupedSwiglu,
             LINEAR_TARGET: handle.BrownoutLinear,
             PACKED_LINEAR_TARGET: handle.BrownoutPackedLinear,
+            PACKED_GROUPED_SWIGLU_TARGET: handle.BrownoutPackedGroupedSwiglu,
         }
     except (OSError, AttributeError) as err:
         return KernelLibrary(path, f"{path} cannot be loaded: {err}")

@@ -73,6 +73,24 @@ class PackedWeight:
         return dataclasses.replace(self, paths=tuple(paths))
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["data"], meta_fields=["k", "n"])
+@dataclasses.dataclass(frozen=True)
+class PackedStack:
+    """A stack of G (k, n) weights (routed experts), each packed: data (G, NB, KP, 64)."""
+
+    data: Float[Array, "G NB KP 64"]
+    k: int
+    n: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.data.shape[0], self.k, self.n)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+
 def packed_dims(k: int, n: int) -> tuple[int, int]:
     """(NB, KP) of a (k, n) weight."""
     return -(-n // BLOCK_COLS), -(-k // DEPTH_ALIGN) * (DEPTH_ALIGN // 2)
@@ -103,6 +121,23 @@ def pack(w: Float[Array, "K N"]) -> PackedWeight:
         raise ValueError(f"pack: the packed kernels read bfloat16 weights, got {w.dtype}")
     k, n = w.shape
     return PackedWeight(_pack_jit(w), k, n)
+
+
+_pack_stack_jit = jax.jit(jax.vmap(_pack))
+
+
+def pack_stack(w: Float[Array, "G K N"]) -> PackedStack:
+    """Each (K, N) matrix of a bfloat16 (G, K, N) stack packed (traceable, like ``pack``)."""
+    if w.ndim != 3:
+        raise ValueError(f"pack_stack: w must be (G, K, N), got shape {w.shape}")
+    if jnp.dtype(w.dtype) != jnp.bfloat16:
+        raise ValueError(f"pack_stack: the packed kernels read bfloat16 weights, got {w.dtype}")
+    return PackedStack(_pack_stack_jit(w), w.shape[1], w.shape[2])
+
+
+def unpack_stack(packed: PackedStack) -> Float[Array, "G K N"]:
+    """The (G, K, N) stack back, bit for bit."""
+    return jax.vmap(lambda d: _unpack(d, packed.k, packed.n))(packed.data)
 
 
 def unpack(packed: PackedWeight) -> Float[Array, "K N"]:

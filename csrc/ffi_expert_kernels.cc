@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "packed_linear.h"
 #include "problem.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -27,7 +28,14 @@ namespace ffi = xla::ffi;
 namespace brownout {
 namespace {
 
-enum IsaRequest : int64_t { kAuto = 0, kGeneric = 1, kAvx2 = 2, kAvx512 = 3, kAvx512Bf16 = 4 };
+enum IsaRequest : int64_t {
+  kAuto = 0,
+  kGeneric = 1,
+  kAvx2 = 2,
+  kAvx512 = 3,
+  kAvx512Bf16 = 4,
+  kAmxBf16 = 5,
+};
 
 // Rows per active slot of linear(): a chunk's input rows stay in L2 while the weight panels
 // stream past them.
@@ -58,6 +66,7 @@ struct SharedWork {
   const IsaKernels* kernels = nullptr;
   std::vector<int64_t> active_group, active_row0, active_rows;
   std::vector<int64_t> stream_group, stream_row0, stream_rows;
+  std::vector<unsigned char> x_padded;  // x rows padded to the packed depth, when needed
   std::vector<float> scratch;  // one 64-byte-aligned block per worker (IsaKernels)
   int64_t scratch_per_worker = 0;
   int64_t gate_up_items = 0;  // stream items first, then panel gate/up items
@@ -176,6 +185,12 @@ ffi::Error NoIsa() {
       "this CPU lacks the requested ISA copy (or it needs bf16 x and weights)");
 }
 
+ffi::Error RunGroups(ffi::ThreadPool& pool, const std::shared_ptr<SharedWork>& work,
+                     ffi::Buffer<ffi::S32>& group_sizes, int64_t g,
+                     ffi::Buffer<ffi::F32>& row_weights, ffi::ResultBuffer<ffi::F32>& y,
+                     ffi::ResultBuffer<ffi::F32>& h, int64_t m, int64_t d, int64_t f,
+                     int64_t max_threads);
+
 ffi::Error GroupedSwigluImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
                              ffi::Buffer<ffi::S32> group_sizes, ffi::AnyBuffer w_gate,
                              ffi::AnyBuffer w_up, ffi::AnyBuffer w_down,
@@ -212,7 +227,23 @@ ffi::Error GroupedSwigluImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   work->kernels = SelectKernels(isa, wt == ffi::DataType::BF16 &&
                                          x.element_type() == ffi::DataType::BF16);
   if (work->kernels == nullptr) return NoIsa();
+  Problem& p = work->problem;
+  p.x = x.untyped_data();
+  p.x_type = TypeOf(x.element_type());
+  p.w_gate = w_gate.untyped_data();
+  p.w_up = w_up.untyped_data();
+  p.w_down = w_down.untyped_data();
+  p.weight_type = TypeOf(wt);
+  return RunGroups(pool, work, group_sizes, g, row_weights, y, h, m, d, f, max_threads);
+}
 
+// Lists the active groups of group_sizes and runs the SwiGLU items of work->kernels on the
+// operands already set in work->problem (x, weights).
+ffi::Error RunGroups(ffi::ThreadPool& pool, const std::shared_ptr<SharedWork>& work,
+                     ffi::Buffer<ffi::S32>& group_sizes, int64_t g,
+                     ffi::Buffer<ffi::F32>& row_weights, ffi::ResultBuffer<ffi::F32>& y,
+                     ffi::ResultBuffer<ffi::F32>& h, int64_t m, int64_t d, int64_t f,
+                     int64_t max_threads) {
   const int32_t* sizes = group_sizes.typed_data();
   int64_t row = 0;
   for (int64_t i = 0; i < g && row < m; ++i) {
@@ -233,12 +264,6 @@ ffi::Error GroupedSwigluImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
     return ffi::Error::Success();
   }
   Problem& p = work->problem;
-  p.x = x.untyped_data();
-  p.x_type = TypeOf(x.element_type());
-  p.w_gate = w_gate.untyped_data();
-  p.w_up = w_up.untyped_data();
-  p.w_down = w_down.untyped_data();
-  p.weight_type = TypeOf(wt);
   p.row_weights = row_weights.typed_data();
   p.y = out;
   p.h = h->untyped_data();
@@ -248,6 +273,96 @@ ffi::Error GroupedSwigluImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
   p.f = f;
   Run(pool, work, /*with_gate_up=*/true, max_threads);
   return ffi::Error::Success();
+}
+
+// The copy of the packed-stack SwiGLU for this request: no AMX copy of it (yet), so AMX and
+// AUTO take the best vector copy for x's type.
+const IsaKernels* SelectPackedExperts(int64_t request, bool x_bf16) {
+#if defined(BROWNOUT_HAVE_X86_KERNELS)
+  switch (request) {
+    case kAvx512Bf16:
+      return x_bf16 && CpuHasAvx512Bf16() ? &PackedExpertsAvx512Bf16Kernels() : nullptr;
+    case kAvx512:
+      return CpuHasAvx512() ? &PackedExpertsAvx512Kernels() : nullptr;
+    case kAvx2:
+      return CpuHasAvx2() ? &PackedExpertsAvx2Kernels() : nullptr;
+    case kGeneric:
+      return &PackedExpertsGenericKernels();
+    case kAuto:
+    case kAmxBf16:
+      break;
+    default:
+      return nullptr;
+  }
+  if (x_bf16 && CpuHasAvx512Bf16()) return &PackedExpertsAvx512Bf16Kernels();
+  if (CpuHasAvx512()) return &PackedExpertsAvx512Kernels();
+  if (CpuHasAvx2()) return &PackedExpertsAvx2Kernels();
+#else
+  if (request != kAuto && request != kGeneric && request != kAmxBf16) return nullptr;
+#endif
+  return &PackedExpertsGenericKernels();
+}
+
+ffi::Error PackedGroupedSwigluImpl(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                                   ffi::Buffer<ffi::S32> group_sizes,
+                                   ffi::Buffer<ffi::BF16> w_gate, ffi::Buffer<ffi::BF16> w_up,
+                                   ffi::Buffer<ffi::BF16> w_down,
+                                   ffi::Buffer<ffi::F32> row_weights,
+                                   ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> h,
+                                   int64_t f, int64_t isa, int64_t max_threads) {
+  if (x.dimensions().size() != 2 || !IsF32OrBf16(x.element_type())) {
+    return ffi::Error::InvalidArgument("packed_grouped_swiglu: x must be (M, D) f32 or bf16");
+  }
+  const int64_t m = Dim(x, 0), d = Dim(x, 1);
+  const int64_t nbd = (d + 31) / 32, nbf = (f + 31) / 32;
+  const auto gd = w_gate.dimensions();
+  const auto ud = w_up.dimensions();
+  const auto dd = w_down.dimensions();
+  if (gd.size() != 4 || ud.size() != 4 || dd.size() != 4 || f < 0) {
+    return ffi::Error::InvalidArgument("packed_grouped_swiglu: weights must be packed stacks");
+  }
+  const int64_t g = gd[0];
+  for (int i = 0; i < 4; ++i) {
+    if (gd[i] != ud[i]) {
+      return ffi::Error::InvalidArgument("packed_grouped_swiglu: w_up must match w_gate");
+    }
+  }
+  if (gd[1] != nbf || gd[2] != nbd * 16 || gd[3] != 64 || dd[0] != g || dd[1] != nbd ||
+      dd[2] != nbf * 16 || dd[3] != 64) {
+    return ffi::Error::InvalidArgument(
+        "packed_grouped_swiglu: w_gate/w_up must pack (G, D, F) and w_down (G, F, D) stacks");
+  }
+  if (group_sizes.element_count() != static_cast<size_t>(g) ||
+      row_weights.element_count() != static_cast<size_t>(m) ||
+      y->element_count() != static_cast<size_t>(m * d) ||
+      h->element_count() != static_cast<size_t>(m * nbf * 32)) {
+    return ffi::Error::InvalidArgument(
+        "packed_grouped_swiglu: group_sizes (G,), row_weights (M,), y (M, D), h (M, F "
+        "padded to 32) expected");
+  }
+  const bool x_bf16 = x.element_type() == ffi::DataType::BF16;
+  auto work = std::make_shared<SharedWork>();
+  work->kernels = SelectPackedExperts(isa, x_bf16);
+  if (work->kernels == nullptr) return NoIsa();
+  Problem& p = work->problem;
+  const int64_t ldx = nbd * 32, elem = x_bf16 ? 2 : 4;
+  if (ldx == d) {
+    p.x = x.untyped_data();
+  } else {  // rows padded with zeros to the packed depth
+    work->x_padded.assign(static_cast<size_t>(m * ldx * elem), 0);
+    const auto* in = static_cast<const unsigned char*>(x.untyped_data());
+    for (int64_t r = 0; r < m; ++r) {
+      std::memcpy(work->x_padded.data() + r * ldx * elem, in + r * d * elem,
+                  static_cast<size_t>(d * elem));
+    }
+    p.x = work->x_padded.data();
+  }
+  p.x_type = x_bf16 ? ElementType::kBF16 : ElementType::kF32;
+  p.w_gate = w_gate.typed_data();
+  p.w_up = w_up.typed_data();
+  p.w_down = w_down.typed_data();
+  p.weight_type = ElementType::kBF16;
+  return RunGroups(pool, work, group_sizes, g, row_weights, y, h, m, d, f, max_threads);
 }
 
 ffi::Error LinearImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
@@ -320,6 +435,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BrownoutLinear, brownout::LinearImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y (M, N)
                                   .Attr<int64_t>("isa")
                                   .Attr<int64_t>("max_threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BrownoutPackedGroupedSwiglu, brownout::PackedGroupedSwigluImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()          // x (M, D), rows by group
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // group_sizes (G,)
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // w_gate (G, NBf, KPd, 64)
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // w_up (G, NBf, KPd, 64)
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // w_down (G, NBd, KPf, 64)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // row_weights (M,)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // y (M, D)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // h (M, NBf·32), scratch
+                                  .Attr<int64_t>("f")
+                                  .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("max_threads"));
+
+// The copy a packed-stack SwiGLU request resolves to on this CPU ("" when it lacks it).
+extern "C" const char* BrownoutPackedExpertsIsa(int64_t request, int32_t x_bf16) {
+  const brownout::IsaKernels* kernels = brownout::SelectPackedExperts(request, x_bf16 != 0);
+  return kernels == nullptr ? "" : kernels->name;
+}
 
 // The ISA copy a request resolves to on this CPU ("" when it lacks it); for logs and tests.
 extern "C" const char* BrownoutCpuKernelIsa(int64_t request, int32_t all_bf16) {

@@ -9,6 +9,8 @@
 namespace brownout {
 namespace avx2 {
 
+#include "avx2_math.inc"
+
 struct V {
   using T = __m256;
   static constexpr int W = 8;
@@ -54,27 +56,7 @@ struct V {
   static inline T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
   static inline T mul(T a, T b) { return _mm256_mul_ps(a, b); }
   // exp(x) = 2^n · e^r as in the AVX-512 copy; 2^n built in the exponent bits (n ∈ [-126, 127]).
-  static inline T exp(T x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, set1(-87.0f)), set1(88.0f));
-    const T n = _mm256_round_ps(_mm256_mul_ps(x, set1(1.44269504088896341f)),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    T r = _mm256_fnmadd_ps(n, set1(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, set1(-2.12194440e-4f), r);
-    T p = set1(1.0f / 5040);
-    p = fma(p, r, set1(1.0f / 720));
-    p = fma(p, r, set1(1.0f / 120));
-    p = fma(p, r, set1(1.0f / 24));
-    p = fma(p, r, set1(1.0f / 6));
-    p = fma(p, r, set1(0.5f));
-    p = fma(p, r, set1(1.0f));
-    p = fma(p, r, set1(1.0f));
-    const __m256i bits =
-        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-  }
-  static inline T silu(T g) {
-    return _mm256_div_ps(g, _mm256_add_ps(set1(1.0f), exp(_mm256_sub_ps(zero(), g))));
-  }
+  static inline T silu(T g) { return Silu256(g); }
 };
 
 #include "swiglu_tiles.inc"

@@ -9,6 +9,8 @@
 namespace brownout {
 namespace packed_avx2 {
 
+#include "avx2_math.inc"
+
 struct V {
   struct Pair {
     __m256 even, odd;
@@ -47,6 +49,17 @@ struct V {
     for (int i = 0; i < n; ++i) lanes[i] = p[i];
     return _mm256_load_ps(lanes);
   }
+  static inline T set1(float a) { return _mm256_set1_ps(a); }
+  static inline T mul(T a, T b) { return _mm256_mul_ps(a, b); }
+  static inline T silu(T g) { return Silu256(g); }
+  using HT = float;
+  static inline void store_hidden(float* p, T v, int n) {
+    if (n >= 8) {
+      _mm256_storeu_ps(p, v);
+    } else {
+      store_partial(p, v, n);
+    }
+  }
   static inline void store(float* p, T v) { _mm256_storeu_ps(p, v); }
   static inline void store_partial(float* p, T v, int n) {
     alignas(32) float lanes[8];
@@ -56,9 +69,11 @@ struct V {
 };
 
 #include "packed_linear_tiles.inc"
+#include "packed_experts_tiles.inc"
 
 }  // namespace packed_avx2
 
 const PackedKernels& PackedAvx2Kernels() { return packed_avx2::kPackedKernels; }
+const IsaKernels& PackedExpertsAvx2Kernels() { return packed_avx2::kPackedExpertKernels; }
 
 }  // namespace brownout

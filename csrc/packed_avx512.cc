@@ -10,6 +10,8 @@
 namespace brownout {
 namespace packed_avx512 {
 
+#include "avx512_math.inc"
+
 struct V {
   struct Pair {
     __m512 even, odd;
@@ -44,6 +46,13 @@ struct V {
   static inline T load_partial(const float* p, int n) {
     return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
   }
+  static inline T set1(float a) { return _mm512_set1_ps(a); }
+  static inline T mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  static inline T silu(T g) { return Silu512(g); }
+  using HT = float;
+  static inline void store_hidden(float* p, T v, int n) {
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1), v);
+  }
   static inline void store(float* p, T v) { _mm512_storeu_ps(p, v); }
   static inline void store_partial(float* p, T v, int n) {
     _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v);
@@ -51,9 +60,11 @@ struct V {
 };
 
 #include "packed_linear_tiles.inc"
+#include "packed_experts_tiles.inc"
 
 }  // namespace packed_avx512
 
 const PackedKernels& PackedAvx512Kernels() { return packed_avx512::kPackedKernels; }
+const IsaKernels& PackedExpertsAvx512Kernels() { return packed_avx512::kPackedExpertKernels; }
 
 }  // namespace brownout

@@ -11,6 +11,8 @@
 namespace brownout {
 namespace packed_avx512_bf16 {
 
+#include "avx512_math.inc"
+
 struct V {
   using T = __m512;
   using WP = __m512bh;
@@ -37,6 +39,16 @@ struct V {
   static inline T load_partial(const float* p, int n) {
     return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
   }
+  static inline T set1(float a) { return _mm512_set1_ps(a); }
+  static inline T mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  static inline T silu(T g) { return Silu512(g); }
+  // The hidden rows of the experts' SwiGLU (the down projection's x): bf16, as a bf16 model
+  // rounds them, and what vdpbf16ps multiplies.
+  using HT = uint16_t;
+  static inline void store_hidden(uint16_t* p, T v, int n) {
+    const __m256i bits = (__m256i)_mm512_cvtneps_pbh(v);
+    _mm256_mask_storeu_epi16(p, static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1), bits);
+  }
   static inline void store(float* p, T v) { _mm512_storeu_ps(p, v); }
   static inline void store_partial(float* p, T v, int n) {
     _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v);
@@ -44,9 +56,11 @@ struct V {
 };
 
 #include "packed_linear_tiles.inc"
+#include "packed_experts_tiles.inc"
 
 }  // namespace packed_avx512_bf16
 
 const PackedKernels& PackedAvx512Bf16Kernels() { return packed_avx512_bf16::kPackedKernels; }
+const IsaKernels& PackedExpertsAvx512Bf16Kernels() { return packed_avx512_bf16::kPackedExpertKernels; }
 
 }  // namespace brownout

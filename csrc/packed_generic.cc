@@ -1,5 +1,6 @@
 // Portable scalar copy of the packed matmul (any CPU; the slow twin of the vector copies):
 // 8 columns of fp32 per "vector", each packed lane split into its two bf16 halves.
+#include <cmath>
 #include <cstdint>
 
 #include "packed_linear.h"
@@ -53,6 +54,21 @@ struct V {
     for (int i = 0; i < n; ++i) v.v[i] = p[i];
     return v;
   }
+  static inline T set1(float a) {
+    T v;
+    for (int i = 0; i < W; ++i) v.v[i] = a;
+    return v;
+  }
+  static inline T mul(T a, T b) {
+    for (int i = 0; i < W; ++i) a.v[i] *= b.v[i];
+    return a;
+  }
+  static inline T silu(T g) {
+    for (int i = 0; i < W; ++i) g.v[i] = g.v[i] / (1.0f + std::exp(-g.v[i]));
+    return g;
+  }
+  using HT = float;
+  static inline void store_hidden(float* p, T v, int n) { store_partial(p, v, n < W ? n : W); }
   static inline void store(float* p, T v) {
     for (int i = 0; i < W; ++i) p[i] = v.v[i];
   }
@@ -62,9 +78,11 @@ struct V {
 };
 
 #include "packed_linear_tiles.inc"
+#include "packed_experts_tiles.inc"
 
 }  // namespace packed_generic
 
 const PackedKernels& PackedGenericKernels() { return packed_generic::kPackedKernels; }
+const IsaKernels& PackedExpertsGenericKernels() { return packed_generic::kPackedExpertKernels; }
 
 }  // namespace brownout

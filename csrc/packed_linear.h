@@ -69,12 +69,18 @@ struct PackedKernels {
   int64_t scratch_floats;    // per thread, 64-byte aligned
 };
 
+// The grouped SwiGLU of the routed experts on packed stacks, per copy (packed_experts_tiles.inc);
+// scheduled by ffi_expert_kernels.cc like the stored-layout copies (problem.h).
 const PackedKernels& PackedGenericKernels();
+const IsaKernels& PackedExpertsGenericKernels();
 #if defined(BROWNOUT_HAVE_X86_KERNELS)
 const PackedKernels& PackedAvx2Kernels();
 const PackedKernels& PackedAvx512Kernels();
 const PackedKernels& PackedAvx512Bf16Kernels();
 const PackedKernels& PackedAmxBf16Kernels();
+const IsaKernels& PackedExpertsAvx2Kernels();
+const IsaKernels& PackedExpertsAvx512Kernels();
+const IsaKernels& PackedExpertsAvx512Bf16Kernels();
 #endif
 
 }  // namespace brownout

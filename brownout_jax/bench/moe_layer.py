@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from brownout_jax.cpu_kernels.packing import pack, pack_stack
+from brownout_jax.model.packed_params import packing_available
 from brownout_jax.model.params import DenseMlpParams, ExpertWeights, MoeParams
 from brownout_jax.moe.block import moe_block
 from brownout_jax.moe.brownout import route_with_brownout
@@ -91,6 +93,23 @@ def make_layer(shape: MoeLayerShape, way: int, skew: float, dtype, seed: int = 0
     return params, direction
 
 
+def _packed_layer(params: MoeParams, experts: bool = True) -> MoeParams:
+    """The layer as serving holds it: the shared expert and (``experts``) the expert stacks
+    packed."""
+    packed_experts = params.experts
+    if experts:
+        packed_experts = ExpertWeights(
+            *(
+                pack_stack(w)
+                for w in (packed_experts.w_gate, packed_experts.w_up, packed_experts.w_down)
+            )
+        )
+    shared = params.shared
+    if shared is not None:
+        shared = DenseMlpParams(*(pack(w) for w in (shared.w_gate, shared.w_up, shared.w_down)))
+    return params.replace(experts=packed_experts, shared=shared)
+
+
 def tokens_for(n: int, shape: MoeLayerShape, direction: np.ndarray, seed: int, dtype) -> jax.Array:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, shape.hidden)).astype(np.float32) + direction
@@ -112,20 +131,30 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
 
 def measure_matmul_peak(dtype, repeats: int = 5) -> float:
     """GFLOP/s of the best dense matmul this machine runs at a prefill-like shape (512 ×
-    2048 · 2048 × 5632) in ``dtype``: XLA's dot (fp32 accumulation) or the model's
-    ``dense.matmul_f32`` (the CPU kernel on CPU when built)."""
+    2048 · 2048 × 5632) in ``dtype``: XLA's dot (fp32 accumulation), or the model's
+    ``dense.matmul_f32`` on the weight as serving holds it (packed for the CPU kernels when
+    they are built and the weight is bf16)."""
     from brownout_jax.model.dense import matmul_f32
+    from brownout_jax.model.packed_params import packing_available
 
     x = jnp.ones((512, 2048), dtype)
     w = jnp.full((2048, 5632), 0.01, dtype)
+    weights = [w]
+    if packing_available() and jnp.dtype(dtype) == jnp.bfloat16:
+        from brownout_jax.cpu_kernels import pack
+
+        weights.append(pack(w))
     best = 0.0
-    for fn in (lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32), matmul_f32):
+    for fn, weight in [
+        (lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32), w),
+        *((matmul_f32, weight) for weight in weights),
+    ]:
         run = jax.jit(fn)
-        run(x, w).block_until_ready()
+        run(x, weight).block_until_ready()
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            run(x, w).block_until_ready()
+            run(x, weight).block_until_ready()
             times.append(time.perf_counter() - start)
         best = max(best, 2 * 512 * 2048 * 5632 / statistics.median(times) / 1e9)
     return best
@@ -164,9 +193,18 @@ def run_moe_layer_bench(
     shape: MoeLayerShape = QWEN_MOE_LAYER,
     weight_dtype=None,
     backends: tuple[ExpertBackend, ...] = (ExpertBackend.AUTO,),
+    layouts: tuple[str, ...] = ("packed", "stored"),
 ) -> dict:
+    """``layouts``: for the CPU kernel backend, the weights as serving packs them
+    (``packed``: expert stacks and shared expert in the packed layout) and/or the expert
+    stacks as stored (``stored``: the grouped kernel on (E, D, F) stacks, as before packing;
+    the shared expert packed in both, so the two differ by the expert kernel alone)."""
     dtype = jnp.dtype(weight_dtype or default_weight_dtype())
-    params, direction = make_layer(shape, way, skew, dtype)
+    stored, direction = make_layer(shape, way, skew, dtype)
+    packed = None
+    if dtype == jnp.bfloat16 and packing_available():
+        packed = _packed_layer(stored)
+        stored = _packed_layer(stored, experts=False)
     bandwidth = measure_read_bandwidth()
     matmul_peak = measure_matmul_peak(dtype)
     expert_bytes = 3 * shape.hidden * shape.intermediate * dtype.itemsize
@@ -177,7 +215,13 @@ def run_moe_layer_bench(
     cases = [("decode", b) for b in batches] + (
         [("prefill", prefill_tokens)] if prefill_tokens else []
     )
-    for backend, (phase, n) in itertools.product(backends, cases):
+    variants = []
+    for backend in backends:
+        if resolve_backend(backend) is ExpertBackend.CPU_KERNEL and packed and "packed" in layouts:
+            variants.append((backend, "packed", packed))
+        if resolve_backend(backend) is not ExpertBackend.CPU_KERNEL or "stored" in layouts:
+            variants.append((backend, "stored", stored))
+    for (backend, layout, params), (phase, n) in itertools.product(variants, cases):
         x = tokens_for(n, shape, direction, seed=n, dtype=dtype)
         mask = jnp.ones(n, bool)
         for threshold in thresholds:
@@ -189,12 +233,13 @@ def run_moe_layer_bench(
                 start = time.perf_counter()
                 run(x, params, mask).block_until_ready()
                 times.append(time.perf_counter() - start)
-            distinct, top6 = _distinct_experts(x, params, shape.top_k, threshold)
+            distinct, top6 = _distinct_experts(x, stored, shape.top_k, threshold)
             latency = statistics.median(times)
             nbytes = distinct * expert_bytes + fixed_bytes
             rows.append(
                 {
-                    "backend": resolve_backend(backend).value,
+                    "backend": resolve_backend(backend).value
+                    + ("_packed" if layout == "packed" else ""),
                     "phase": phase,
                     "tokens": n,
                     "threshold": threshold,

@@ -40,6 +40,16 @@ def add_parser(sub) -> None:
     p.add_argument("--output", choices=("table", "json"), default="table")
     p.set_defaults(run=_run_moe_layer)
     _add_burst(kinds)
+    p = kinds.add_parser("linear", help="dense matmuls: packed CPU kernel vs XLA's dot")
+    p.add_argument("--rows", default="1,8,16,32,64,512", help="row counts m")
+    p.add_argument(
+        "--preset", default="qwen1.5-moe-a2.7b", help="model whose dense shapes to time"
+    )
+    p.add_argument("--model", help="a checkpoint directory (its config's shapes)")
+    p.add_argument("--shapes", help="explicit k x n list, e.g. 2048x2048,2048x151936")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--output", choices=("table", "json"), default="table")
+    p.set_defaults(run=_run_linear)
     p = kinds.add_parser("kernels", help="Pallas grouped-matmul kernels vs ragged_dot and dense")
     p.add_argument("--rows", default=None, help="rows counts m (default 1,4,16,64,256,4096)")
     p.add_argument("--small", action="store_true", help="tiny shapes (automatic off GPU)")
@@ -88,6 +98,24 @@ def _run_burst(args) -> int:
     finally:
         engine.shutdown(drain=False)
     print(json.dumps(result, indent=1))
+    return 0
+
+
+def _run_linear(args) -> int:
+    from brownout_jax.bench.linear import format_table, model_dense_shapes, run_linear_bench
+    from brownout_jax.model.config import PRESETS, ModelConfig
+
+    if args.shapes:
+        shapes = tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes.split(","))
+    elif args.model:
+        shapes = model_dense_shapes(ModelConfig.from_pretrained_dir(args.model))
+    else:
+        if args.preset not in PRESETS:
+            raise ValueError(f"--preset: {args.preset!r}; choose from {', '.join(PRESETS)}")
+        shapes = model_dense_shapes(PRESETS[args.preset])
+    rows = tuple(int(r) for r in args.rows.split(","))
+    result = run_linear_bench(shapes, rows, args.repeats)
+    print(json.dumps(result, indent=1) if args.output == "json" else format_table(result))
     return 0
 
 

@@ -34,7 +34,8 @@ def run(args) -> int:
     )
     from brownout_jax.united.distill import DistillConfig, build_united_experts
 
-    model = load_model(args.model, args.dtype)
+    # The distillation reads the expert stacks as stored (its teacher is each expert).
+    model = load_model(args.model, args.dtype, pack_experts=False)
     if args.calib is not None:
         if model.tokenizer is None:
             raise ValueError(f"--calib: {args.model} has no tokenizer; use --calib-random-tokens")

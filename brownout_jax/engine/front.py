@@ -117,7 +117,13 @@ class Engine:
             grid = make_grid(shapes, model_config, resolved, ladder_for(shapes, resolved))
             compiling = _CompileThread(grid, resolved.compile_in_background, progress)
         try:
-            model = load_model(model_dir, dtype, progress=progress, united=united_dir)
+            model = load_model(
+                model_dir,
+                dtype,
+                progress=progress,
+                united=united_dir,
+                pack_experts=config.mesh is None,
+            )
         except BaseException:
             if compiling is not None:  # no point compiling for weights that did not load
                 compiling.grid.cancel()

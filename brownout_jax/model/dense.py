@@ -1,12 +1,17 @@
-"""The model's dense matmuls (attention projections, dense and shared-expert MLPs, LM head):
-the C++ CPU kernel (``cpu_kernels.linear``) on a CPU backend when it is built, XLA's dot
-elsewhere.
+"""The model's dense matmuls (attention projections, dense and shared-expert MLPs, LM head).
 
-Why not XLA's dot on CPU: for a bf16 dot XLA:CPU converts the whole weight to f32 first (the
-LM head of Qwen1.5-MoE: 1.2 GB written per decode step; a 2-layer model's decode step took
-1.9 s), and even in f32 it streams a decode-sized (few-row) matmul at about a quarter of the
-machine's read bandwidth. The kernel reads weights once, in place, in their dtype. It has no
-gradient of its own: training (the demo's) differentiates through XLA's dot instead.
+Three cases, by what the weight is:
+
+* a ``PackedWeight`` (bf16 weights packed after loading, ``model.packed_params``): the packed
+  C++ kernel (``cpu_kernels.packed_linear``: AMX tiles, AVX-512-BF16, …) or XLA's dot on the
+  packed layout, whichever the weight's measured choice names for this row count;
+* a float32 (K, N) array on a CPU backend with the library built: the streaming C++ kernel
+  (``cpu_kernels.linear``) — XLA:CPU streams a decode-sized f32 matmul at about a quarter of
+  the read bandwidth;
+* anything else (bf16 weights left unpacked, another backend): XLA's dot.
+
+The kernels have no gradient of their own: training (the demo's) differentiates through XLA's
+dot; packed weights are for inference only.
 """
 
 from __future__ import annotations
@@ -16,17 +21,19 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from brownout_jax.cpu_kernels.packing import MatmulPath, PackedWeight, packed_linear_xla
 from brownout_jax.model.dims import Array, Bool, Float
 from brownout_jax.model.params import DenseMlpParams
 
 _KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
-def use_cpu_kernel(*arrays) -> bool:
-    """Decided at trace time: a CPU backend, the library built, float32/bfloat16 operands."""
-    if jax.default_backend() != "cpu":
+def use_cpu_kernel(x, w) -> bool:
+    """The streaming kernel for an unpacked weight, decided at trace time: a CPU backend, the
+    library built, float32 weights (bf16 ones are packed, or left to XLA by measurement)."""
+    if jax.default_backend() != "cpu" or isinstance(w, PackedWeight):
         return False
-    if any(jnp.dtype(a.dtype) not in _KERNEL_DTYPES for a in arrays):
+    if jnp.dtype(x.dtype) not in _KERNEL_DTYPES or jnp.dtype(w.dtype) != jnp.float32:
         return False
     from brownout_jax.cpu_kernels import load_library
 
@@ -61,8 +68,10 @@ def matmul_f32(
     x: Float[Array, "... K"], w: Float[Array, "K N"], rows: Bool[Array, "..."] | None = None
 ) -> Float[Array, "... N"]:
     """``x · w`` accumulated and returned in float32. ``rows`` (x's leading shape) marks the
-    rows whose output is used: the kernel skips blocks of unused ones (bucket padding) and
-    returns zeros there; XLA's dot computes every row."""
+    rows whose output is used: the kernels skip blocks of unused ones (bucket padding) and
+    return zeros there; XLA's dot computes every row."""
+    if isinstance(w, PackedWeight):
+        return _packed_matmul(x, w, rows)
     if not use_cpu_kernel(x, w):
         return jnp.dot(x, w, preferred_element_type=jnp.float32)
     lead = x.shape[:-1]
@@ -71,10 +80,25 @@ def matmul_f32(
     return y.reshape(*lead, w.shape[-1])
 
 
+def _packed_matmul(x, w: PackedWeight, rows):
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if w.path_for(x2.shape[0]) is MatmulPath.XLA:
+        y = packed_linear_xla(x2, w)
+    else:
+        from brownout_jax.cpu_kernels import packed_linear
+
+        mask = None if rows is None else rows.reshape(-1)
+        y = packed_linear(x2, w, mask)
+    return y.reshape(*lead, w.n)
+
+
 def matmul(
     x: Float[Array, "... K"], w: Float[Array, "K N"], rows: Bool[Array, "..."] | None = None
 ) -> Float[Array, "... N"]:
     """``x · w`` in the activation dtype (fp32 accumulation), as HF's ``nn.Linear``."""
+    if isinstance(w, PackedWeight):
+        return _packed_matmul(x, w, rows).astype(x.dtype)
     if not use_cpu_kernel(x, w):
         return jnp.dot(x, w)
     return matmul_f32(x, w, rows).astype(x.dtype)

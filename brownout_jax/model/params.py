@@ -1,8 +1,9 @@
 """Typed parameter trees of the model (flax.struct dataclasses, never string-keyed dicts).
 
 Linear weights are stored as (in, out) so that ``x @ w`` needs no transpose; routed experts
-are stacked per layer, (E, D, F) for gate/up and (E, F, D) for down, the layout the grouped
-expert kernels read directly.
+are stacked per layer, (E, D, F) for gate/up and (E, F, D) for down. For inference on CPU the
+bf16 weights are packed after loading into the CPU kernels' layout (``model.packed_params``):
+dense weights become ``PackedWeight``s, expert stacks ``PackedStack``s.
 """
 
 from __future__ import annotations
@@ -11,16 +12,17 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from brownout_jax.cpu_kernels.packing import PackedStack, PackedWeight, unpack_stack
 from brownout_jax.model.config import ModelConfig
 from brownout_jax.model.dims import Array, Float, Int
 
 
 @struct.dataclass
 class AttentionParams:
-    wq: Float[Array, "D HC"]
-    wk: Float[Array, "D GC"]
-    wv: Float[Array, "D GC"]
-    wo: Float[Array, "HC D"]
+    wq: Float[Array, "D HC"] | PackedWeight
+    wk: Float[Array, "D GC"] | PackedWeight
+    wv: Float[Array, "D GC"] | PackedWeight
+    wo: Float[Array, "HC D"] | PackedWeight
     bq: Float[Array, " HC"] | None
     bk: Float[Array, " GC"] | None
     bv: Float[Array, " GC"] | None
@@ -28,22 +30,33 @@ class AttentionParams:
 
 @struct.dataclass
 class DenseMlpParams:
-    w_gate: Float[Array, "D F"]
-    w_up: Float[Array, "D F"]
-    w_down: Float[Array, "F D"]
+    w_gate: Float[Array, "D F"] | PackedWeight
+    w_up: Float[Array, "D F"] | PackedWeight
+    w_down: Float[Array, "F D"] | PackedWeight
 
 
 @struct.dataclass
 class ExpertWeights:
-    """Routed experts of one layer, stacked along E."""
+    """Routed experts of one layer, stacked along E; for the CPU kernels each stack may be
+    packed (``cpu_kernels.PackedStack``, see ``model.packed_params``)."""
 
-    w_gate: Float[Array, "E D F"]
-    w_up: Float[Array, "E D F"]
-    w_down: Float[Array, "E F D"]
+    w_gate: Float[Array, "E D F"] | PackedStack
+    w_up: Float[Array, "E D F"] | PackedStack
+    w_down: Float[Array, "E F D"] | PackedStack
 
     @property
     def num_experts(self) -> int:
         return self.w_gate.shape[0]
+
+    @property
+    def packed(self) -> bool:
+        return isinstance(self.w_gate, PackedStack)
+
+    def unpacked(self) -> ExpertWeights:
+        """The (E, D, F) / (E, F, D) stacks (a copy when packed)."""
+        if not self.packed:
+            return self
+        return ExpertWeights(*(unpack_stack(w) for w in (self.w_gate, self.w_up, self.w_down)))
 
 
 @struct.dataclass
@@ -75,7 +88,7 @@ class ModelParams:
     embed: Float[Array, "V D"]
     layers: tuple[DecoderLayerParams, ...]
     final_norm: Float[Array, " D"]
-    lm_head: Float[Array, "D V"] | None  # None when tied to ``embed``
+    lm_head: Float[Array, "D V"] | PackedWeight | None  # None when tied to ``embed``
 
 
 def _sds(shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:

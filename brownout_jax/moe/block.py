@@ -56,7 +56,7 @@ def moe_block(
     if options.mesh is not None:
         layout = ExpertLayout.of(params, options.mesh)
         num_groups = layout.padded_united  # groups past U have no members: never counted
-    elif params.experts.w_gate.ndim != 3:
+    elif len(params.experts.w_gate.shape) != 3:
         raise ValueError("params are laid out for expert parallelism: pass MoeOptions(mesh=...)")
     else:
         layout, num_groups = None, params.num_united

@@ -167,7 +167,7 @@ def _shard_experts(w: Array, layout: ExpertLayout, num_united: int, mesh: Mesh) 
 
 def is_expert_parallel(params: ModelParams) -> bool:
     return any(
-        isinstance(layer.mlp, MoeParams) and layer.mlp.experts.w_gate.ndim == 4
+        isinstance(layer.mlp, MoeParams) and len(layer.mlp.experts.w_gate.shape) == 4
         for layer in params.layers
     )
 

@@ -57,6 +57,8 @@ def apply_routed_experts(
 ) -> Float[Array, "N D"]:
     """Σ_k weight[n, k] · FFN_{expert[n, k]}(x[n]); ids ≥ the experts given get no row."""
     backend = resolve_backend(options.backend)
+    if backend is not ExpertBackend.CPU_KERNEL and experts.packed:
+        experts = experts.unpacked()  # only the CPU kernel reads packed stacks
     if backend is ExpertBackend.DENSE:
         return apply_experts_dense(
             x, routing.expert_ids, routing.expert_weights, experts, token_mask

@@ -49,11 +49,10 @@ def apply_experts_grouped(
 
 
 def cpu_kernel_ffn(x_rows, group_sizes, experts: ExpertWeights, row_weights):
-    from brownout_jax.cpu_kernels import grouped_swiglu
+    from brownout_jax.cpu_kernels import PackedStack, grouped_swiglu, packed_grouped_swiglu
 
-    return grouped_swiglu(
-        x_rows, group_sizes, experts.w_gate, experts.w_up, experts.w_down, row_weights
-    )
+    ffn = packed_grouped_swiglu if isinstance(experts.w_gate, PackedStack) else grouped_swiglu
+    return ffn(x_rows, group_sizes, experts.w_gate, experts.w_up, experts.w_down, row_weights)
 
 
 def apply_experts_cpu_kernel(
