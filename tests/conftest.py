@@ -26,6 +26,13 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "brownout-jax-test-xla")
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Packed dense weights run the kernel at every row count: the same code path on every machine
+# (the measured choice is tested on its own, test_packed_params.py), no timing in tests, and
+# nothing written to the user's cache.
+os.environ.setdefault("BROWNOUT_JAX_DENSE_PATH", "kernel")
+os.environ.setdefault(
+    "BROWNOUT_JAX_CACHE_DIR", os.path.join(tempfile.gettempdir(), "brownout-jax-test-cache")
+)
 
 import numpy as np
 import pytest

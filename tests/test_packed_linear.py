@@ -1,7 +1,8 @@
-"""The packed-weight matmul (csrc/packed_*.cc through XLA FFI): every ISA copy this CPU runs
-against a float64 NumPy reference on random shapes across the tile edges; the AMX copy where
-the CPU has it (else a skip naming the missing feature); pack → unpack is the identity; XLA's
-dot on the packed layout; threads; shape errors."""
+"""The packed-weight kernels (csrc/packed_*.cc through XLA FFI): the matmul and the experts'
+grouped SwiGLU on packed stacks, every ISA copy this CPU runs against a float64 NumPy
+reference on random shapes across the tile edges (empty groups, rows past the groups, padded
+depths); the AMX copy where the CPU has it (else a skip naming the missing feature); pack →
+unpack is the identity; XLA's dot on the packed layout; threads; shape errors."""
 
 from __future__ import annotations
 
@@ -19,13 +20,18 @@ from brownout_jax.cpu_kernels import (
     Isa,
     KernelUnavailableError,
     MatmulPath,
+    PackedStack,
     PackedWeight,
+    grouped_swiglu,
     load_library,
     pack,
+    pack_stack,
+    packed_grouped_swiglu,
     packed_linear,
     packed_linear_reference,
     packed_linear_xla,
     unpack,
+    unpack_stack,
 )
 
 F32, BF16 = jnp.float32, jnp.bfloat16
@@ -43,9 +49,7 @@ def _copies(x_dtype, rows: int) -> list[Isa]:
     library = load_library()
     copies = (Isa.GENERIC, Isa.AVX2, Isa.AVX512, Isa.AVX512_BF16, Isa.AMX_BF16)
     return [
-        isa
-        for isa in copies
-        if library.packed_isa_name(isa, x_dtype == BF16, rows) is not None
+        isa for isa in copies if library.packed_isa_name(isa, x_dtype == BF16, rows) is not None
     ]
 
 
@@ -219,3 +223,110 @@ def test_shapes_and_copies_are_checked():
     with pytest.raises(KernelUnavailableError, match="bfloat16 x"):
         packed_linear(x.astype(F32), packed, isa=Isa.AVX512_BF16)
     assert isinstance(packed, PackedWeight)
+
+
+# ---------------------------------------------------------------- packed expert stacks
+
+
+def _expert_copies(x_dtype) -> list[Isa]:
+    library = load_library()
+    copies = (Isa.GENERIC, Isa.AVX2, Isa.AVX512, Isa.AVX512_BF16)
+    return [i for i in copies if library.packed_experts_isa_name(i, x_dtype == BF16) is not None]
+
+
+def _expert_problem(m, d, f, sizes, x_dtype, seed=None):
+    rng = np.random.default_rng(next(_seeds) if seed is None else seed)
+    g = len(sizes)
+    x = jnp.asarray(rng.standard_normal((m, d)), x_dtype)
+    w_gate = jnp.asarray(rng.standard_normal((g, d, f)) / np.sqrt(d), BF16)
+    w_up = jnp.asarray(rng.standard_normal((g, d, f)) / np.sqrt(d), BF16)
+    w_down = jnp.asarray(rng.standard_normal((g, f, d)) / np.sqrt(f), BF16)
+    row_weights = jnp.asarray(rng.uniform(0.1, 1.0, m), F32)
+    return x, jnp.asarray(sizes, jnp.int32), w_gate, w_up, w_down, row_weights
+
+
+def _swiglu_float64(x, sizes, w_gate, w_up, w_down, row_weights) -> np.ndarray:
+    as64 = lambda a: np.asarray(jnp.asarray(a, F32), np.float64)  # noqa: E731
+    x, w_gate, w_up, w_down, row_weights = map(as64, (x, w_gate, w_up, w_down, row_weights))
+    out, row = np.zeros_like(x), 0
+    for g, size in enumerate(np.asarray(sizes)):
+        rows = slice(row, row + int(size))
+        gate, up = x[rows] @ w_gate[g], x[rows] @ w_up[g]
+        out[rows] = (gate / (1.0 + np.exp(-gate)) * up) @ w_down[g] * row_weights[rows, None]
+        row += int(size)
+    return out
+
+
+# The bf16-dot copy rounds the SiLU·up hidden rows to bf16 (as a bf16 model does): ~2^-9 each.
+EXPERT_TOLERANCE = {Isa.AVX512_BF16: 1e-2}
+
+
+@pytest.mark.parametrize("x_dtype", [BF16, F32], ids=["x_bf16", "x_f32"])
+@pytest.mark.parametrize(
+    ("m", "d", "f", "sizes"),
+    [
+        (3, 64, 32, [1, 0, 2]),  # decode: stream items, an empty group
+        (10, 70, 45, [4, 0, 5]),  # D and F off the block: padded x and hidden rows
+        (40, 192, 80, [10, 3, 0, 20, 7]),  # the demo's dims; chunked row counts
+        (300, 128, 96, [150, 1, 0, 100, 39, 0]),  # prefill-sized groups; united at the end
+        (12, 32, 32, [2, 3]),  # rows past the groups' sum come out zero
+    ],
+)
+def test_packed_experts_every_copy_matches_float64(m, d, f, sizes, x_dtype):
+    x, group_sizes, w_gate, w_up, w_down, row_weights = _expert_problem(m, d, f, sizes, x_dtype)
+    ref = _swiglu_float64(x, sizes, w_gate, w_up, w_down, row_weights)
+    stacks = [pack_stack(w) for w in (w_gate, w_up, w_down)]
+    for isa in _expert_copies(x_dtype):
+        out = jax.jit(lambda *a, isa=isa: packed_grouped_swiglu(*a, isa=isa))(
+            x, group_sizes, *stacks, row_weights
+        )
+        out = np.asarray(out)
+        assert rel_err(out, ref) < EXPERT_TOLERANCE.get(isa, TOLERANCE), isa
+        assert not np.any(out[sum(sizes) :]), "rows past the groups must be zero"
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    m=st.integers(1, 200),
+    d=st.integers(1, 130),
+    f=st.integers(1, 130),
+    g=st.integers(1, 9),
+    empty=st.floats(0, 0.7),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_packed_experts_random_shapes_match_float64(m, d, f, g, empty, seed):
+    rng = np.random.default_rng(seed)
+    weights = rng.uniform(size=g) * (rng.uniform(size=g) >= empty)
+    sizes = np.floor(weights / max(weights.sum(), 1e-9) * m).astype(int) if weights.any() else [0]
+    sizes = [int(s) for s in sizes] + [0] * (g - len(sizes))
+    x, group_sizes, w_gate, w_up, w_down, row_weights = _expert_problem(m, d, f, sizes, BF16, seed)
+    ref = _swiglu_float64(x, sizes, w_gate, w_up, w_down, row_weights)
+    stacks = [pack_stack(w) for w in (w_gate, w_up, w_down)]
+    for isa in _expert_copies(BF16):
+        out = np.asarray(packed_grouped_swiglu(x, group_sizes, *stacks, row_weights, isa=isa))
+        if np.linalg.norm(ref) > 0:
+            assert rel_err(out, ref) < EXPERT_TOLERANCE.get(isa, TOLERANCE)
+        else:
+            assert not np.any(out)
+
+
+def test_packed_experts_agree_with_the_stored_layout_kernel():
+    x, group_sizes, w_gate, w_up, w_down, row_weights = _expert_problem(
+        24, 96, 64, [5, 0, 19], BF16
+    )
+    stacks = [pack_stack(w) for w in (w_gate, w_up, w_down)]
+    packed = packed_grouped_swiglu(x, group_sizes, *stacks, row_weights)
+    stored = grouped_swiglu(x, group_sizes, w_gate, w_up, w_down, row_weights)
+    assert rel_err(packed, stored) < 1e-2
+
+
+def test_pack_stack_round_trip_and_checks():
+    _, _, w_gate, _, _, _ = _expert_problem(1, 70, 45, [1, 0, 0], BF16)
+    stack = pack_stack(w_gate)
+    assert isinstance(stack, PackedStack) and stack.shape == (3, 70, 45)
+    np.testing.assert_array_equal(np.asarray(unpack_stack(stack)), np.asarray(w_gate))
+    x, group_sizes, *_ = _expert_problem(4, 70, 45, [1, 0, 3], BF16)
+    with pytest.raises(ValueError, match="PackedStacks"):
+        packed_grouped_swiglu(x, group_sizes, w_gate, stack, stack)
+    with pytest.raises(ValueError, match="D=64"):
+        packed_grouped_swiglu(x[:, :64], group_sizes, stack, stack, stack)

@@ -173,7 +173,8 @@ def is_expert_parallel(params: ModelParams) -> bool:
 
 
 def shard_params(params: ModelParams, config: ModelConfig, mesh: Mesh) -> ModelParams:
-    """Routed + united experts sharded on the expert axis in the padded layout; every other
+    """Routed + united experts sharded on the expert axis in the padded layout (stacks packed
+    for the CPU kernels are unpacked first: the shards are stored-layout stacks); every other
     parameter (attention, embeddings, router, shared expert) replicated."""
     if is_expert_parallel(params):
         raise ValueError("params are already laid out for expert parallelism")
@@ -186,7 +187,7 @@ def shard_params(params: ModelParams, config: ModelConfig, mesh: Mesh) -> ModelP
         layout = ExpertLayout.for_counts(moe.router.shape[1], moe.num_united, n)
         sharded[i] = jax.tree_util.tree_map(
             lambda w, u=moe.num_united, layout=layout: _shard_experts(w, layout, u, mesh),
-            moe.experts,
+            moe.experts.unpacked(),
         )
         layers[i] = layers[i].replace(mlp=moe.replace(experts=None))
     placed = replicate(params.replace(layers=tuple(layers)), mesh)
