@@ -134,6 +134,26 @@ def measure_engine(
     return rows, engine_token_ids(engine, prompts[:agreement_prompts], max_new_tokens)
 
 
+def add_decode_floor(rows: list[dict], params, config, prompts, batch: int) -> None:
+    """Adds to each threshold's row the bytes one decode step of ``batch`` rows reads, the
+    floor they imply at the read bandwidth measured now, and the share of it reached (decode
+    tokens/s taken as rows / mean TPOT)."""
+    from brownout_jax.bench.moe_layer import measure_read_bandwidth
+    from brownout_jax.eval.decode_bytes import decode_floor
+
+    bandwidth = measure_read_bandwidth()
+    thresholds = tuple(r["threshold"] for r in rows)
+    floors = decode_floor(params, config, prompts, batch, thresholds, bandwidth)
+    for row in rows:
+        floor = dict(floors[row["threshold"]], read_bandwidth_gb_s=round(bandwidth, 2))
+        tpot = row.get("tpot_s", {}).get("mean")
+        if tpot:
+            rate = floor["rows"] / tpot
+            floor["decode_tokens_per_s"] = round(rate, 1)
+            floor["share_of_floor"] = round(rate / floor["floor_tokens_per_s"], 3)
+        row["decode_floor"] = floor
+
+
 def transformers_peer(
     model_dir, prompts: list[list[int]], max_new_tokens: int, batch_size: int
 ) -> dict:

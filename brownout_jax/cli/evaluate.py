@@ -292,6 +292,7 @@ def run_throughput_cmd(args) -> int:
         rows, exact_ids = tp.measure_engine(engine, prompts, args.max_new_tokens, thresholds, agree)
     finally:
         engine.shutdown(drain=False)
+    tp.add_decode_floor(rows, params, config, prompts, args.max_batch)
     cores = tp.engine_cores()
     del engine, params  # the peer loads its own copy: free ours first
     peer_batch = args.peer_batch or args.max_batch
