@@ -182,3 +182,20 @@ def test_demo_loads_packed_and_generates_like_the_unpacked_model():
     ref = _logits(plain.params, plain.config, tokens)
     assert rel_err(out, ref) < 2e-2
     assert (out[0, -1].argmax()) == (ref[0, -1].argmax())
+
+
+def test_united_experts_attach_to_packed_stacks(tiny_moe):
+    from brownout_jax.united.united import attach_united
+
+    config, params, united, attached, _ = tiny_moe
+
+    def bf16(tree):
+        return jax.tree_util.tree_map(
+            lambda a: a.astype(BF16) if a.dtype == jnp.float32 else a, tree
+        )
+
+    late = attach_united(pack_expert_weights(bf16(params)), config, bf16(united))
+    early = pack_expert_weights(bf16(attached))
+    assert jax.tree_util.tree_structure(late) == jax.tree_util.tree_structure(early)
+    for a, b in zip(jax.tree_util.tree_leaves(late), jax.tree_util.tree_leaves(early), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from brownout_jax.cpu_kernels.packing import pack_stack
 from brownout_jax.model.config import ModelConfig
 from brownout_jax.model.dims import Array, Int
 from brownout_jax.model.params import ExpertWeights, ModelParams, MoeParams
@@ -90,8 +91,13 @@ def average_init(experts: ExpertWeights, group_of_expert: np.ndarray) -> ExpertW
     return ExpertWeights(mix(experts.w_gate), mix(experts.w_up), mix(experts.w_down))
 
 
+def _stacks(experts: ExpertWeights):
+    return experts.w_gate, experts.w_up, experts.w_down
+
+
 def attach_united(params: ModelParams, config: ModelConfig, united: UnitedExperts) -> ModelParams:
-    """Stacks each MoE layer's united experts after its originals (E + U along axis 0)."""
+    """Stacks each MoE layer's united experts after its originals (E + U along axis 0); onto
+    packed stacks (``model.packed_params``) the united experts are packed first."""
     moe_layers = config.moe_layers
     if len(united.layers) != len(moe_layers):
         raise ValueError(
@@ -103,8 +109,13 @@ def attach_united(params: ModelParams, config: ModelConfig, united: UnitedExpert
         assert isinstance(mlp, MoeParams)
         if mlp.group_of_expert is not None:
             raise ValueError(f"layer {index} already has united experts attached")
+        added = united_layer.experts
+        if mlp.experts.packed:
+            added = ExpertWeights(
+                *(pack_stack(w.astype(mlp.experts.w_gate.dtype)) for w in _stacks(added))
+            )
         combined = jax.tree_util.tree_map(
-            lambda a, b: jnp.concatenate([a, b.astype(a.dtype)]), mlp.experts, united_layer.experts
+            lambda a, b: jnp.concatenate([a, b.astype(a.dtype)]), mlp.experts, added
         )
         layers[index] = layers[index].replace(
             mlp=mlp.replace(experts=combined, group_of_expert=united_layer.group_of_expert)
