@@ -63,8 +63,26 @@ def test_greedy_rows_take_the_argmax_and_logprobs_are_the_models():
     positions = jnp.arange(6, dtype=jnp.int32)
     tokens, logprobs = jax.jit(sample_tokens)(logits, _sampling(np.zeros(6)), positions)
     np.testing.assert_array_equal(tokens, np.argmax(logits, axis=-1))
-    expected = jax.nn.log_softmax(logits)[jnp.arange(6), tokens]
-    np.testing.assert_allclose(logprobs, expected, rtol=1e-6)
+    l64 = np.asarray(logits, np.float64)
+    log_softmax = l64 - l64.max(-1, keepdims=True)
+    log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
+    expected = log_softmax[np.arange(6), np.asarray(tokens)]
+    np.testing.assert_allclose(logprobs, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_first_argmax_is_argmax_with_ties_and_extremes():
+    from brownout_jax.engine.sampling import first_argmax
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((5, 151936)).astype(np.float32)
+    logits[1, [7, 9000, 151935]] = 50.0  # ties: the first wins, as np.argmax
+    logits[2, -1] = 1e30
+    logits[3, :] = -np.inf
+    logits[3, 12] = -1e30
+    logits[4, :] = 0.0
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(first_argmax)(jnp.asarray(logits))), np.argmax(logits, axis=-1)
+    )
 
 
 def test_mixed_batch_samples_inside_top_k_and_greedy_rows_stay_greedy():

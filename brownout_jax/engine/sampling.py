@@ -49,8 +49,7 @@ def sample_tokens(
 ) -> tuple[Int[Array, " B"], Float[Array, " B"]]:
     """Greedy, or temperature sampling restricted by top-k and top-p (nucleus); the returned
     log-probabilities are the model's own, before temperature and truncation."""
-    logprobs_all = jax.nn.log_softmax(logits, axis=-1)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = first_argmax(logits)
     sampled = sampling.temperature > 0
 
     def draw() -> Int[Array, " B"]:
@@ -70,7 +69,20 @@ def sample_tokens(
         return jnp.where(sampled, drawn, greedy)
 
     tokens = jax.lax.cond(jnp.any(sampled), draw, lambda: greedy)
-    return tokens, jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
+    # log p(token) = logit − logsumexp: the row's normaliser alone, not the whole (B, V)
+    # log-softmax (a 19 MB array per step at batch 32 with Qwen's vocabulary).
+    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+    return tokens, chosen - jax.nn.logsumexp(logits, axis=-1)
+
+
+def first_argmax(logits: Float[Array, "B V"]) -> Int[Array, " B"]:
+    """``argmax`` (the first of equal maxima) from two plain max reductions: XLA:CPU runs
+    ``argmax``'s value-and-index reduction unvectorised (11 ms on 32 × 151936 logits, against
+    3 ms for this)."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.float32, logits.shape, 1)  # exact below 2^24
+    first = -jnp.max(jnp.where(logits == top, -index, -jnp.inf), axis=-1)
+    return jnp.minimum(first, logits.shape[-1] - 1).astype(jnp.int32)
 
 
 def _ordered_keys(x: Float[Array, "B V"]) -> Int[Array, "B V"]:
