@@ -119,6 +119,21 @@ def grouped_swiglu(
     return y
 
 
+def _check_packed_runnable(op: str, x, isa: Isa, copy_name) -> None:
+    """x's dtype, the library, and the copy ``copy_name(library, x_bf16)`` resolves to."""
+    if jnp.dtype(x.dtype) not in _DTYPES:
+        raise ValueError(f"{op}: x must be float32 or bfloat16, got {x.dtype}")
+    library = load_library()
+    if not library.available:
+        raise KernelUnavailableError(f"{op}: {library.unavailable_reason}")
+    x_bf16 = jnp.dtype(x.dtype) == jnp.bfloat16
+    if copy_name(library, x_bf16) is None:
+        raise KernelUnavailableError(
+            f"{op}: this CPU cannot run the {Isa(isa).name} copy"
+            + ("" if x_bf16 else " (AVX512_BF16 and AMX_BF16 need bfloat16 x)")
+        )
+
+
 def packed_grouped_swiglu(
     x: Float[Array, "M D"],
     group_sizes: Int[Array, " G"],
@@ -148,17 +163,9 @@ def packed_grouped_swiglu(
         raise ValueError(f"packed_grouped_swiglu: group_sizes must be ({g},) integers")
     if row_weights is not None and row_weights.shape != (m,):
         raise ValueError(f"packed_grouped_swiglu: row_weights must be ({m},)")
-    if jnp.dtype(x.dtype) not in _DTYPES:
-        raise ValueError(f"packed_grouped_swiglu: x must be float32 or bfloat16, got {x.dtype}")
-    library = load_library()
-    if not library.available:
-        raise KernelUnavailableError(f"packed_grouped_swiglu: {library.unavailable_reason}")
-    x_bf16 = jnp.dtype(x.dtype) == jnp.bfloat16
-    if library.packed_experts_isa_name(Isa(isa), x_bf16) is None:
-        raise KernelUnavailableError(
-            f"packed_grouped_swiglu: this CPU cannot run the {Isa(isa).name} copy"
-            + ("" if x_bf16 else " (AVX512_BF16 needs bfloat16 x)")
-        )
+    _check_packed_runnable(
+        "packed_grouped_swiglu", x, isa, lambda lib, bf16: lib.packed_experts_isa_name(isa, bf16)
+    )
     if row_weights is None:
         row_weights = jnp.ones((m,), jnp.float32)
     f_padded = -(-f // 32) * 32
@@ -225,17 +232,9 @@ def packed_linear(
         raise ValueError(f"packed_linear: x must be (M, K={w.k}), got shape {x.shape}")
     if row_mask is not None and row_mask.shape != (x.shape[0],):
         raise ValueError(f"packed_linear: row_mask must be ({x.shape[0]},), got {row_mask.shape}")
-    if jnp.dtype(x.dtype) not in _DTYPES:
-        raise ValueError(f"packed_linear: x must be float32 or bfloat16, got {x.dtype}")
-    library = load_library()
-    if not library.available:
-        raise KernelUnavailableError(f"packed_linear: {library.unavailable_reason}")
-    x_bf16 = jnp.dtype(x.dtype) == jnp.bfloat16
-    if library.packed_isa_name(Isa(isa), x_bf16, x.shape[0]) is None:
-        raise KernelUnavailableError(
-            f"packed_linear: this CPU cannot run the {Isa(isa).name} copy"
-            + ("" if x_bf16 else " (AVX512_BF16 and AMX_BF16 need bfloat16 x)")
-        )
+    _check_packed_runnable(
+        "packed_linear", x, isa, lambda lib, bf16: lib.packed_isa_name(isa, bf16, x.shape[0])
+    )
     if row_mask is None:
         row_mask = jnp.ones((x.shape[0],), bool)
     return jax.ffi.ffi_call(

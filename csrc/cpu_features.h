@@ -1,10 +1,11 @@
-// What the CPU (and the OS) let the kernels run, for the FFI fronts only: they are compiled
-// without ISA flags, so these checks are safe on any x86-64 CPU. Internal linkage, as in
-// problem.h.
+// What the FFI fronts share (they are compiled without ISA flags, so these checks are safe
+// on any x86-64 CPU): the ISA copy a call asks for, what the CPU (and the OS) let the kernels
+// run, and how a thread waits for its workers. Internal linkage, as in problem.h.
 #ifndef BROWNOUT_CSRC_CPU_FEATURES_H_
 #define BROWNOUT_CSRC_CPU_FEATURES_H_
 
 #include <cstdint>
+#include <thread>
 
 #if defined(BROWNOUT_HAVE_X86_KERNELS)
 #include <cpuid.h>
@@ -13,6 +14,27 @@
 #endif
 
 namespace brownout {
+
+// The `isa` attribute of every handler (cpu_kernels.library.Isa).
+enum IsaRequest : int64_t {
+  kAuto = 0,
+  kGeneric = 1,
+  kAvx2 = 2,
+  kAvx512 = 3,
+  kAvx512Bf16 = 4,
+  kAmxBf16 = 5,
+};
+
+// Spin briefly (pause), then yield: how the calling thread waits for the last items.
+static inline void Relax(int spins) {
+  if (spins < 64) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  } else {
+    std::this_thread::yield();
+  }
+}
 
 static inline bool CpuHasAvx2() {
 #if defined(BROWNOUT_HAVE_X86_KERNELS)

@@ -28,15 +28,6 @@ namespace ffi = xla::ffi;
 namespace brownout {
 namespace {
 
-enum IsaRequest : int64_t {
-  kAuto = 0,
-  kGeneric = 1,
-  kAvx2 = 2,
-  kAvx512 = 3,
-  kAvx512Bf16 = 4,
-  kAmxBf16 = 5,
-};
-
 // Rows per active slot of linear(): a chunk's input rows stay in L2 while the weight panels
 // stream past them.
 constexpr int64_t kLinearRowChunk = 96;
@@ -94,16 +85,6 @@ struct SharedWork {
     }
   }
 };
-
-void Relax(int spins) {
-  if (spins < 64) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-  } else {
-    std::this_thread::yield();
-  }
-}
 
 void WorkOn(SharedWork& w) {
   const int64_t streams = w.problem.num_stream;

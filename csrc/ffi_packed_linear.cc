@@ -19,15 +19,6 @@ namespace ffi = xla::ffi;
 namespace brownout {
 namespace {
 
-enum IsaRequest : int64_t {
-  kAuto = 0,
-  kGeneric = 1,
-  kAvx2 = 2,
-  kAvx512 = 3,
-  kAvx512Bf16 = 4,
-  kAmxBf16 = 5,
-};
-
 // Calls with fewer rows read the weights once and are bound by that: the vector copies
 // stream them; tiles pay off from here on.
 constexpr int64_t kAmxMinRows = 16;
@@ -73,16 +64,6 @@ struct PackedRun {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 };
-
-void Relax(int spins) {
-  if (spins < 64) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-  } else {
-    std::this_thread::yield();
-  }
-}
 
 void WorkOn(PackedRun& run) {
   float* scratch = nullptr;

@@ -330,3 +330,16 @@ def test_pack_stack_round_trip_and_checks():
         packed_grouped_swiglu(x, group_sizes, w_gate, stack, stack)
     with pytest.raises(ValueError, match="D=64"):
         packed_grouped_swiglu(x[:, :64], group_sizes, stack, stack, stack)
+
+
+def test_host_and_xla_packing_agree():
+    from brownout_jax.cpu_kernels import packing
+
+    _, w = _operands(1, 70, 45, BF16)
+    np.testing.assert_array_equal(
+        np.asarray(packing._pack_jit(w)), packing._pack_host(np.asarray(w))
+    )
+    _, _, stack, _, _, _ = _expert_problem(1, 33, 100, [1, 0, 0], BF16)
+    np.testing.assert_array_equal(
+        np.asarray(packing._pack_stack_jit(stack)), packing._pack_host(np.asarray(stack))
+    )

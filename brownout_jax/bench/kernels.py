@@ -14,13 +14,12 @@ shrinks itself to a smoke test (tiny shapes, few rows) and says so in its output
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from brownout_jax.model.matmul_choice import median_ms
 from pallas_kernels.api import grouped_matmul, moe_down, moe_gate_up
 
 
@@ -55,13 +54,7 @@ def group_sizes_for(m: int, groups: int, dist: str, skew: float, rng) -> np.ndar
 
 
 def _median_seconds(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(max(repeats, 1)):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_ms(fn, args, repeats) / 1e3
 
 
 def measure_copy_gbps(nbytes: int, repeats: int) -> float:
