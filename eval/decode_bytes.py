@@ -66,7 +66,7 @@ def distinct_experts_per_step(
     thresholds: tuple[float, ...],
 ) -> dict[float, float]:
     """Mean over MoE layers of the distinct experts a decode step of ``len(prompts)`` rows
-    runs, per threshold (thresholds below 1 need united experts)."""
+    runs, per threshold (a model without united experts runs exact at every threshold)."""
     if not config.moe_layers or not prompts:
         return dict.fromkeys(thresholds, 0.0)
     length = max(len(p) for p in prompts)
@@ -84,13 +84,15 @@ def distinct_experts_per_step(
         counts = []
         for trace, i in zip(traces, config.moe_layers, strict=True):
             moe = params.layers[i].mlp
+            # Without united experts every level runs the exact model (the engine's ladder).
+            level = threshold if moe.num_united else 1.0
             routing = route(
                 trace.inputs[last],
                 moe,
                 mask,
                 config.num_experts_per_tok,
                 config.norm_topk_prob,
-                threshold,
+                level,
                 moe.num_united,
             )
             counts.append(len(np.unique(np.asarray(routing.expert_ids))))

@@ -38,3 +38,10 @@ def test_parts_add_up_and_brownout_reads_fewer_experts(tiny_moe):
     expected = 8 * 10e9 / exact["total_bytes"]
     assert abs(exact["floor_tokens_per_s"] - expected) / expected < 1e-2
     assert jax.tree_util.tree_leaves(params)  # params untouched
+
+
+def test_without_united_experts_every_threshold_reads_the_exact_experts(tiny_moe):
+    config, plain, _, _, _ = tiny_moe
+    prompts = [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 12]]
+    floors = decode_floor(plain, config, prompts, 3, (1.0, 0.0), bandwidth_gb_s=10.0)
+    assert floors[0.0] == floors[1.0]
