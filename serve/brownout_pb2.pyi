@@ -87,7 +87,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("model", "prefill_threshold", "decode_threshold", "controller_mode", "slo_ttft_s", "slo_tpot_s", "queue_depth", "running", "kv_blocks_used", "kv_blocks_total", "prefill_slo_attainment", "decode_slo_attainment", "preemptions", "warmup_s", "compiled_steps", "steps_compiling", "step_latency")
+    __slots__ = ("model", "prefill_threshold", "decode_threshold", "controller_mode", "slo_ttft_s", "slo_tpot_s", "queue_depth", "running", "kv_blocks_used", "kv_blocks_total", "prefill_slo_attainment", "decode_slo_attainment", "preemptions", "warmup_s", "compiled_steps", "steps_compiling", "step_latency", "dense_paths")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PREFILL_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     DECODE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class StatusResponse(_message.Message):
     COMPILED_STEPS_FIELD_NUMBER: _ClassVar[int]
     STEPS_COMPILING_FIELD_NUMBER: _ClassVar[int]
     STEP_LATENCY_FIELD_NUMBER: _ClassVar[int]
+    DENSE_PATHS_FIELD_NUMBER: _ClassVar[int]
     model: str
     prefill_threshold: float
     decode_threshold: float
@@ -122,7 +123,22 @@ class StatusResponse(_message.Message):
     compiled_steps: int
     steps_compiling: int
     step_latency: _containers.RepeatedCompositeFieldContainer[StepLatency]
-    def __init__(self, model: _Optional[str] = ..., prefill_threshold: _Optional[float] = ..., decode_threshold: _Optional[float] = ..., controller_mode: _Optional[str] = ..., slo_ttft_s: _Optional[float] = ..., slo_tpot_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., prefill_slo_attainment: _Optional[float] = ..., decode_slo_attainment: _Optional[float] = ..., preemptions: _Optional[int] = ..., warmup_s: _Optional[float] = ..., compiled_steps: _Optional[int] = ..., steps_compiling: _Optional[int] = ..., step_latency: _Optional[_Iterable[_Union[StepLatency, _Mapping]]] = ...) -> None: ...
+    dense_paths: _containers.RepeatedCompositeFieldContainer[DensePath]
+    def __init__(self, model: _Optional[str] = ..., prefill_threshold: _Optional[float] = ..., decode_threshold: _Optional[float] = ..., controller_mode: _Optional[str] = ..., slo_ttft_s: _Optional[float] = ..., slo_tpot_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., prefill_slo_attainment: _Optional[float] = ..., decode_slo_attainment: _Optional[float] = ..., preemptions: _Optional[int] = ..., warmup_s: _Optional[float] = ..., compiled_steps: _Optional[int] = ..., steps_compiling: _Optional[int] = ..., step_latency: _Optional[_Iterable[_Union[StepLatency, _Mapping]]] = ..., dense_paths: _Optional[_Iterable[_Union[DensePath, _Mapping]]] = ...) -> None: ...
+
+class DensePath(_message.Message):
+    __slots__ = ("k", "n", "packed", "max_rows", "path")
+    K_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROWS_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    k: int
+    n: int
+    packed: bool
+    max_rows: int
+    path: str
+    def __init__(self, k: _Optional[int] = ..., n: _Optional[int] = ..., packed: _Optional[bool] = ..., max_rows: _Optional[int] = ..., path: _Optional[str] = ...) -> None: ...
 
 class StepLatency(_message.Message):
     __slots__ = ("phase", "level", "rows", "size", "base_s", "predicted_s", "predicted_p90_s")

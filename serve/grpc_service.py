@@ -173,6 +173,16 @@ class GenerationService(pb_grpc.GenerationServicer):
                 )
                 for entry in stats.latency
             ],
+            dense_paths=[
+                pb.DensePath(
+                    k=entry.k,
+                    n=entry.n,
+                    packed=entry.packed,
+                    max_rows=entry.max_rows,
+                    path=entry.path.value,
+                )
+                for entry in stats.dense_paths
+            ],
         )
 
 

@@ -101,6 +101,21 @@ def test_consume_frees_the_originals(tiny_bf16):
     assert isinstance(packed.lm_head, PackedWeight)
 
 
+def test_dense_paths_report_the_choice_by_row_count(tiny_bf16):
+    from brownout_jax.model.packed_params import dense_paths
+
+    _, params, _ = tiny_bf16
+    split = DenseChoice(default=ShapeChoice(True, ((8, MatmulPath.KERNEL), (512, MatmulPath.XLA))))
+    entries = dense_paths(pack_dense_weights(params, split))
+    shapes = dense_weight_shapes(params)
+    assert len(entries) == 2 * len(shapes)
+    for entry in entries:
+        assert entry.packed
+        assert (entry.max_rows, entry.path) in ((8, MatmulPath.KERNEL), (0, MatmulPath.XLA))
+    unpacked = dense_paths(params)  # bf16 left unpacked: XLA's dot
+    assert {(e.packed, e.path) for e in unpacked} == {(False, MatmulPath.XLA)}
+
+
 def test_float32_weights_are_left_alone():
     config = tiny_model_config()
     params = init_random_params(config, jax.random.key(0))

@@ -162,6 +162,10 @@ def test_health_and_status(server, client):
     table = list(status.step_latency)
     assert {entry.phase for entry in table} == {"prefill", "decode"}
     assert all(entry.rows > 0 and entry.size > 0 and entry.predicted_s > 0 for entry in table)
+    # The dense matmul path per weight shape: this float32 model's weights stay unpacked.
+    paths = list(status.dense_paths)
+    assert paths and all(p.k > 0 and p.n > 0 and not p.packed for p in paths)
+    assert {p.path for p in paths} <= {"kernel", "xla"}
 
 
 def test_sigterm_drains_in_flight_requests(tiny_with_tokenizer, start_server):

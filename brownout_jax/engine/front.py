@@ -35,6 +35,7 @@ from brownout_jax.engine.scheduler import Scheduler, SchedulerLimits
 from brownout_jax.engine.step_grid import StepGrid
 from brownout_jax.engine.stream import TokenStream
 from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.packed_params import dense_paths
 from brownout_jax.model.params import ModelParams
 
 
@@ -68,6 +69,7 @@ class Engine:
         # Step latencies: timed before serving, corrected while serving; every controller
         # of this engine (set_controller) predicts from the same one.
         self.latency = LatencyModel()
+        self.dense_paths = dense_paths(params)  # the measured matmul path per shape
         self._executor = Executor(
             params, model_config, config, self.ladder, progress, grid, self.latency
         )
@@ -230,9 +232,10 @@ class Engine:
         )
         compiling = GridStatus(grid.compile_seconds, grid.count, grid.pending)
         with self._loop.lock:
-            return self.metrics.snapshot(
+            stats = self.metrics.snapshot(
                 occupancy, self._loop.controller, compiling, self.latency.table()
             )
+        return dataclasses.replace(stats, dense_paths=self.dense_paths)
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stops taking requests; with ``drain`` finishes those accepted, else cancels them."""

@@ -123,6 +123,8 @@ class EngineStats:
     steps_compiling: int = 0  # executables of the grid still compiling in the background
     # The predictive controller's table: each step's measured base and corrected prediction.
     latency: tuple[LatencyEntry, ...] = ()
+    # Which matmul path each dense weight shape runs, by row count (model.packed_params).
+    dense_paths: tuple = ()
 
 
 class EngineMetrics:

@@ -142,6 +142,45 @@ def unpack_dense_weights(params: ModelParams) -> ModelParams:
     return _map_dense(params, lambda w: unpack(w) if isinstance(w, PackedWeight) else w)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class DensePathEntry:
+    """Matmuls with one (k, n) weight of up to ``max_rows`` rows (0: any number, or beyond the
+    previous entry's) run ``path``."""
+
+    k: int
+    n: int
+    packed: bool
+    max_rows: int
+    path: MatmulPath
+
+
+def dense_paths(params: ModelParams) -> tuple[DensePathEntry, ...]:
+    """The path every dense weight shape takes by row count, as the weights carry it (bf16
+    weights left unpacked run XLA's dot; float32 ones the streaming kernel on CPU, listed as
+    ``kernel``)."""
+    found: dict[tuple[int, int], tuple[DensePathEntry, ...]] = {}
+
+    def note(w):
+        if w is None or len(w.shape) != 2 or tuple(w.shape) in found:
+            return w
+        k, n = w.shape
+        if isinstance(w, PackedWeight):
+            paths = w.paths or ((0, MatmulPath.KERNEL),)
+            last = len(paths) - 1
+            found[(k, n)] = tuple(
+                DensePathEntry(k, n, True, 0 if i == last else rows, path)
+                for i, (rows, path) in enumerate(paths)
+            )
+        else:
+            bf16 = jnp.dtype(w.dtype) == jnp.bfloat16
+            path = MatmulPath.XLA if bf16 or not packing_available() else MatmulPath.KERNEL
+            found[(k, n)] = (DensePathEntry(k, n, False, 0, path),)
+        return w
+
+    _map_dense(params, note)
+    return tuple(entry for shape in sorted(found) for entry in found[shape])
+
+
 def packed_weight_count(params: ModelParams) -> int:
     count = 0
 
