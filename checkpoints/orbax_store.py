@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from brownout_jax.checkpoints.atomic import atomic_directory
 from brownout_jax.checkpoints.errors import CheckpointError
 from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.packed_params import unpack_dense_weights, unpack_expert_weights
 from brownout_jax.model.params import ModelParams, abstract_params
 
 MANIFEST = "brownout_checkpoint.json"
@@ -56,7 +57,9 @@ def save_converted(
     overwrite: bool = False,
 ) -> Path:
     """Writes into a temporary sibling and renames at the end: an interrupted conversion
-    leaves no half-written checkpoint behind."""
+    leaves no half-written checkpoint behind. Weights packed for the CPU kernels are written
+    in their stored (K, N) / stacked layout: the format on disk never depends on the machine."""
+    params = unpack_expert_weights(unpack_dense_weights(params))
     with atomic_directory(out_dir, overwrite) as tmp:
         for item in sorted(Path(source_dir).iterdir()):
             carried = item.suffix in _CARRIED_SUFFIXES and "safetensors" not in item.name

@@ -214,3 +214,22 @@ def test_united_experts_attach_to_packed_stacks(tiny_moe):
     assert jax.tree_util.tree_structure(late) == jax.tree_util.tree_structure(early)
     for a, b in zip(jax.tree_util.tree_leaves(late), jax.tree_util.tree_leaves(early), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_saving_packed_weights_writes_the_stored_layout(tmp_path):
+    from brownout_jax.checkpoints import load_model
+    from brownout_jax.checkpoints.demo_model import demo_model_dir
+    from brownout_jax.checkpoints.orbax_store import save_converted
+
+    packed = load_model(demo_model_dir(), "bfloat16", progress=False)
+    assert packed_weight_count(packed.params) > 0
+    out = save_converted(
+        packed.params, demo_model_dir(), tmp_path / "converted", packed.fingerprint
+    )
+    back = load_model(out, "bfloat16", progress=False, pack=False)
+    plain = load_model(demo_model_dir(), "bfloat16", progress=False, pack=False)
+    assert jax.tree_util.tree_structure(back.params) == jax.tree_util.tree_structure(plain.params)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(back.params), jax.tree_util.tree_leaves(plain.params), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
