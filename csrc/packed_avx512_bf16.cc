@@ -31,8 +31,16 @@ struct V {
     __builtin_memcpy(&pair, x, sizeof(pair));
     return (XP)_mm512_set1_epi32(pair);
   }
-  static inline XP prep(const float* x) {  // never called: the front sends bf16 x here
-    return (XP)_mm512_cvtne2ps_pbh(_mm512_set1_ps(x[1]), _mm512_set1_ps(x[0]));
+  // Never called (the front sends this copy bf16 x only); kept correct: the pair rounded to
+  // bf16 (nearest even), x[0] in each lane's low half as the packed weights have w[2p].
+  static inline uint32_t Bf16Bits(float f) {
+    uint32_t u;
+    __builtin_memcpy(&u, &f, sizeof(u));
+    return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  }
+  static inline XP prep(const float* x) {
+    const uint32_t pair = Bf16Bits(x[0]) | (Bf16Bits(x[1]) << 16);
+    return (XP)_mm512_set1_epi32(static_cast<int32_t>(pair));
   }
   static inline T dot(T acc, WP w, XP x) { return _mm512_dpbf16_ps(acc, w, x); }
   static inline T load(const float* p) { return _mm512_loadu_ps(p); }
