@@ -199,9 +199,10 @@ def test_dead_engine_loop_surfaces(params):
 
 def test_no_compilation_after_warmup_across_levels_and_batches(tiny_moe):
     config, _, _, browned, _ = tiny_moe
-    # An SLO nobody meets: the controller shrinks the thresholds at every check.
+    # An SLO nobody meets: the reactive rule lowers the thresholds at every check (`auto`
+    # lowers only to a level measured ≥ 5 % faster, which on this tiny model is timing luck).
     controller = ControllerConfig(
-        mode="auto", slo_ttft_s=1e-6, slo_tpot_s=1e-6, window_s=1.0, check_interval_s=1e-6
+        mode="reactive", slo_ttft_s=1e-6, slo_tpot_s=1e-6, window_s=1.0, check_interval_s=1e-6
     )
     engine = Engine(
         browned,
