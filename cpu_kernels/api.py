@@ -44,30 +44,30 @@ class KernelUnavailableError(RuntimeError):
     """The compiled library is missing or cannot run the requested ISA copy here."""
 
 
-def _check(x, group_sizes, w_gate, w_up, w_down, row_weights) -> None:
+def _check(x, group_sizes, w_gate, w_up, w_down, row_weights, op="grouped_swiglu") -> None:
     if x.ndim != 2:
-        raise ValueError(f"grouped_swiglu: x must be (M, D), got shape {x.shape}")
+        raise ValueError(f"{op}: x must be (M, D), got shape {x.shape}")
     m, d = x.shape
     if w_gate.ndim != 3 or w_gate.shape[1] != d:
-        raise ValueError(f"grouped_swiglu: w_gate must be (G, D={d}, F), got {w_gate.shape}")
+        raise ValueError(f"{op}: w_gate must be (G, D={d}, F), got {w_gate.shape}")
     g, _, f = w_gate.shape
     if w_up.shape != (g, d, f):
-        raise ValueError(f"grouped_swiglu: w_up must be {(g, d, f)} like w_gate, got {w_up.shape}")
+        raise ValueError(f"{op}: w_up must be {(g, d, f)} like w_gate, got {w_up.shape}")
     if w_down.shape != (g, f, d):
-        raise ValueError(f"grouped_swiglu: w_down must be {(g, f, d)}, got {w_down.shape}")
+        raise ValueError(f"{op}: w_down must be {(g, f, d)}, got {w_down.shape}")
     if group_sizes.shape != (g,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
         raise ValueError(
-            f"grouped_swiglu: group_sizes must be ({g},) integers, got "
+            f"{op}: group_sizes must be ({g},) integers, got "
             f"{group_sizes.shape} {group_sizes.dtype}"
         )
     if row_weights is not None and row_weights.shape != (m,):
-        raise ValueError(f"grouped_swiglu: row_weights must be ({m},), got {row_weights.shape}")
+        raise ValueError(f"{op}: row_weights must be ({m},), got {row_weights.shape}")
     if jnp.dtype(x.dtype) not in _DTYPES:
-        raise ValueError(f"grouped_swiglu: x must be float32 or bfloat16, got {x.dtype}")
+        raise ValueError(f"{op}: x must be float32 or bfloat16, got {x.dtype}")
     dtypes = {jnp.dtype(w.dtype) for w in (w_gate, w_up, w_down)}
     if len(dtypes) != 1 or dtypes.pop() not in _DTYPES:
         raise ValueError(
-            "grouped_swiglu: w_gate, w_up and w_down must all be float32 or all bfloat16, got "
+            f"{op}: w_gate, w_up and w_down must all be float32 or all bfloat16, got "
             f"{w_gate.dtype}, {w_up.dtype}, {w_down.dtype}"
         )
 
@@ -150,19 +150,9 @@ def packed_grouped_swiglu(
     stacks = (w_gate, w_up, w_down)
     if not all(isinstance(w, PackedStack) for w in stacks):
         raise ValueError("packed_grouped_swiglu: w_gate, w_up and w_down must be PackedStacks")
-    if x.ndim != 2:
-        raise ValueError(f"packed_grouped_swiglu: x must be (M, D), got shape {x.shape}")
+    _check(x, group_sizes, w_gate, w_up, w_down, row_weights, "packed_grouped_swiglu")
     m, d = x.shape
-    g, _, f = w_gate.shape
-    if w_gate.shape != (g, d, f) or w_up.shape != (g, d, f) or w_down.shape != (g, f, d):
-        raise ValueError(
-            f"packed_grouped_swiglu: stacks must pack (G, D={d}, F), (G, D, F), (G, F, D); got "
-            f"{w_gate.shape}, {w_up.shape}, {w_down.shape}"
-        )
-    if group_sizes.shape != (g,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-        raise ValueError(f"packed_grouped_swiglu: group_sizes must be ({g},) integers")
-    if row_weights is not None and row_weights.shape != (m,):
-        raise ValueError(f"packed_grouped_swiglu: row_weights must be ({m},)")
+    f = w_gate.shape[2]
     _check_packed_runnable(
         "packed_grouped_swiglu", x, isa, lambda lib, bf16: lib.packed_experts_isa_name(isa, bf16)
     )

@@ -88,6 +88,10 @@ class PackedStack:
         return (self.data.shape[0], self.k, self.n)
 
     @property
+    def ndim(self) -> int:
+        return 3
+
+    @property
     def dtype(self):
         return self.data.dtype
 

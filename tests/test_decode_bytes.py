@@ -3,7 +3,6 @@ the model's weights, brownout reads fewer distinct experts, the floor follows th
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
 from brownout_jax.eval.decode_bytes import decode_floor, dense_bytes, expert_bytes
@@ -37,7 +36,6 @@ def test_parts_add_up_and_brownout_reads_fewer_experts(tiny_moe):
     # The floor: rows × bandwidth / bytes.
     expected = 8 * 10e9 / exact["total_bytes"]
     assert abs(exact["floor_tokens_per_s"] - expected) / expected < 1e-2
-    assert jax.tree_util.tree_leaves(params)  # params untouched
 
 
 def test_without_united_experts_every_threshold_reads_the_exact_experts(tiny_moe):

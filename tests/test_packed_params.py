@@ -132,7 +132,7 @@ def test_measured_choice_is_cached_per_machine(monkeypatch, tmp_path, tiny_bf16)
     timed = []
     real = matmul_choice.choose_shape
 
-    def counting(shape, rows=(1, 8), repeats=1):
+    def counting(shape, rows=(1, 8), repeats=1) -> ShapeChoice:
         timed.append(shape)
         return real(shape, rows, repeats)
 

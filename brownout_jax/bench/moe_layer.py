@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from brownout_jax.cpu_kernels.packing import pack, pack_stack
+from brownout_jax.model.matmul_choice import median_ms
 from brownout_jax.model.packed_params import packing_available
 from brownout_jax.model.params import DenseMlpParams, ExpertWeights, MoeParams
 from brownout_jax.moe.block import moe_block
@@ -119,14 +120,7 @@ def tokens_for(n: int, shape: MoeLayerShape, direction: np.ndarray, seed: int, d
 def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """GB/s of a jitted full reduction over a large array: the machine's read bandwidth."""
     big = jnp.ones((nbytes // 4,), jnp.float32)
-    reduce = jax.jit(jnp.sum)
-    reduce(big).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        reduce(big).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return nbytes / statistics.median(times) / 1e9
+    return nbytes / median_ms(jax.jit(jnp.sum), (big,), repeats) / 1e6
 
 
 def measure_matmul_peak(dtype, repeats: int = 5) -> float:
@@ -135,7 +129,6 @@ def measure_matmul_peak(dtype, repeats: int = 5) -> float:
     ``dense.matmul_f32`` on the weight as serving holds it (packed for the CPU kernels when
     they are built and the weight is bf16)."""
     from brownout_jax.model.dense import matmul_f32
-    from brownout_jax.model.packed_params import packing_available
 
     x = jnp.ones((512, 2048), dtype)
     w = jnp.full((2048, 5632), 0.01, dtype)
@@ -149,14 +142,8 @@ def measure_matmul_peak(dtype, repeats: int = 5) -> float:
         (lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32), w),
         *((matmul_f32, weight) for weight in weights),
     ]:
-        run = jax.jit(fn)
-        run(x, weight).block_until_ready()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run(x, weight).block_until_ready()
-            times.append(time.perf_counter() - start)
-        best = max(best, 2 * 512 * 2048 * 5632 / statistics.median(times) / 1e9)
+        ms = median_ms(jax.jit(fn), (x, weight), repeats)
+        best = max(best, 2 * 512 * 2048 * 5632 / ms / 1e6)
     return best
 
 

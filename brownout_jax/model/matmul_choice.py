@@ -21,7 +21,6 @@ the timing (seconds at Qwen1.5-MoE dims; milliseconds for the demo). ``BROWNOUT_
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -57,15 +56,6 @@ ENV_CACHE = "BROWNOUT_JAX_CACHE_DIR"
 CACHE_FILE = "matmul_choice.json"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class PathTiming:
-    k: int
-    n: int
-    m: int
-    path: str  # "kernel" | "xla" | "xla_packed"
-    median_ms: float
-
-
 def median_ms(fn, args, repeats: int) -> float:
     jax.block_until_ready(fn(*args))  # compile and warm up
     times = []
@@ -86,23 +76,20 @@ def _xla_fn():
     return jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))
 
 
-def choose_shape(
-    shape: Shape, rows=ROW_LADDER, repeats: int = 5
-) -> tuple[ShapeChoice, list[PathTiming]]:
-    """Times one shape's paths and returns its choice with the timings behind it."""
+def choose_shape(shape: Shape, rows=ROW_LADDER, repeats: int = 5) -> ShapeChoice:
+    """Times one shape's paths and returns its choice (``bench linear`` prints timings)."""
     k, n = shape
     w = jnp.full((k, n), 0.01, jnp.bfloat16)
     packed = pack(w)
     kernel, xla, xla_packed = _kernel_fn(), _xla_fn(), jax.jit(packed_linear_xla)
-    timings, wins = [], {}
+    wins = {}
     for m in rows:
         x = jnp.full((m, k), 0.5, jnp.bfloat16)
         t_kernel = median_ms(kernel, (x, packed), repeats)
         t_xla = median_ms(xla, (x, w), repeats)
-        timings += [PathTiming(k, n, m, "kernel", t_kernel), PathTiming(k, n, m, "xla", t_xla)]
         wins[m] = (t_kernel, t_xla)
     if all(t_xla < XLA_MARGIN * t_kernel for t_kernel, t_xla in wins.values()):
-        return ShapeChoice(packed=False), timings
+        return ShapeChoice(packed=False)
     del w
     paths = []
     for m, (t_kernel, t_xla) in wins.items():
@@ -110,13 +97,12 @@ def choose_shape(
         if t_xla < XLA_MARGIN * t_kernel:
             x = jnp.full((m, k), 0.5, jnp.bfloat16)
             t_packed = median_ms(xla_packed, (x, packed), repeats)
-            timings.append(PathTiming(k, n, m, "xla_packed", t_packed))
             if t_packed < XLA_MARGIN * t_kernel:
                 path = MatmulPath.XLA
         paths.append((m, path))
     if all(path is MatmulPath.KERNEL for _, path in paths):
         paths = []  # the kernel everywhere: the plain packed weight
-    return ShapeChoice(packed=True, paths=tuple(paths)), timings
+    return ShapeChoice(packed=True, paths=tuple(paths))
 
 
 def _cpu_model() -> str:
@@ -193,8 +179,7 @@ def dense_choice(shapes: tuple[Shape, ...], progress: bool = False) -> DenseChoi
     chosen = {}
     missing = [s for s in shapes if f"{s[0]}x{s[1]}" not in known]
     for shape in tqdm(missing, desc="timing dense matmuls", disable=not progress or not missing):
-        choice, _ = choose_shape(shape)
-        known[f"{shape[0]}x{shape[1]}"] = _to_json(choice)
+        known[f"{shape[0]}x{shape[1]}"] = _to_json(choose_shape(shape))
     if missing:
         data[key] = known
         _write_cache(path, data)

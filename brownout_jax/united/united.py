@@ -91,10 +91,6 @@ def average_init(experts: ExpertWeights, group_of_expert: np.ndarray) -> ExpertW
     return ExpertWeights(mix(experts.w_gate), mix(experts.w_up), mix(experts.w_down))
 
 
-def _stacks(experts: ExpertWeights):
-    return experts.w_gate, experts.w_up, experts.w_down
-
-
 def attach_united(params: ModelParams, config: ModelConfig, united: UnitedExperts) -> ModelParams:
     """Stacks each MoE layer's united experts after its originals (E + U along axis 0); onto
     packed stacks (``model.packed_params``) the united experts are packed first."""
@@ -111,9 +107,8 @@ def attach_united(params: ModelParams, config: ModelConfig, united: UnitedExpert
             raise ValueError(f"layer {index} already has united experts attached")
         added = united_layer.experts
         if mlp.experts.packed:
-            added = ExpertWeights(
-                *(pack_stack(w.astype(mlp.experts.w_gate.dtype)) for w in _stacks(added))
-            )
+            # Packed stacks are bfloat16 (the kernels' weight type).
+            added = jax.tree_util.tree_map(lambda w: pack_stack(w.astype(jnp.bfloat16)), added)
         combined = jax.tree_util.tree_map(
             lambda a, b: jnp.concatenate([a, b.astype(a.dtype)]), mlp.experts, added
         )
