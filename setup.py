@@ -25,6 +25,8 @@ AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfm
 SOURCE_FLAGS = {
     "ffi_expert_kernels.cc": [],
     "ffi_packed_linear.cc": [],
+    "ffi_paged_attention.cc": [],
+    "attention_generic.cc": [],
     "isa_generic.cc": [],
     "packed_generic.cc": [],
     **(
@@ -35,6 +37,8 @@ SOURCE_FLAGS = {
             "packed_avx2.cc": ["-mavx2", "-mfma", "-mf16c"],
             "packed_avx512.cc": AVX512,
             "packed_avx512_bf16.cc": [*AVX512, "-mavx512bf16"],
+            "attention_avx2.cc": ["-mavx2", "-mfma", "-mf16c"],
+            "attention_avx512.cc": AVX512,
             "packed_amx_bf16.cc": [*AVX512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"],
         }
         if X86

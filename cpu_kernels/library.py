@@ -22,6 +22,7 @@ GROUPED_SWIGLU_TARGET = "brownout_grouped_swiglu"
 LINEAR_TARGET = "brownout_linear"
 PACKED_LINEAR_TARGET = "brownout_packed_linear"
 PACKED_GROUPED_SWIGLU_TARGET = "brownout_packed_grouped_swiglu"
+PAGED_ATTENTION_TARGET = "brownout_paged_attention"
 
 
 class Isa(enum.IntEnum):
@@ -33,6 +34,8 @@ class Isa(enum.IntEnum):
     AVX512 = 3  # AVX-512 F/BW/VL, fp32 multiply-adds
     AVX512_BF16 = 4  # AVX-512-BF16 pair dot products; bf16 activations and weights only
     AMX_BF16 = 5  # AMX tiles (packed matmul only, bf16 x); AUTO takes it from 16 rows on
+    # Paged attention has AVX-512, AVX2 and scalar copies; AVX512_BF16 and AMX_BF16 resolve
+    # like AUTO there.
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -71,6 +74,14 @@ class KernelLibrary:
         name = self.handle.BrownoutPackedExpertsIsa(int(isa), int(x_bf16)).decode()
         return name or None
 
+    def attention_isa_name(self, isa: Isa, head_dim: int) -> str | None:
+        """The copy paged attention runs with ``isa`` for this head dim (AUTO: the widest
+        whose lanes divide it), None if this CPU lacks it or its lanes do not divide it."""
+        if self.handle is None:
+            return None
+        name = self.handle.BrownoutPagedAttentionIsa(int(isa), int(head_dim)).decode()
+        return name or None
+
 
 def _packaged_library() -> Path | None:
     here = Path(__file__).resolve().parent
@@ -99,11 +110,14 @@ def load_library() -> KernelLibrary:
         handle.BrownoutPackedLinearIsa.argtypes = (ctypes.c_int64, ctypes.c_int32, ctypes.c_int64)
         handle.BrownoutPackedExpertsIsa.restype = ctypes.c_char_p
         handle.BrownoutPackedExpertsIsa.argtypes = (ctypes.c_int64, ctypes.c_int32)
+        handle.BrownoutPagedAttentionIsa.restype = ctypes.c_char_p
+        handle.BrownoutPagedAttentionIsa.argtypes = (ctypes.c_int64, ctypes.c_int64)
         targets = {
             GROUPED_SWIGLU_TARGET: handle.BrownoutGroupedSwiglu,
             LINEAR_TARGET: handle.BrownoutLinear,
             PACKED_LINEAR_TARGET: handle.BrownoutPackedLinear,
             PACKED_GROUPED_SWIGLU_TARGET: handle.BrownoutPackedGroupedSwiglu,
+            PAGED_ATTENTION_TARGET: handle.BrownoutPagedAttention,
         }
     except (OSError, AttributeError) as err:
         return KernelLibrary(path, f"{path} cannot be loaded: {err}")
