@@ -31,6 +31,7 @@ and still stops the engine.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -223,7 +224,8 @@ class Executor:
         self._state = None
         for leaf in leaves:  # whatever the lost state still holds goes before the new one
             if not leaf.is_deleted():
-                leaf.delete()
+                with contextlib.suppress(jax.errors.JaxRuntimeError):  # an error buffer
+                    leaf.delete()
         self._state = self._new_state()
         return True
 
