@@ -2,7 +2,13 @@
 optional API key check. Its life cycle (warm-up, drain) is serve/server.py's.
 
 While the engine warms up calls get UNAVAILABLE and health says NOT_SERVING; a dead engine
-loop turns health NOT_SERVING (on both fronts) and fails its requests with INTERNAL.
+loop turns health NOT_SERVING (on both fronts) and fails its requests with INTERNAL. A request
+whose step failed on the device gets RESOURCE_EXHAUSTED (out of memory) or INTERNAL with the
+step's error, and the server serves on.
+
+Bounds: a request message over ``max_request_bytes`` (``--max-request-bytes``) is refused by
+gRPC itself with RESOURCE_EXHAUSTED before it is deserialized; prompt text too long for the
+context is INVALID_ARGUMENT naming ``prompt`` before it is tokenized (``Engine.submit``).
 """
 
 from __future__ import annotations
@@ -22,10 +28,12 @@ from brownout_jax.engine.requests import (
     GenerationRequest,
     RequestError,
     RequestMetrics,
+    StepFailureKind,
     TokenEvent,
 )
 from brownout_jax.serve import brownout_pb2 as pb
 from brownout_jax.serve import brownout_pb2_grpc as pb_grpc
+from brownout_jax.serve.request_limits import GRPC_DEFAULT_MAX_RECEIVE
 from brownout_jax.serve.serving_state import ApiKey, ServingState
 
 SERVICE = "brownout.v1.Generation"
@@ -91,6 +99,11 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     def _events(self, handle, context):
         for event in handle.events():
+            if event.finish_reason is FinishReason.ERROR and event.step_failure is not None:
+                # This request's step failed; the engine serves on: health stays SERVING.
+                oom = event.step_failure is StepFailureKind.OUT_OF_MEMORY
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED if oom else grpc.StatusCode.INTERNAL
+                context.abort(code, f"{event.error}; the server serves on")
             if event.finish_reason is FinishReason.ERROR:
                 self.mark_not_serving()
                 context.abort(grpc.StatusCode.INTERNAL, event.error or "generation failed")
@@ -224,8 +237,15 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
         )
 
 
-def start_grpc_server(state: ServingState, host: str, port: int, max_workers: int):
-    """The Generation service, health and reflection, started; returns (server, bound port)."""
+def start_grpc_server(
+    state: ServingState,
+    host: str,
+    port: int,
+    max_workers: int,
+    max_request_bytes: int = GRPC_DEFAULT_MAX_RECEIVE,
+):
+    """The Generation service, health and reflection, started; returns (server, bound port).
+    A request message over ``max_request_bytes`` is RESOURCE_EXHAUSTED (gRPC's own check)."""
     health_servicer = health.HealthServicer()
 
     def publish(serving: bool) -> None:
@@ -240,7 +260,9 @@ def start_grpc_server(state: ServingState, host: str, port: int, max_workers: in
     state.on_change(publish)
     interceptors = [] if state.api_key is None else [ApiKeyInterceptor(state.api_key)]
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        interceptors=interceptors,
+        options=[("grpc.max_receive_message_length", max_request_bytes)],
     )
     pb_grpc.add_GenerationServicer_to_server(GenerationService(state), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

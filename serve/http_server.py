@@ -7,6 +7,11 @@ draining or failed), /metrics (the engine's Prometheus registry) and /version.
 The engine hands each request's token events to a thread-safe queue; an event loop must not
 block on it, so a handle wakes its stream through ``loop.call_soon_threadsafe`` (no thread per
 stream). A client that disconnects cancels its generation, which frees its KV blocks.
+
+Bounds (serve/request_limits.py, serve/http_request.py): a body over ``--max-request-bytes``
+is 413 before it is read; tokenizing and chat templates run on a bounded pool (429 when full).
+A request whose step failed on the device gets 503 (out of memory: retry) or 500, and the
+server serves on; only a dead engine turns it not serving.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from brownout_jax.engine.requests import (
@@ -38,6 +42,7 @@ from brownout_jax.engine.requests import (
     RequestHandle,
     TokenEvent,
 )
+from brownout_jax.serve.http_request import PreparePool, parse_body, validation_error
 from brownout_jax.serve.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -51,6 +56,7 @@ from brownout_jax.serve.openai_requests import (
     client_error,
     prepare_chat,
     prepare_completion,
+    step_error,
 )
 from brownout_jax.serve.openai_responses import (
     ChunkWriter,
@@ -59,6 +65,7 @@ from brownout_jax.serve.openai_responses import (
     completion_response,
     to_json,
 )
+from brownout_jax.serve.request_limits import RequestLimits
 from brownout_jax.serve.serving_state import ServingState
 
 _ENGINE_CHECK_S = 1.0  # how often a waiting stream checks that the engine is still alive
@@ -121,50 +128,13 @@ def _error_response(err: OpenAIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
 
 
-async def parse_body(request: Request, model_type):
-    """The JSON body as ``model_type``, whatever Content-Type says (curl -d sends form
-    encoding unless told otherwise)."""
-    try:
-        return model_type.model_validate_json(await request.body())
-    except ValidationError as err:
-        raise _validation_error(err.errors()) from None
-
-
-_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
-
-
-def _is_union_tag(part) -> bool:
-    """pydantic names the union member a value failed in its error path (``prompt.list[int]``)."""
-    return isinstance(part, str) and (part in _TYPE_NAMES or "[" in part)
-
-
-def _validation_error(errors: list) -> OpenAIError:
-    """pydantic's first complaint, naming the field (a JSON path below the body); a value
-    that fits no member of a union is told which forms it may take."""
-    first = errors[0]
-    if first.get("type") == "json_invalid":
-        return OpenAIError(400, f"the request body is not valid JSON: {first.get('msg')}")
-    loc = [part for part in first.get("loc", ()) if part != "body"]
-    if not loc:
-        return OpenAIError(400, f"the request body: {first.get('msg')}")
-    tag_at = next((i for i, part in enumerate(loc) if _is_union_tag(part)), None)
-    if tag_at is None:
-        path = ".".join(map(str, loc))
-        return OpenAIError(400, f"{path}: {first.get('msg')}", param=path)
-    path = ".".join(map(str, loc[:tag_at]))
-    forms = []
-    for error in errors:
-        tail = [p for p in error.get("loc", ()) if p != "body"]
-        if tail[:tag_at] == loc[:tag_at] and len(tail) > tag_at and tail[tag_at] not in forms:
-            forms.append(tail[tag_at])
-    return OpenAIError(400, f"{path}: must be one of {', '.join(forms)}", param=path)
-
-
 class HttpApi:
     """The routes, over the state both fronts share."""
 
-    def __init__(self, state: ServingState):
+    def __init__(self, state: ServingState, limits: RequestLimits, pool: PreparePool):
         self.state = state
+        self.limits = limits
+        self.pool = pool
 
     def engine(self):
         if self.state.engine is None:
@@ -198,7 +168,8 @@ class HttpApi:
             )
 
     async def submit(self, engine, prepare: Callable[[], PreparedRequest]):
-        """Prepares (chat template, tokenizer) and submits off the event loop."""
+        """Prepares (chat template, tokenizer) and submits off the event loop, on the bounded
+        pool; a client gone meanwhile cancels what was submitted."""
 
         def run():
             prepared = prepare()
@@ -208,7 +179,7 @@ class HttpApi:
                 raise client_error(err, prepared) from None
 
         try:
-            return await asyncio.to_thread(run)
+            return await self.pool.run(run, on_abandoned=lambda done: done[1].cancel())
         except EngineOverloadedError as err:
             raise OpenAIError(
                 429,
@@ -238,14 +209,23 @@ class HttpApi:
             error_type="internal_error",
         )
 
-    async def generate(self, request: Request, body, chat: bool):
-        engine = self.engine()
+    def failed(self, event: TokenEvent) -> OpenAIError:
+        """The error of a request that finished with ERROR: its step's, or the engine's."""
+        if event.step_failure is not None:
+            return step_error(event.error, event.step_failure)
+        return self.engine_failed(event.error)
+
+    async def generate(self, request: Request, model_type, chat: bool):
+        engine = self.engine()  # warming up: 503 before the body is read
+        body = await parse_body(request, model_type, self.limits.max_request_bytes)
         model = self.check_model(body.model)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         if chat:
 
             def prepare():
-                return prepare_chat(body, engine.tokenizer, engine.max_model_len, request_id)
+                return prepare_chat(
+                    body, engine.tokenizer, engine.max_model_len, request_id, engine.longest_token
+                )
         else:
 
             def prepare():
@@ -259,7 +239,7 @@ class HttpApi:
             )
         events = await self._collect(request, handle, engine)
         if events[-1].finish_reason is FinishReason.ERROR:
-            raise self.engine_failed(events[-1].error)
+            raise self.failed(events[-1])
         done = Collected.from_events(events)
         build = chat_response if chat else completion_response
         return JSONResponse(
@@ -270,7 +250,7 @@ class HttpApi:
         try:
             async for event in engine_events(handle, engine):
                 if event.finish_reason is FinishReason.ERROR:
-                    yield _sse(self.engine_failed(event.error).body())
+                    yield _sse(self.failed(event).body())
                     break
                 yield _sse(to_json(writer.event(event, handle.metrics)))
             else:
@@ -326,8 +306,8 @@ def _version() -> str:
         return "unknown"
 
 
-def create_app(state: ServingState) -> FastAPI:
-    api = HttpApi(state)
+def create_app(state: ServingState, limits: RequestLimits, pool: PreparePool) -> FastAPI:
+    api = HttpApi(state, limits, pool)
     app = FastAPI(title="brownout-jax", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(OpenAIError)
@@ -336,7 +316,7 @@ def create_app(state: ServingState) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, err: RequestValidationError):
-        return _error_response(_validation_error(err.errors()))
+        return _error_response(validation_error(err.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, err: StarletteHTTPException):
@@ -383,13 +363,11 @@ def create_app(state: ServingState) -> FastAPI:
 
     @v1.post("/completions")
     async def completions(request: Request):
-        body = await parse_body(request, CompletionRequest)
-        return await api.generate(request, body, chat=False)
+        return await api.generate(request, CompletionRequest, chat=False)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
-        body = await parse_body(request, ChatCompletionRequest)
-        return await api.generate(request, body, chat=True)
+        return await api.generate(request, ChatCompletionRequest, chat=True)
 
     app.include_router(v1)
     return app
@@ -399,7 +377,13 @@ class HttpFront:
     """uvicorn on a thread of the server process, on a socket bound up front (so port 0
     resolves to its port before anything is announced)."""
 
-    def __init__(self, state: ServingState, host: str, port: int):
+    def __init__(
+        self,
+        state: ServingState,
+        host: str,
+        port: int,
+        limits: RequestLimits = RequestLimits(),  # noqa: B008 (frozen)
+    ):
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         self._socket = socket.socket(family, kind, proto)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -409,8 +393,9 @@ class HttpFront:
             self._socket.close()
             raise OSError(f"HTTP: cannot bind {host}:{port} ({err})") from None
         self.port = self._socket.getsockname()[1]
+        self.prepare_pool = PreparePool(limits.prepare_threads, limits.prepare_queue)
         config = uvicorn.Config(
-            create_app(state),
+            create_app(state, limits, self.prepare_pool),
             log_level="warning",
             access_log=False,
             lifespan="off",
@@ -443,3 +428,4 @@ class HttpFront:
         if self._thread.ident is not None:  # started
             self._thread.join(timeout)
         self._socket.close()
+        self.prepare_pool.close()

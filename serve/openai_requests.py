@@ -3,8 +3,9 @@ to the client's field names.
 
 Range and length checks are not repeated here: the engine validates every request with
 ``brownout_jax.engine.requests.validate_request`` (the gRPC front's path too), and ``client_error``
-renames the field its ``RequestError`` names. What is decided here is only what the OpenAI
-surface adds: which of its fields this server cannot honour, and how a prompt is written.
+renames the field its ``RequestError`` names; ``step_error`` words a step's device failure.
+What is decided here is only what the OpenAI surface adds: which of its fields this server
+cannot honour, and how a prompt is written.
 """
 
 from __future__ import annotations
@@ -12,7 +13,13 @@ from __future__ import annotations
 import dataclasses
 import secrets
 
-from brownout_jax.engine.requests import FinishReason, GenerationRequest, RequestError
+from brownout_jax.engine.requests import (
+    FinishReason,
+    GenerationRequest,
+    RequestError,
+    StepFailureKind,
+    check_prompt_text,
+)
 from brownout_jax.serve.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -42,6 +49,22 @@ def client_error(err: RequestError, prepared: PreparedRequest) -> OpenAIError:
     if field != err.field and message.startswith(f"{err.field}:"):
         message = f"{field}:{message[len(err.field) + 1 :]}"
     return OpenAIError(400, message, param=field)
+
+
+def step_error(message: str | None, kind: StepFailureKind) -> OpenAIError:
+    """A request whose step failed on the device; the engine serves on (health unchanged).
+    Out of memory may pass (503, retry); another device error is a 500."""
+    if kind is StepFailureKind.OUT_OF_MEMORY:
+        return OpenAIError(
+            503,
+            f"{message}; the server serves on, retry later",
+            code="step_out_of_memory",
+            error_type="service_unavailable",
+            retry_after_s=1,
+        )
+    return OpenAIError(
+        500, f"{message}; the server serves on", code="step_failed", error_type="internal_error"
+    )
 
 
 def _bad(field: str, message: str) -> OpenAIError:
@@ -145,8 +168,14 @@ def chat_prompt_ids(tokenizer, body: ChatCompletionRequest) -> list[int]:
 
 
 def prepare_chat(
-    body: ChatCompletionRequest, tokenizer, max_model_len: int, request_id: str
+    body: ChatCompletionRequest,
+    tokenizer,
+    max_model_len: int,
+    request_id: str,
+    longest_token: int | None = None,
 ) -> PreparedRequest:
+    """``longest_token``: the tokenizer's longest token in characters (``Engine.longest_token``),
+    bounding the messages' text before the template renders it."""
     _refuse_unsupported(body)
     if body.top_logprobs:
         raise _bad(
@@ -154,6 +183,11 @@ def prepare_chat(
             f"alternatives per token are not computed (got {body.top_logprobs}); send 0 "
             "or leave it out (logprobs=true gives the chosen token's)",
         )
+    texts = sum(len(_message_text(m, i)) for i, m in enumerate(body.messages))
+    try:
+        check_prompt_text("messages", texts, longest_token, max_model_len)
+    except RequestError as err:
+        raise _bad("messages", err.message) from None
     ids = chat_prompt_ids(tokenizer, body)
     given = body.max_completion_tokens if body.max_completion_tokens is not None else None
     max_field = "max_completion_tokens" if given is not None else "max_tokens"

@@ -5,7 +5,8 @@ Both fronts listen first and answer "not serving" (gRPC health NOT_SERVING and U
 HTTP /health 503) while the engine loads and compiles every step; then both turn serving.
 SIGTERM/SIGINT: both turn not serving, the engine stops admitting and drains the requests it
 accepted (from either front) within the grace period, then the fronts close and the process
-exits 0. A dead engine loop turns both not serving and fails its requests (INTERNAL / 500).
+exits 0. A dead engine loop turns both not serving (before its requests hear of it) and fails
+its requests (INTERNAL / 500); a step that fails on the device fails only its own requests.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import threading
 import time
 
 from brownout_jax.engine.requests import EngineDeadError
+from brownout_jax.serve.request_limits import RequestLimits
 from brownout_jax.serve.serving_state import ApiKey, ServingState
 
 
@@ -31,6 +33,8 @@ class ServerConfig:
     grace_s: float = 30.0  # drain time on SIGTERM/SIGINT
     api_key: ApiKey | None = dataclasses.field(default=None, repr=False)
     served_model_name: str | None = None  # default: the checkpoint directory's name
+    # Request size and the HTTP tokenizing pool; `serve` derives the size from the context.
+    limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
 
     def __post_init__(self) -> None:
         if self.port is None and self.http_port is None:
@@ -65,13 +69,17 @@ def serve(make_engine, config: ServerConfig, log=print) -> int:
             from brownout_jax.serve.grpc_service import start_grpc_server
 
             grpc_server, grpc_port = start_grpc_server(
-                state, config.host, config.port, config.max_workers
+                state,
+                config.host,
+                config.port,
+                config.max_workers,
+                config.limits.max_request_bytes,
             )
             fronts.append(f"gRPC {config.host}:{grpc_port}")
         if config.http_port is not None:
             from brownout_jax.serve.http_server import HttpFront
 
-            http_front = HttpFront(state, config.host, config.http_port)
+            http_front = HttpFront(state, config.host, config.http_port, config.limits)
             http_front.start()
             fronts.append(f"HTTP http://{config.host}:{http_front.port}")
         log(f"brownout-jax: warming up; listening on {', '.join(fronts)}", flush=True)
@@ -95,6 +103,8 @@ def _run(make_engine, config: ServerConfig, state, stop, fronts, log) -> None:
     """Warm-up, serving until ``stop``, then the drain."""
     start = time.perf_counter()
     engine = make_engine()
+    # A dying engine turns both fronts not serving before its requests are failed.
+    engine.on_failure(lambda _cause: state.set_serving(False))
     state.engine = engine
     if config.metrics_port is not None:
         from prometheus_client import start_http_server

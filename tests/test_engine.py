@@ -1,5 +1,5 @@
 """The serving engine: batching is exact, bursts lose nothing, cancel/shutdown/failure behave,
-and nothing compiles after warm-up."""
+a step failing on the device fails only its requests, and nothing compiles after warm-up."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from brownout_jax.engine.requests import (
     FinishReason,
     GenerationRequest,
     RequestError,
+    StepFailureKind,
 )
 from brownout_jax.model.params import init_random_params
 from brownout_jax.moe.ladder import ThresholdLadder
@@ -195,6 +196,65 @@ def test_dead_engine_loop_surfaces(params):
     assert output.finish_reason == FinishReason.ERROR and "device lost" in output.error
     with pytest.raises(EngineDeadError, match="device lost"):
         engine.submit(GenerationRequest(prompt_token_ids=(1,), max_new_tokens=2))
+
+
+def _fail_next_prefill(engine, monkeypatch, after_running: bool) -> None:
+    """The next prefill step raises JAX's runtime error for XLA out of memory, once: before its
+    executable runs (the state survives), or after it ran and took the donated state (lost)."""
+    grid = engine._executor.grid
+    real = grid.executable
+    armed = [True]
+
+    def executable(key):
+        compiled = real(key)
+        if key.phase != Phase.PREFILL or not armed[0]:
+            return compiled
+
+        def failing(*args):
+            armed[0] = False
+            if after_running:
+                compiled(*args)
+            raise jax.errors.JaxRuntimeError(
+                "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 96.00MiB."
+            )
+
+        return failing
+
+    monkeypatch.setattr(grid, "executable", executable)
+
+
+@pytest.mark.parametrize("after_running", [False, True], ids=["state-kept", "state-lost"])
+def test_a_step_failing_on_the_device_fails_its_requests_and_the_engine_serves_on(
+    engine, params, monkeypatch, after_running
+):
+    """``running`` decodes while the prefill of ``failing`` fails: ``failing`` ends with a
+    marked error; ``running`` finishes exactly (recomputed when the state was lost); the same
+    prompt submitted next is served exactly."""
+    running_prompt, prompt = [3, 1, 4, 1, 5], [2, 7, 1, 8]
+    (running_alone,) = generate(params, CONFIG, [running_prompt], 40)
+    (alone,) = generate(params, CONFIG, [prompt], 12)
+    running = engine.submit(
+        GenerationRequest(prompt_token_ids=tuple(running_prompt), max_new_tokens=40)
+    )
+    running_events = running.events(timeout=60)
+    first = next(running_events)  # its prefill is done: the next prefill is the failing one
+    _fail_next_prefill(engine, monkeypatch, after_running)
+    failing = engine.submit(GenerationRequest(prompt_token_ids=tuple(prompt), max_new_tokens=12))
+    events = list(failing.events(timeout=60))
+    last = events[-1]
+    assert last.finish_reason == FinishReason.ERROR and last.token_id is None
+    assert last.step_failure == StepFailureKind.OUT_OF_MEMORY
+    assert "prefill step" in last.error and "Out of memory" in last.error
+    tokens = [first.token_id] + [e.token_id for e in running_events if e.token_id is not None]
+    assert tokens == running_alone.token_ids
+    assert running.metrics.preemptions == (1 if after_running else 0)
+    assert engine.alive
+    again = engine.submit(GenerationRequest(prompt_token_ids=tuple(prompt), max_new_tokens=12))
+    output = again.result(timeout=60)
+    assert output.finish_reason == FinishReason.LENGTH
+    assert output.token_ids == alone.token_ids
+    stats = engine.stats()
+    assert stats.running == 0 and stats.kv_blocks_used == 0
 
 
 def test_no_compilation_after_warmup_across_levels_and_batches(tiny_moe):

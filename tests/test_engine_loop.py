@@ -1,6 +1,7 @@
 """The engine thread's host path (scheduler → executor → streams) against a fake executor
 whose "model" is a pure function of each sequence's context: nothing is lost or duplicated,
-preemption recomputes exactly, cancellation and failures end every request once. No JAX."""
+preemption recomputes exactly, cancellation and failures end every request once, and a step
+that fails on the device fails its own requests only. No JAX."""
 
 from __future__ import annotations
 
@@ -8,13 +9,20 @@ import dataclasses
 import threading
 
 import numpy as np
+import pytest
 
 from brownout_jax.engine.buckets import EngineBuckets
 from brownout_jax.engine.controller import ControllerConfig, SloController
 from brownout_jax.engine.loop import EngineLoop
 from brownout_jax.engine.metrics import EngineMetrics
 from brownout_jax.engine.phase import Phase, Thresholds
-from brownout_jax.engine.requests import FinishReason, GenerationRequest, RequestHandle
+from brownout_jax.engine.requests import (
+    FinishReason,
+    GenerationRequest,
+    RequestHandle,
+    StepFailedError,
+    StepFailureKind,
+)
 from brownout_jax.engine.scheduler import Scheduler, SchedulerLimits
 from brownout_jax.engine.stream import TokenStream
 from brownout_jax.moe.ladder import ThresholdLadder
@@ -55,14 +63,35 @@ class FakeGrid:
 
 class FakeExecutor:
     """Computes at dispatch, like a device; checks that every decode row's position matches
-    the context its slot holds (the KV cache of the fake)."""
+    the context its slot holds (the KV cache of the fake). ``step_failures``: (``"dispatch"``
+    or ``"read"``, its count from 1) → whether that step's device error loses the state (its
+    contexts: a sequence decoding on without recomputing would fail the position check)."""
 
     grid = FakeGrid()
 
-    def __init__(self, fail_after: int | None = None):
+    def __init__(
+        self,
+        fail_after: int | None = None,
+        step_failures: dict[tuple[str, int], bool] | None = None,
+    ):
         self.contexts: dict[int, list[int]] = {}
         self.dispatches = 0
+        self.reads = 0
         self.fail_after = fail_after
+        self.step_failures = dict(step_failures or {})
+        self.state_lost = False
+
+    def _maybe_fail(self, where: str, count: int) -> None:
+        lost = self.step_failures.get((where, count))
+        if lost is not None:
+            self.state_lost = lost
+            raise StepFailedError("INTERNAL: Out of memory while trying to allocate 1.5GiB\nmore")
+
+    def recover_state(self) -> bool:
+        lost, self.state_lost = self.state_lost, False
+        if lost:
+            self.contexts.clear()
+        return lost
 
     def warm_up(self) -> int:
         return 0
@@ -77,6 +106,7 @@ class FakeExecutor:
         self.dispatches += 1
         if self.fail_after is not None and self.dispatches > self.fail_after:
             raise RuntimeError("device lost")
+        self._maybe_fail("dispatch", self.dispatches)
         tokens = np.zeros(plan.bucket.batch, np.int32)
         for i, row in enumerate(plan.rows):
             if plan.phase == Phase.PREFILL:
@@ -89,6 +119,8 @@ class FakeExecutor:
         return FakeInFlight(plan, tokens, now, thresholds)
 
     def read(self, step: FakeInFlight) -> FakeResult:
+        self.reads += 1
+        self._maybe_fail("read", self.reads)
         return FakeResult(step.tokens, np.full(len(step.tokens), -0.5, np.float32))
 
     def close(self) -> None:
@@ -195,6 +227,70 @@ def test_steps_are_recorded_per_phase_with_their_thresholds():
     assert {(r.prefill_threshold, r.decode_threshold) for r in loop.metrics.step_log} == {
         (1.0, 1.0)
     }
+
+
+@pytest.mark.parametrize("lost", [False, True], ids=["state-kept", "state-lost"])
+@pytest.mark.parametrize("where", ["dispatch", "read"])
+def test_a_failed_step_fails_its_own_requests_and_the_engine_serves_on(where, lost):
+    """Step 3 is the prefill of r4 and r5 (step 1 prefilled r0-r3, step 2 decoded them). Its
+    failure ends r4 and r5 with a marked error; r0-r3 finish exactly, recomputed when the
+    state (their KV) was lost; r6, submitted after the failure, is served exactly."""
+    loop = _loop(FakeExecutor(step_failures={(where, 3): lost}), max_batch=8)
+    jobs = [([i + 1, 2, 3], 12) for i in range(6)]
+    handles = [_submit(loop, p, n, f"r{i}", ignore_eos=True) for i, (p, n) in enumerate(jobs)]
+    events = {h: [] for h in handles}
+    thread = threading.Thread(target=loop.run)
+    thread.start()
+    for handle in handles:
+        events[handle].extend(handle.events(timeout=30))
+    late = _submit(loop, [9, 8, 7], 10, "r6", ignore_eos=True)
+    loop.wake.set()
+    _run_until_drained_thread(loop, thread)
+    assert loop.error is None
+    for i, handle in enumerate(handles):
+        got = events[handle]
+        prompt, n = jobs[i]
+        if i >= 4:
+            last = got[-1]
+            assert last.finish_reason == FinishReason.ERROR and last.token_id is None
+            assert last.step_failure == StepFailureKind.OUT_OF_MEMORY
+            assert "prefill step" in last.error and "Out of memory" in last.error
+            assert "more" not in last.error  # the first line only: the log has the rest
+            assert [e.finish_reason for e in got].count(FinishReason.ERROR) == 1
+        else:
+            assert [e.token_id for e in got] == expected(prompt, n)
+            assert got[-1].finish_reason == FinishReason.LENGTH
+    assert [e.token_id for e in late.ready_events()] == expected([9, 8, 7], 10)
+    assert loop.metrics.preemptions == (4 if lost else 0)  # recomputed, not failed
+    assert loop.scheduler.allocator.used == 0 and loop.scheduler.idle
+
+
+def _run_until_drained_thread(loop: EngineLoop, thread: threading.Thread) -> None:
+    loop.closing = True
+    loop.wake.set()
+    thread.join(60)
+    assert not thread.is_alive()
+
+
+def test_a_state_that_cannot_be_rebuilt_stops_the_engine_after_telling_health():
+    executor = FakeExecutor(step_failures={("dispatch", 2): True})
+
+    def no_memory_left() -> bool:
+        raise RuntimeError("RESOURCE_EXHAUSTED: cannot allocate the KV pool again")
+
+    executor.recover_state = no_memory_left
+    loop = _loop(executor)
+    handles = [_submit(loop, [i + 1, 2], 20, f"f{i}", ignore_eos=True) for i in range(3)]
+    told = []
+    loop.on_fatal = lambda err: told.append((err, [h.done for h in handles]))
+    _run_until_drained(loop)
+    assert isinstance(loop.error, RuntimeError)
+    ((cause, done_then),) = told
+    assert cause is loop.error and done_then == [False] * 3  # told before any request
+    for handle in handles:
+        last = handle.ready_events()[-1]
+        assert last.finish_reason == FinishReason.ERROR and last.step_failure is None
+        assert "cannot allocate the KV pool" in last.error
 
 
 class RecordingExecutor(FakeExecutor):

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -253,6 +254,41 @@ def test_prompt_past_the_context_names_the_limit_on_both_fronts(server):
         grpc_client.generate(pb.GenerateRequest(prompt_token_ids=[3] * 266, max_tokens=1))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "266" in info.value.details() and "256" in info.value.details()
+
+
+def test_request_size_bound_derives_from_the_context_on_both_fronts(server):
+    limit = 256 * 32 + (1 << 20)  # --max-request-bytes' default at max_model_len 256
+    url = urllib.parse.urlsplit(server.http)
+    with socket.create_connection((url.hostname, url.port), timeout=60) as sock:
+        sock.sendall(  # the headers alone: the body is refused before a byte of it is sent
+            b"POST /v1/completions HTTP/1.1\r\nHost: test\r\n"
+            + f"Content-Type: application/json\r\nContent-Length: {limit + 1}\r\n\r\n".encode()
+        )
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        error = json.loads(response.read())["error"]
+    assert response.status == 413 and str(limit) in error["message"]
+    with GenerationClient(server.target) as grpc_client, pytest.raises(grpc.RpcError) as info:
+        grpc_client.generate(pb.GenerateRequest(prompt="w1 " * (limit // 3 + 1), max_tokens=1))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_prompt_text_too_long_for_the_context_is_refused_before_tokenizing(server):
+    """At most 13 characters a token ("<|endoftext|>") × 256: 3328 characters. Spaces make no
+    token at all: tokenized, this prompt would be one token; its length alone refuses it."""
+    prompt = " " * 3400 + "w1"
+    status, _, text = _post(server.http, "/v1/completions", {"prompt": prompt, "max_tokens": 1})
+    error = json.loads(text)["error"]
+    assert status == 400 and error["param"] == "prompt", text
+    assert "3402" in error["message"] and "3328" in error["message"]
+    chat = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 1}
+    status, _, text = _post(server.http, "/v1/chat/completions", chat)
+    error = json.loads(text)["error"]
+    assert status == 400 and error["param"] == "messages" and "3328" in error["message"]
+    with GenerationClient(server.target) as grpc_client, pytest.raises(grpc.RpcError) as info:
+        grpc_client.generate(pb.GenerateRequest(prompt=prompt, max_tokens=1))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("prompt:") and "3402" in info.value.details()
 
 
 def test_32_concurrent_streams_complete_and_a_full_queue_is_429(server):

@@ -1,11 +1,12 @@
 """The HTTP front's protocol on a scripted engine (no JAX): error shapes and statuses, the
-API key, streaming format, and a dropped stream cancelling its request. The same front on a
-real engine: tests/test_http_api.py."""
+API key, streaming format, a dropped stream cancelling its request, and the bounds (body size,
+the tokenizing pool, a failed step). The same front on a real engine: tests/test_http_api.py."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 import time
 
@@ -20,10 +21,12 @@ from brownout_jax.engine.requests import (
     EngineOverloadedError,
     FinishReason,
     RequestHandle,
+    StepFailureKind,
     TokenEvent,
     validate_request,
 )
 from brownout_jax.serve.http_server import HttpFront
+from brownout_jax.serve.request_limits import RequestLimits
 from brownout_jax.serve.server import ServerConfig, serve
 from brownout_jax.serve.serving_state import ApiKey, ServingState
 
@@ -32,23 +35,29 @@ KEY = "test-key-7f3a"
 
 class ScriptedEngine:
     """Validates like the engine (the shared validate_request), then answers per ``mode``:
-    ok (4 tokens), overloaded, closed, dead, error_event, hang (one token, then waits)."""
+    ok (4 tokens), overloaded, closed, dead, error_event, hang (one token, then waits),
+    step_oom / step_error (one token, then its step fails on the device), block (``submit``
+    waits for ``release``, then ok)."""
 
     model_name = "scripted"
     max_model_len = 64
     tokenizer = None
+    longest_token = None
 
     def __init__(self):
         self.mode = "ok"
         self.alive = True
         self.metrics = EngineMetrics()
         self.cancelled = threading.Event()
+        self.release = threading.Event()
         self.submitted = []  # every request that passed validation
 
     def stats(self):
         return None
 
     def submit(self, request):
+        if self.mode == "block":
+            assert self.release.wait(60)
         validate_request(request, vocab_size=100, max_model_len=self.max_model_len)
         errors = {
             "overloaded": EngineOverloadedError("3 requests already wait for admission"),
@@ -68,6 +77,12 @@ class ScriptedEngine:
         if mode == "error_event":
             handle._push(TokenEvent(7, -0.5, "w7", None, None, thresholds))
             handle._push(TokenEvent(None, None, "", FinishReason.ERROR, "engine failure: X"))
+            return
+        if mode in ("step_oom", "step_error"):
+            kind = StepFailureKind("out_of_memory" if mode == "step_oom" else "device_error")
+            error = "the decode step running this request failed on the device: INTERNAL: X"
+            handle._push(TokenEvent(7, -0.5, "w7", None, None, thresholds))
+            handle._push(TokenEvent(None, None, "", FinishReason.ERROR, error, thresholds, kind))
             return
         count = 1 if mode == "hang" else 4
         for i in range(count):
@@ -102,6 +117,104 @@ def engine(front):
     yield state.engine
     state.engine = None
     state.set_serving(False)
+
+
+LIMIT = 2048  # the bounded front's --max-request-bytes
+
+
+@pytest.fixture(scope="module")
+def bounded():
+    """A front with a small body limit and a tokenizing pool of one thread and one place."""
+    state = ServingState(ApiKey(KEY))
+    limits = RequestLimits(max_request_bytes=LIMIT, prepare_threads=1, prepare_queue=1)
+    http_front = HttpFront(state, "127.0.0.1", 0, limits)
+    http_front.start()
+    state.engine = ScriptedEngine()
+    state.set_serving(True)
+    yield state, http_front
+    http_front.stop()
+
+
+def raw_post(port: int, headers: bytes, *parts: bytes) -> tuple[int, dict, str]:
+    """POST /v1/completions written by hand: ``headers`` (CRLF-ended lines) after the usual
+    ones, then ``parts`` of the body as given, then the response."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: test\r\n"
+            + f"Authorization: Bearer {KEY}\r\n".encode()
+            + b"Content-Type: application/json\r\n"
+            + headers
+            + b"\r\n"
+        )
+        for part in parts:
+            sock.sendall(part)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        text = response.read().decode()
+        return response.status, dict(response.getheaders()), text
+
+
+def _chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def test_body_over_the_limit_is_413_before_it_is_read(bounded):
+    state, front = bounded
+    # The Content-Length alone decides: not one byte of the body is ever sent.
+    status, _, text = raw_post(front.port, f"Content-Length: {50 << 20}\r\n".encode())
+    error = json.loads(text)["error"]
+    assert status == 413 and error["code"] == "request_too_large"
+    assert str(LIMIT) in error["message"] and str(50 << 20) in error["message"]
+    # Over the limit and not even JSON: refused for its size, never parsed.
+    status, _, text = call(front.port, "POST", "/v1/completions", raw=b"{" * (LIMIT + 1))
+    assert status == 413 and str(LIMIT) in json.loads(text)["error"]["message"]
+    assert state.engine.submitted == []
+
+
+def test_chunked_body_is_bounded_while_it_is_read(bounded):
+    state, front = bounded
+    chunked = b"Transfer-Encoding: chunked\r\n"
+    # No Content-Length: refused once what arrived passes the limit; the rest is never sent.
+    filler = _chunk(b" " * 1024)
+    status, _, text = raw_post(front.port, chunked, filler, filler, filler)
+    assert status == 413 and str(LIMIT) in json.loads(text)["error"]["message"]
+    assert state.engine.submitted == []
+    # Within the limit, a chunked body is served like any other.
+    body = json.dumps({"prompt": [1, 2], "max_tokens": 4}).encode()
+    parts = (_chunk(body[:5]), _chunk(body[5:]), b"0\r\n\r\n")
+    status, _, text = raw_post(front.port, chunked, *parts)
+    assert status == 200, text
+    assert json.loads(text)["choices"][0]["text"] == " w10 w11 w12 w13"
+
+
+def test_a_full_tokenizing_pool_is_429_at_once(bounded):
+    state, front = bounded
+    port = front.port
+    state.engine.mode = "block"
+    answers = []
+
+    def blocked() -> None:
+        answers.append(call(port, "POST", "/v1/completions", {"prompt": [1, 2]}))
+
+    threads = [threading.Thread(target=blocked) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60  # a bound on a wait for a state, not a timing claim
+    while front.prepare_pool.pending < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert front.prepare_pool.pending == 2  # one on the pool's thread, one waiting
+    try:
+        status, headers, text = call(port, "POST", "/v1/completions", {"prompt": [1, 2]})
+        error = json.loads(text)["error"]
+        assert status == 429 and headers["retry-after"] == "1"
+        assert error["code"] == "prepare_queue_full" and "retry later" in error["message"]
+    finally:
+        state.engine.release.set()
+        for thread in threads:
+            thread.join(60)
+    assert [a[0] for a in answers] == [200, 200]
+    assert front.prepare_pool.pending == 0
+    state.engine.mode = "ok"
 
 
 def call(port, method, path, body=None, key=KEY, raw: bytes | None = None):
@@ -223,6 +336,28 @@ def test_error_event_is_500_whole_and_an_error_chunk_streamed(front, engine):
     assert status == 200 and events[-1] == "[DONE]"
     assert json.loads(events[0])["choices"][0]["text"] == "w7"
     assert json.loads(events[-2])["error"]["code"] == "engine_failure"
+
+
+@pytest.mark.parametrize(
+    ("mode", "status", "code", "retry_after"),
+    [("step_oom", 503, "step_out_of_memory", "1"), ("step_error", 500, "step_failed", None)],
+)
+def test_a_failed_step_is_its_requests_error_and_the_server_serves_on(
+    front, engine, mode, status, code, retry_after
+):
+    state, port = front
+    engine.mode = mode
+    got, headers, text = call(port, "POST", "/v1/completions", {"prompt": [1, 2]})
+    error = json.loads(text)["error"]
+    assert got == status and headers.get("retry-after") == retry_after
+    assert error["code"] == code and "failed on the device" in error["message"]
+    assert "serves on" in error["message"] and "Traceback" not in text
+    assert state.serving  # only this request failed: health stays 200
+    got, _, text = call(port, "POST", "/v1/completions", {"prompt": [1, 2], "stream": True})
+    events = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
+    assert got == 200 and events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == code
+    assert state.serving and call(port, "GET", "/health")[0] == 200
 
 
 def test_unknown_model_and_route_are_404(front, engine):

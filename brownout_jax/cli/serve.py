@@ -37,10 +37,11 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from brownout_jax.checkpoints.demo_model import default_model
     from brownout_jax.engine.front import Engine
+    from brownout_jax.model.config import ModelConfig
     from brownout_jax.serve.cli_serve import server_config_from_args
     from brownout_jax.serve.server import serve
 
-    server_config = server_config_from_args(args)  # flag errors before the model loads
+    server_config_from_args(args)  # flag errors before the model loads
     check_mesh(args.mesh)
     model, united = default_model(args.model, args.united)
     # Serve once the minimal step set is compiled; the rest compiles in the background.
@@ -51,6 +52,10 @@ def run(args) -> int:
         exempt_layers=_served_exempt_layers(args, model, united),
         compile_in_background=True,
     )
+    # The context limit the engine will settle on (its config.json alone): both fronts bound
+    # requests by it from the start, while the engine still warms up.
+    positions = ModelConfig.from_pretrained_dir(model).max_position_embeddings
+    server_config = server_config_from_args(args, config.for_model(positions).max_model_len)
 
     def make_engine():
         return Engine.from_checkpoint(model, united, config, args.dtype, progress=False)

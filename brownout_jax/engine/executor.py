@@ -21,11 +21,19 @@ predictive controller's table). Random tokens, and decode rows on distinct slots
 every brownout level cost the same. With background compilation only the minimal set is timed
 (serving waits for these runs, and a warm cache has many more steps ready at start): the
 others' first executions while serving give their base.
+
+Step failures. A device runtime error (``jax.errors.JaxRuntimeError``: XLA out of memory, a
+failed launch) in ``dispatch``, ``read`` or ``warm_up`` is raised as ``StepFailedError``: the
+engine loop fails that step's requests and serves on, calling ``recover_state`` first (the
+state is donated to the step, so the failure may have taken it). Any other exception is a bug
+and still stops the engine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import logging
 import time
 
@@ -39,7 +47,7 @@ from brownout_jax.engine.config import EngineConfig
 from brownout_jax.engine.latency_model import LatencyModel
 from brownout_jax.engine.paged_cache import KVPool
 from brownout_jax.engine.phase import Phase, Thresholds
-from brownout_jax.engine.requests import BrownoutClass
+from brownout_jax.engine.requests import BrownoutClass, StepFailedError
 from brownout_jax.engine.sampling import unpack_sampled
 from brownout_jax.engine.scheduler import StepPlan
 from brownout_jax.engine.step_grid import StepGrid, StepKey
@@ -76,6 +84,21 @@ class StepResult:
     tokens: np.ndarray  # (rows of the bucket,) int32
     logprobs: np.ndarray  # (rows of the bucket,) float32
     device_load: np.ndarray | None  # (DEV, 2): tokens received, distinct experts (on a mesh)
+
+
+def _device_errors_fail_the_step(method):
+    """``JaxRuntimeError`` out of ``method`` becomes ``StepFailedError`` (the whole message
+    goes to the log; the requests get its first line)."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except jax.errors.JaxRuntimeError as err:
+            logging.getLogger("brownout_jax").error("a step failed on the device: %s", err)
+            raise StepFailedError(str(err)) from err
+
+    return wrapper
 
 
 def has_united_experts(params: ModelParams) -> bool:
@@ -149,13 +172,8 @@ class Executor:
             grid = make_grid(params, model_config, config, ladder)
             grid.compile(background=config.compile_in_background, progress=progress)
         self.grid = grid
-        state = EngineState(
-            pool=KVPool.allocate(
-                model_config, config.num_blocks, config.block_size, params.embed.dtype
-            ),
-            last_tokens=jnp.zeros((config.max_batch,), jnp.int32),
-        )
-        self._state = state if mesh is None else replicate(state, mesh)
+        self._model_config, self._mesh = model_config, mesh
+        self._state = self._new_state()
         # (phase, level) → buckets run once and offered to the scheduler.
         self._usable: dict[tuple[Phase, float], set[Bucket]] = {}
         # (phase, level) whose covering bucket is usable: any step of the phase fits.
@@ -179,8 +197,41 @@ class Executor:
     def usable_buckets(self, phase: Phase, level: float) -> frozenset[Bucket]:
         return frozenset(self._usable.get((phase, level), ()))
 
+    def _new_state(self) -> EngineState:
+        """A fresh state: the KV pool zeroed, every slot's last token 0."""
+        config = self.config
+        state = EngineState(
+            pool=KVPool.allocate(
+                self._model_config, config.num_blocks, config.block_size, self._params.embed.dtype
+            ),
+            last_tokens=jnp.zeros((config.max_batch,), jnp.int32),
+        )
+        return state if self._mesh is None else replicate(state, self._mesh)
+
+    def recover_state(self) -> bool:
+        """After a failed step: whether the state was lost, and then a fresh one replaces it.
+        Lost means donated to the step that failed (its buffers are deleted), or the output
+        of a failed execution (awaiting it raises); both are checked, waiting for the device
+        (an error path: the sync costs nothing that matters). Raises ``JaxRuntimeError`` when
+        no fresh state can be allocated: not recoverable, the engine stops."""
+        leaves = jax.tree.leaves(self._state)
+        try:
+            if not any(leaf.is_deleted() for leaf in leaves):
+                jax.block_until_ready(leaves)
+                return False
+        except jax.errors.JaxRuntimeError:
+            pass
+        self._state = None
+        for leaf in leaves:  # whatever the lost state still holds goes before the new one
+            if not leaf.is_deleted():
+                with contextlib.suppress(jax.errors.JaxRuntimeError):  # an error buffer
+                    leaf.delete()
+        self._state = self._new_state()
+        return True
+
     # -------------------------------------------------------------------------- warm-up
 
+    @_device_errors_fail_the_step
     def warm_up(self, progress: bool = False, wait: bool = False) -> int:
         """Runs every newly compiled executable once and makes it usable; returns how many.
         With ``wait``, blocks until those runs finished (before serving starts)."""
@@ -247,6 +298,7 @@ class Executor:
 
     # -------------------------------------------------------------------------- one step
 
+    @_device_errors_fail_the_step
     def dispatch(self, plan: StepPlan, thresholds: Thresholds, now: float) -> InFlight:
         """Launches the plan's step at its phase's level in ``thresholds``; does not wait."""
         key = StepKey(plan.phase, thresholds.of(plan.phase), plan.bucket)
@@ -279,6 +331,7 @@ class Executor:
             _fill_sampling(host.sampling, i, row.request)
         return host
 
+    @_device_errors_fail_the_step
     def read(self, step: InFlight) -> StepResult:
         """The step's one host sync."""
         sampled, load = split_packed(np.asarray(step.packed), self.num_devices)

@@ -29,6 +29,8 @@ from brownout_jax.engine.requests import (
     GenerationRequest,
     RequestError,
     RequestHandle,
+    check_prompt_text,
+    longest_token_chars,
     validate_request,
 )
 from brownout_jax.engine.scheduler import Scheduler, SchedulerLimits
@@ -58,6 +60,8 @@ class Engine:
         config = config.for_model(model_config.max_position_embeddings)
         self.config = config
         self.tokenizer = tokenizer
+        # Bounds prompt text before it is tokenized (check_prompt_text): once per tokenizer.
+        self.longest_token = None if tokenizer is None else longest_token_chars(tokenizer)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.model_name = model_name
         self.clock = clock
@@ -190,6 +194,9 @@ class Engine:
                 raise RequestError("prompt", "this model has no tokenizer; send prompt_token_ids")
             if not request.prompt:
                 raise RequestError("prompt", "empty prompt")
+            check_prompt_text(
+                "prompt", len(request.prompt), self.longest_token, self.config.max_model_len
+            )
             ids = tuple(self.tokenizer.encode(request.prompt, add_special_tokens=False))
             request = dataclasses.replace(request, prompt_token_ids=ids, prompt=None)
         if request.stop and self.tokenizer is None:
@@ -209,6 +216,12 @@ class Engine:
             raise EngineOverloadedError(full) from None
         self._loop.wake.set()
         return handle
+
+    def on_failure(self, listener) -> None:
+        """``listener(cause)`` is called on the engine thread if the loop dies, before its
+        requests are failed (the server turns health NOT_SERVING with it). A step that fails
+        on the device is not a death: its requests fail, the engine serves on."""
+        self._loop.on_fatal = listener
 
     def cancel(self, handle: RequestHandle) -> None:
         self._loop.cancels.put(handle)

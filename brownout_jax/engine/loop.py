@@ -6,11 +6,14 @@ reads the *previous* step's sampled tokens — the one host sync per step overla
 device computing the next. Tokens go to each request's stream (detokenize, stop checks,
 events); step latencies to the controller and the metrics. Nothing accepted is lost: every
 request ends with exactly one finishing event, also when the loop dies (fail fast: every open
-request learns why). No JAX here: the device is the executor's.
+request learns why). A device error in one step (``StepFailedError``, e.g. XLA out of memory)
+fails that step's requests only, and the engine serves on (``_step_failed``). No JAX here: the
+device is the executor's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -21,7 +24,12 @@ from brownout_jax.engine.controller import SloController
 from brownout_jax.engine.metrics import EngineMetrics
 from brownout_jax.engine.phase import Phase, Thresholds
 from brownout_jax.engine.predictive import StepView
-from brownout_jax.engine.requests import FinishReason, RequestHandle, TokenEvent
+from brownout_jax.engine.requests import (
+    FinishReason,
+    RequestHandle,
+    StepFailedError,
+    TokenEvent,
+)
 from brownout_jax.engine.scheduler import Scheduler, Sequence, StepPlan
 from brownout_jax.engine.stream import TokenStream
 
@@ -53,6 +61,9 @@ class EngineLoop:
         self.closing = False
         self.drain = True
         self.error: BaseException | None = None
+        # Told the cause when the loop dies, before any request is: the server turns its
+        # health NOT_SERVING first, so that no balancer sends more work to a dying engine.
+        self.on_fatal: Callable[[BaseException], None] | None = None
         self._by_handle: dict[RequestHandle, Sequence] = {}
         self._in_flight: InFlight | None = None
         self._last_read = 0.0  # when the last step's tokens arrived (engine clock)
@@ -68,12 +79,15 @@ class EngineLoop:
                 if self.closing and idle and self.incoming.empty():
                     return
                 self._raise_compile_failure()
-                self.executor.warm_up()  # executables compiled in the background, if any
+                try:
+                    self.executor.warm_up()  # executables compiled in the background, if any
+                except StepFailedError as err:  # no request's step: at most the state is lost
+                    self._step_failed(None, err)
                 with self.lock:
                     self.controller.maybe_update()
                 dispatched = self._dispatch()
-                if self._in_flight is not None:
-                    self._process(self._in_flight)
+                if self._in_flight is not None and not self._process(self._in_flight):
+                    dispatched = None  # it ran on the state the failed step lost: void
                 self._in_flight = dispatched
                 self.scheduler.requeue_preempted(None if dispatched is None else dispatched.plan)
                 if dispatched is None and not self.scheduler.waiting:
@@ -81,6 +95,9 @@ class EngineLoop:
                     self.wake.clear()
         except BaseException as err:  # fail fast: every open request learns why
             self.error = err
+            if self.on_fatal is not None:
+                with contextlib.suppress(Exception):  # must not hide the cause from requests
+                    self.on_fatal(err)
             reason = f"engine failure: {err!r}"
             for seq in list(self.scheduler.waiting) + self.scheduler.running:
                 self._finish(seq, FinishReason.ERROR, error=reason)
@@ -141,7 +158,11 @@ class EngineLoop:
             return None
         if self.controller.predictive:
             levels = self._choose_level(plan, levels, now)
-        return executor.dispatch(plan, levels, self.clock())
+        try:
+            return executor.dispatch(plan, levels, self.clock())
+        except StepFailedError as err:
+            self._step_failed(plan, err)
+            return None
 
     def _choose_level(self, plan: StepPlan, levels: Thresholds, now: float) -> Thresholds:
         """Mode ``auto``: the level of this step from the latency model (host state only)."""
@@ -180,8 +201,13 @@ class EngineLoop:
         started = max(step.dispatched_at, self._last_read)
         return 0.0 if predicted is None else max(0.0, predicted - (now - started))
 
-    def _process(self, step: InFlight) -> None:
-        result = self.executor.read(step)  # the step's one sync
+    def _process(self, step: InFlight) -> bool:
+        """Hands the step's tokens to their streams. False when the step failed on the device
+        and the engine state with it: the step dispatched after it ran on that state."""
+        try:
+            result = self.executor.read(step)  # the step's one sync
+        except StepFailedError as err:
+            return not self._step_failed(step.plan, err)
         now = self.clock()
         latency = now - step.dispatched_at
         # Its execution: the device ran it once the step before was done (read).
@@ -207,6 +233,41 @@ class EngineLoop:
             )
             if finish is not None:
                 self._finish(seq, finish, event_sent=True)
+        return True
+
+    def _step_failed(self, plan: StepPlan | None, err: StepFailedError) -> bool:
+        """A step that failed on the device (``plan``; None: a warm-up run) fails its own
+        requests, not the engine; returns whether the engine state was lost with it.
+
+        The state (KV pool, last tokens) is donated to every step. Two cases:
+        - it survived (the step failed before taking it, or only its read-back failed): the
+          step's requests fail, every other request goes on as if nothing happened;
+        - it was lost (taken by the failed step, or the output of a failed execution): the
+          executor allocates a fresh one, the step's requests fail, and every other running
+          sequence, whose KV lived in the lost pool, is preempted: recomputed from prompt +
+          generated tokens like any preemption, so it loses nothing and gets no error. A step
+          dispatched on the lost state is void (``_process`` returns False).
+        No fresh state (``recover_state`` raises): the loop dies as on any other error."""
+        lost = self.executor.recover_state()
+        with self.lock:
+            self.metrics.record_step_failure(
+                None if plan is None else plan.phase, err.kind, state_lost=lost
+            )
+        if plan is not None:
+            reason = f"the {plan.phase} step running this request failed on the device: {err}"
+            for seq in plan.sequences:
+                if not seq.finished:
+                    # Its own finishing event, marked: the fronts must not take the engine
+                    # for dead (and turn health NOT_SERVING) when only this step failed.
+                    seq.handle._push(
+                        TokenEvent(
+                            None, None, "", FinishReason.ERROR, reason, self.thresholds(), err.kind
+                        )
+                    )
+                    self._finish(seq, FinishReason.ERROR, error=reason, event_sent=True)
+        if lost:
+            self.scheduler.drop_kv()
+        return lost
 
     def _finish(
         self,

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from brownout_jax.engine.controller import SloController
 from brownout_jax.engine.latency_model import LatencyEntry
 from brownout_jax.engine.phase import Phase, Thresholds
-from brownout_jax.engine.requests import FinishReason, RequestMetrics
+from brownout_jax.engine.requests import FinishReason, RequestMetrics, StepFailureKind
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -175,6 +175,12 @@ class EngineMetrics:
             "brownout_requests_finished", "Finished requests", ["reason"], registry=r
         )
         self.c_preempt = Counter("brownout_preemptions", "Sequences preempted", registry=r)
+        self.c_step_failures = Counter(
+            "brownout_step_failures",
+            "Steps failed on the device (their requests failed; the engine served on)",
+            ["phase", "kind", "state_lost"],
+            registry=r,
+        )
         self.steps: collections.Counter[str] = collections.Counter()
         self.finished: collections.Counter[str] = collections.Counter()
         self.preemptions = 0
@@ -205,6 +211,14 @@ class EngineMetrics:
     def record_preemption(self) -> None:
         self.preemptions += 1
         self.c_preempt.inc()
+
+    def record_step_failure(
+        self, phase: Phase | None, kind: StepFailureKind, state_lost: bool
+    ) -> None:
+        """``phase`` None: a warm-up run of a newly compiled step."""
+        self.c_step_failures.labels(
+            "warm_up" if phase is None else phase.value, kind.value, str(state_lost).lower()
+        ).inc()
 
     def record_finish(self, metrics: RequestMetrics, reason: FinishReason) -> None:
         self.finished[reason.value] += 1

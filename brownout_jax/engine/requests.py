@@ -51,6 +51,34 @@ class EngineDeadError(RuntimeError):
     """The engine loop died; the cause is chained (gRPC: INTERNAL)."""
 
 
+class StepFailureKind(enum.StrEnum):
+    """Why a step failed on the device. Either way the engine serves on; the fronts tell
+    the step's requests apart by it (a retry may succeed once memory frees up)."""
+
+    OUT_OF_MEMORY = "out_of_memory"  # HTTP 503 with Retry-After, gRPC RESOURCE_EXHAUSTED
+    DEVICE_ERROR = "device_error"  # HTTP 500, gRPC INTERNAL
+
+
+_STEP_DETAIL_CHARS = 300  # XLA's messages can run to pages of buffer dumps: the log has them
+
+
+class StepFailedError(RuntimeError):
+    """A device runtime error in one step (the executor's form of JAX's ``JaxRuntimeError``):
+    recoverable, the loop fails that step's requests, not the engine. Programming errors never
+    take this form: they still stop the engine (fail fast)."""
+
+    def __init__(self, detail: str):
+        first = detail.strip().splitlines()[0] if detail.strip() else "unknown device error"
+        if len(first) > _STEP_DETAIL_CHARS:
+            first = first[: _STEP_DETAIL_CHARS - 1] + "…"
+        super().__init__(first)
+        lowered = detail.lower()
+        # XLA reports an allocation failure as RESOURCE_EXHAUSTED, or as INTERNAL with
+        # "Out of memory" in the text (seen on the demo): both are memory pressure.
+        oom = "out of memory" in lowered or "resource_exhausted" in lowered
+        self.kind = StepFailureKind.OUT_OF_MEMORY if oom else StepFailureKind.DEVICE_ERROR
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class GenerationRequest:
     prompt_token_ids: tuple[int, ...] = ()
@@ -71,6 +99,35 @@ class GenerationRequest:
         # to refuse with the field's name (a front builds the request before validating it).
         if not isinstance(self.brownout, BrownoutClass) and self.brownout in _BROWNOUT_NAMES:
             object.__setattr__(self, "brownout", BrownoutClass(self.brownout))
+
+
+def longest_token_chars(tokenizer) -> int | None:
+    """The most characters of text one token of ``tokenizer`` stands for: the longest entry
+    of its vocabulary (added and special tokens included). A byte-level vocabulary writes
+    one character per byte, and a character is at least one byte, so no token covers more
+    text characters than its entry is long. None: the tokenizer does not list its vocabulary.
+    Scans the vocabulary: compute it once per tokenizer."""
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if get_vocab is None:
+        return None
+    return max(map(len, get_vocab()), default=None)
+
+
+def check_prompt_text(
+    field: str, chars: int, longest_token: int | None, max_model_len: int
+) -> None:
+    """Refuses, before any tokenizing, a prompt text that needs more tokens than the context
+    holds even if every token were the tokenizer's longest (``longest_token_chars``)."""
+    if longest_token is None:
+        return
+    limit = longest_token * max_model_len
+    if chars > limit:
+        raise RequestError(
+            field,
+            f"{chars} characters of prompt text cannot fit the context of {max_model_len} "
+            f"tokens (max_model_len): at most {limit} characters ({longest_token} per token, "
+            "this tokenizer's longest)",
+        )
 
 
 def validate_request(request: GenerationRequest, vocab_size: int, max_model_len: int) -> None:
@@ -124,6 +181,9 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     error: str | None = None
     thresholds: Thresholds = EXACT  # the levels this token's steps ran at
+    # Set on the finishing event of a request whose step failed on the device: that request
+    # failed, the engine serves on (None with ERROR: the engine itself failed).
+    step_failure: StepFailureKind | None = None
 
 
 @dataclasses.dataclass(slots=True)

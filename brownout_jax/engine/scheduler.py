@@ -219,6 +219,14 @@ class Scheduler:
         if self._on_preempt is not None:
             self._on_preempt(seq)
 
+    def drop_kv(self) -> None:
+        """The KV pool was lost (a failed step took the donated engine state with it): every
+        running sequence is preempted, to be recomputed from prompt + generated tokens like
+        any other preemption (``requeue_preempted``)."""
+        for seq in list(self.running):
+            if not seq.preempted:
+                self._preempt(seq)
+
     def requeue_preempted(self, in_flight: StepPlan | None) -> None:
         """Preempted sequences go back to the front of the queue once no step in flight still
         owes them a token (the recompute needs every generated token)."""
