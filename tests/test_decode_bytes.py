@@ -29,9 +29,7 @@ def test_parts_add_up_and_brownout_reads_fewer_experts(tiny_moe):
     exact, browned = floors[1.0], floors[0.0]
     assert 0 < browned["distinct_experts_per_layer"] <= moe[0].num_united
     assert browned["distinct_experts_per_layer"] <= exact["distinct_experts_per_layer"]
-    assert exact["distinct_experts_per_layer"] <= min(
-        num_experts, 8 * config.num_experts_per_tok
-    )
+    assert exact["distinct_experts_per_layer"] <= min(num_experts, 8 * config.num_experts_per_tok)
     assert browned["total_bytes"] < exact["total_bytes"]
     # The floor: rows × bandwidth / bytes.
     expected = 8 * 10e9 / exact["total_bytes"]

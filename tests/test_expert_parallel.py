@@ -160,7 +160,7 @@ def test_engine_greedy_on_mesh_equals_one_device_and_compiles_once_per_step(mode
     )
     engine = Engine(params, CONFIG, config, progress=False)
     try:
-        buckets = config.buckets()
+        buckets = engine.config.buckets()
         per_level = len(buckets.prefill_batches) * len(buckets.prefill_lengths) + len(
             buckets.decode_batches
         ) * len(buckets.decode_widths)
@@ -374,7 +374,12 @@ def test_packed_step_output_gains_one_load_row_per_device_only_on_a_mesh(models)
             (engine_decode_step, host_decode_batch(2, 2, 2)),
         ):
             _, packed = jax.eval_shape(
-                functools.partial(step, config=CONFIG, moe_options=grid.options(0.5)),
+                functools.partial(
+                    step,
+                    config=CONFIG,
+                    moe_options=grid.options(0.5),
+                    attention=grid.attention,
+                ),
                 grid._params,
                 grid._state,
                 abstract_tree(batch, grid.input_sharding),

@@ -74,7 +74,11 @@ def test_serving_starts_before_the_grid_is_compiled_and_never_compiles_on_the_en
 ):
     engine, counter, params, config = background_engine
     total = engine.compiled_steps + engine.steps_compiling
-    assert total == 3 * (2 * 2 + 2 * 3)  # levels × (prefill 2 × 2 + decode 2 × 3) buckets
+    buckets = engine.config.buckets()
+    decode_widths = 1 if engine.config.chunked_prefill else 3  # the kernel reads in place
+    assert len(buckets.decode_widths) == decode_widths
+    # levels × (prefill 2 × 2 + decode 2 × widths) buckets
+    assert total == 3 * (2 * 2 + 2 * decode_widths)
     prompts = [[5, 9, 3, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [11, 12], [40, 41, 42, 43, 44]]
     deadline = time.monotonic() + 600
     while True:  # requests keep being served, exactly, while the rest compiles

@@ -42,9 +42,7 @@ def add_parser(sub) -> None:
     _add_burst(kinds)
     p = kinds.add_parser("linear", help="dense matmuls: packed CPU kernel vs XLA's dot")
     p.add_argument("--rows", default="1,8,16,32,64,512", help="row counts m")
-    p.add_argument(
-        "--preset", default="qwen1.5-moe-a2.7b", help="model whose dense shapes to time"
-    )
+    p.add_argument("--preset", default="qwen1.5-moe-a2.7b", help="model whose dense shapes to time")
     p.add_argument("--model", help="a checkpoint directory (its config's shapes)")
     p.add_argument("--shapes", help="explicit k x n list, e.g. 2048x2048,2048x151936")
     p.add_argument("--repeats", type=int, default=10)

@@ -71,15 +71,21 @@ class Bucket:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class EngineBuckets:
-    """The engine's bucket grid. The block-table width of a prefill covers its length."""
+    """The engine's bucket grid. The block-table width of a prefill covers its length (or,
+    with chunked prefill, the whole sequence)."""
 
     prefill_batches: tuple[int, ...]
     prefill_lengths: tuple[int, ...]
     decode_batches: tuple[int, ...]
     decode_widths: tuple[int, ...]
     block_size: int
+    # Block-table width of every prefill step (chunked prefill: the whole sequence's);
+    # None: the prefill's own length in blocks (a prompt prefilled in one step).
+    prefill_table_width: int | None = None
 
     def prefill_width(self, length: int) -> int:
+        if self.prefill_table_width is not None:
+            return self.prefill_table_width
         return -(-length // self.block_size)
 
     def grid(self, phase: Phase) -> tuple[Bucket, ...]:

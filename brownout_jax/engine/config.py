@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from brownout_jax.engine.attention_path import AttentionPath, resolve_attention
 from brownout_jax.engine.buckets import EngineBuckets, geometric
 from brownout_jax.engine.controller import DEFAULT_CONTROLLER, ControllerConfig
 from brownout_jax.moe.expert_backend import ExpertBackend
@@ -21,8 +22,15 @@ def default_bucket_growth(backend: str) -> int:
 class EngineConfig:
     max_batch: int = 16  # decode slots (sequences running at once)
     max_prefill_batch: int = 4  # prompts per prefill step
-    # Padded prompt tokens per prefill step; None: max(2048, max_model_len).
+    # Padded prompt tokens per prefill step; None: max(2048, the longest prefill row).
     max_prefill_tokens: int | None = None
+    # With the attention kernel, a prompt longer than this is prefilled in chunks of this
+    # many tokens (each attending to the cache written so far): a step's memory is bounded
+    # by the chunk, and decode steps run between a long prompt's chunks.
+    prefill_chunk: int = 512
+    # AUTO: the paged-attention kernel where it runs (XLA:CPU), else XLA's ops; resolved by
+    # for_model(…, head_dim).
+    attention: AttentionPath = AttentionPath.AUTO
     block_size: int = 16
     num_blocks: int = 512  # KV blocks in the pool (block 0 is reserved)
     # Prompt + generated tokens of one sequence. None: the model's max_position_embeddings,
@@ -51,7 +59,8 @@ class EngineConfig:
     compile_workers: int | None = None  # concurrent compilations; None: every usable core
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_prefill_batch", "block_size", "max_model_len", "max_queue"):
+        names = ("max_batch", "max_prefill_batch", "block_size", "max_model_len", "max_queue")
+        for name in (*names, "prefill_chunk"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {value}")
@@ -69,22 +78,39 @@ class EngineConfig:
                 f"num_blocks ({self.num_blocks}, one reserved) cannot hold one sequence of "
                 f"max_model_len {self.max_model_len} in blocks of {self.block_size}"
             )
-        if self.max_prefill_tokens is not None and self.max_prefill_tokens < self.max_model_len:
+        longest = self.longest_prefill_row
+        if self.max_prefill_tokens is not None and self.max_prefill_tokens < longest:
             raise ValueError(
-                f"max_prefill_tokens ({self.max_prefill_tokens}) must be ≥ max_model_len "
-                f"({self.max_model_len}) so that any prompt can be prefilled"
+                f"max_prefill_tokens ({self.max_prefill_tokens}) must be ≥ {longest} (the "
+                "longest prefill row: max_model_len, or prefill_chunk with the attention "
+                "kernel) so that any prompt can be prefilled"
             )
+
+    @property
+    def chunked_prefill(self) -> bool:
+        """Long prompts go in chunks: only with the kernel (its cost follows the tokens
+        attended; XLA would gather a whole window per chunk)."""
+        return self.attention == AttentionPath.KERNEL
+
+    @property
+    def longest_prefill_row(self) -> int:
+        """Tokens of one row of a prefill step at most (the prefill length buckets' top)."""
+        if self.max_model_len is None:
+            raise ValueError("resolve the context limit first: EngineConfig.for_model")
+        if self.chunked_prefill:
+            return min(self.prefill_chunk, self.max_model_len)
+        return self.max_model_len
 
     @property
     def kv_capacity(self) -> int:
         """Tokens the KV pool holds for one sequence (block 0 is reserved)."""
         return (self.num_blocks - 1) * self.block_size
 
-    def for_model(self, max_position_embeddings: int) -> EngineConfig:
+    def for_model(self, max_position_embeddings: int, head_dim: int | None = None) -> EngineConfig:
         """This config with its context limit settled against the model: ``max_model_len``
         defaults to the model's positions capped by the KV pool, and may exceed the positions
         only with ``allow_context_extrapolation``. The one place the engine's context limit
-        is set."""
+        is set. With ``head_dim``, the attention path is settled for this machine too."""
         length = self.max_model_len
         if length is None:
             length = min(max_position_embeddings, self.kv_capacity)
@@ -95,19 +121,21 @@ class EngineConfig:
                 "trained and RoPE would extrapolate; leave it unset to use the model's limit, or "
                 "force it with allow_context_extrapolation (--allow-context-extrapolation)"
             )
-        prefill = self.max_prefill_tokens
-        return dataclasses.replace(
-            self,
-            max_model_len=length,
-            max_prefill_tokens=max(2048, length) if prefill is None else prefill,
-        )
+        attention = self.attention
+        if head_dim is not None:
+            attention = resolve_attention(attention, head_dim)
+        resolved = dataclasses.replace(self, max_model_len=length, attention=attention)
+        if self.max_prefill_tokens is None:
+            longest = resolved.longest_prefill_row
+            resolved = dataclasses.replace(resolved, max_prefill_tokens=max(2048, longest))
+        return resolved
 
     def buckets(self) -> EngineBuckets:
         if self.max_model_len is None:
             raise ValueError("resolve the context limit first: EngineConfig.for_model")
         g = self.bucket_growth
-        lengths = geometric(self.min_prefill_len, self.max_model_len, g)
-        max_width = -(-lengths[-1] // self.block_size)
+        lengths = geometric(self.min_prefill_len, self.longest_prefill_row, g)
+        max_width = -(-self.max_model_len // self.block_size)
         return EngineBuckets(
             prefill_batches=geometric(1, self.max_prefill_batch, g),
             prefill_lengths=lengths,
@@ -115,6 +143,10 @@ class EngineConfig:
             # cache update (24 pool copies, 34 ms vs 3.7 ms for 4 rows on the demo); a padded
             # second row costs nothing in comparison.
             decode_batches=geometric(min(2, self.max_batch), self.max_batch, g),
-            decode_widths=geometric(1, max_width, g),
+            # The kernel reads each row up to its own length: one width (the whole table)
+            # costs nothing more than a narrow one, and saves compiling the others.
+            decode_widths=(max_width,) if self.chunked_prefill else geometric(1, max_width, g),
             block_size=self.block_size,
+            # A chunk attends to every earlier position: its table is the whole sequence's.
+            prefill_table_width=max_width if self.chunked_prefill else None,
         )

@@ -136,6 +136,7 @@ def make_grid(
         options,
         workers=config.compile_workers,
         first_level=config.controller.initial_level(ladder),
+        attention=config.attention,
     )
 
 
@@ -315,6 +316,7 @@ class Executor:
             host = host_prefill_batch(batch, size, buckets.prefill_width(size), slots)
             for i, row in enumerate(plan.rows):
                 host.tokens[i, : len(row.tokens)] = row.tokens
+                host.starts[i] = row.position
                 host.lengths[i] = len(row.tokens)
                 host.block_tables[i, : len(row.blocks)] = row.blocks
                 host.slots[i] = row.slot

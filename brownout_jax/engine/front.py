@@ -57,7 +57,7 @@ class Engine:
         """``grid``: the step grid, compiled already for these params' shapes
         (``from_checkpoint`` compiles it while the weights load); else compiled here."""
         self.model_config = model_config
-        config = config.for_model(model_config.max_position_embeddings)
+        config = config.for_model(model_config.max_position_embeddings, model_config.head_dim)
         self.config = config
         self.tokenizer = tokenizer
         # Bounds prompt text before it is tokenized (check_prompt_text): once per tokenizer.
@@ -84,6 +84,7 @@ class Engine:
                 max_prefill_tokens=config.max_prefill_tokens,
                 block_size=config.block_size,
                 num_blocks=config.num_blocks,
+                prefill_chunk=config.prefill_chunk if config.chunked_prefill else None,
             ),
             on_preempt=lambda _: self.metrics.record_preemption(),
         )
@@ -119,7 +120,7 @@ class Engine:
         if config.mesh is None:
             shapes = abstract_model_params(model_dir, dtype, united_dir)
             model_config = ModelConfig.from_pretrained_dir(model_dir)
-            resolved = config.for_model(model_config.max_position_embeddings)
+            resolved = config.for_model(model_config.max_position_embeddings, model_config.head_dim)
             grid = make_grid(shapes, model_config, resolved, ladder_for(shapes, resolved))
             compiling = _CompileThread(grid, resolved.compile_in_background, progress)
         try:

@@ -225,8 +225,8 @@ class EngineLoop:
                     phase, step.thresholds.of(phase), result.device_load
                 )
         for i, seq in enumerate(step.plan.sequences):
-            if seq.finished:
-                continue  # finished or cancelled while this step was in flight
+            if seq.finished or not step.plan.rows[i].samples:
+                continue  # finished or cancelled meanwhile, or a chunk before its prompt's last
             seq.generated.append(int(result.tokens[i]))
             finish = seq.stream.token(
                 seq.generated, float(result.logprobs[i]), now, step.thresholds

@@ -4,7 +4,8 @@ Device side, :class:`PagedKVCache` implements the same ``write``/``read`` interf
 contiguous cache: token t of row b lives in slot ``table[b, t // block] * block + t % block``.
 Block 0 is never allocated: unused table entries point at it, so writes of bucket padding land
 there harmlessly and reads of it are masked by position. The host side (which block ids a
-sequence holds) is ``blocks.BlockAllocator``.
+sequence holds) is ``blocks.BlockAllocator``. ``attend`` runs the paged-attention kernel on
+the pool in place, or (the XLA path) gathers each row's window with ``read`` and masks it.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from brownout_jax.cpu_kernels.attention import paged_attention
+from brownout_jax.engine.attention_path import AttentionPath
 from brownout_jax.engine.blocks import NULL_BLOCK
+from brownout_jax.model.attention import attend_positions
 from brownout_jax.model.bit_storage import from_storage, storage_dtype, to_storage
 from brownout_jax.model.config import ModelConfig
-from brownout_jax.model.dims import Array, Float, Int
+from brownout_jax.model.dims import Array, Bool, Float, Int
 
 
 @struct.dataclass
@@ -53,6 +57,8 @@ class KVPool:
 class PagedKVCache:
     pool: KVPool
     block_tables: Int[Array, "B W"]  # block ids of each row, in order; NULL_BLOCK past the end
+    # KERNEL reads the pool in place (cpu_kernels.attention); XLA gathers the rows' windows.
+    attention: AttentionPath = struct.field(pytree_node=False, default=AttentionPath.XLA)
 
     @property
     def block_size(self) -> int:
@@ -94,3 +100,18 @@ class PagedKVCache:
 
         slot_positions = jnp.broadcast_to(jnp.arange(width * bs, dtype=jnp.int32), (b, width * bs))
         return gather(self.pool.keys[layer]), gather(self.pool.values[layer]), slot_positions
+
+    def attend(
+        self,
+        layer: int,
+        q: Float[Array, "B T H C"],
+        positions: Int[Array, "B T"],
+        token_mask: Bool[Array, "B T"],
+    ) -> Float[Array, "B T H C"]:
+        if self.attention == AttentionPath.KERNEL:
+            limits = jnp.where(token_mask, positions + 1, 0)
+            return paged_attention(
+                q, self.pool.keys[layer], self.pool.values[layer], self.block_tables, limits
+            )
+        k, v, key_positions = self.read(layer)
+        return attend_positions(q, k, v, key_positions, positions)

@@ -8,6 +8,11 @@ FIFO and stops at the first request that does not fit (no overtaking). When a ru
 sequence needs a new KV block and none is free, the most recently admitted other sequence is
 preempted: its blocks and slot are freed and, once no step in flight still owes it a token,
 it is re-queued at the front, to be recomputed from prompt + generated tokens.
+
+Chunked prefill (``SchedulerLimits.prefill_chunk``): a context longer than a chunk is admitted
+whole (its slot and every block booked at once) and prefilled a chunk per prefill step, the
+admitted sequences' next chunks before new admissions; only the last chunk's sampled token is
+the sequence's first. Decode steps alternate with the chunks like with any prefill.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class SchedulerLimits:
     max_prefill_tokens: int  # padded prompt tokens per prefill step
     block_size: int
     num_blocks: int  # KV blocks in the pool, block 0 reserved
+    prefill_chunk: int | None = None  # context tokens per row of a prefill step; None: all
 
 
 @dataclasses.dataclass(eq=False)
@@ -47,6 +53,8 @@ class Sequence:
     dispatched: int = 0  # sampled tokens dispatched (processed or still in flight)
     finished: bool = False
     preempted: bool = False
+    prefilled: int = 0  # context tokens dispatched to prefill steps (chunked prefill)
+    prefilling: bool = False  # admitted, chunks still to dispatch: not decodable yet
 
     @property
     def request(self) -> GenerationRequest:
@@ -64,8 +72,11 @@ class StepRow:
     slot: int
     blocks: tuple[int, ...]
     request: GenerationRequest  # its sampling fields
-    tokens: tuple[int, ...] = ()  # prefill: the context to compute
-    position: int = 0  # decode: position of the input token (the slot's last sampled one)
+    tokens: tuple[int, ...] = ()  # prefill: the context (or the chunk of it) to compute
+    # Decode: position of the input token (the slot's last sampled one); prefill: of the
+    # first of ``tokens``.
+    position: int = 0
+    samples: bool = True  # its sampled token is the sequence's (False: a chunk before the last)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -112,8 +123,9 @@ class Scheduler:
     def next_step(self, usable: UsableBuckets, now: float) -> StepPlan | None:
         """Plans (and books slots and blocks for) the next step, or None when nothing can run.
         The plan is assumed dispatched: its rows count as in flight."""
-        decodable = [s for s in self.running if s.dispatched < s.request.max_new_tokens]
-        prefer_prefill = self.waiting and (not decodable or self._last_phase == Phase.DECODE)
+        decodable = self._decodable()
+        prefill_work = self.waiting or any(s.prefilling for s in self.running)
+        prefer_prefill = prefill_work and (not decodable or self._last_phase == Phase.DECODE)
         if prefer_prefill:
             plan = self._plan_prefill(usable(Phase.PREFILL), now)
             if plan is not None:
@@ -126,10 +138,8 @@ class Scheduler:
         """The bucket the next step of ``phase`` would take now (None: no such step); books
         nothing. What the predictive controller looks ahead to."""
         if phase == Phase.PREFILL:
-            return self._admissible(usable)[1]
-        decodable = [
-            s for s in self.running if s.dispatched < s.request.max_new_tokens and not s.preempted
-        ]
+            return self._prefill_rows(usable)[1]
+        decodable = [s for s in self._decodable() if not s.preempted]
         if not decodable:
             return None
         need = max(
@@ -137,45 +147,84 @@ class Scheduler:
         )
         return cheapest_fit(usable, len(decodable), need)
 
-    def _admissible(self, usable: Collection[Bucket]) -> tuple[list[Sequence], Bucket | None]:
+    def _decodable(self) -> list[Sequence]:
+        return [
+            s for s in self.running if not s.prefilling and s.dispatched < s.request.max_new_tokens
+        ]
+
+    def _prefill_rows(
+        self, usable: Collection[Bucket]
+    ) -> tuple[list[tuple[Sequence, int, int]], Bucket | None]:
+        """(sequence, first position, tokens) of each row of the next prefill step, and its
+        bucket; books nothing. Admitted sequences' next chunks first (oldest first), then new
+        admissions in FIFO order."""
         limits = self.limits
-        batch: list[Sequence] = []
+        chunk = limits.prefill_chunk
+        rows: list[tuple[Sequence, int, int]] = []
         bucket = None
-        free_blocks = self.allocator.free
         longest = 0
+
+        def add(seq: Sequence, start: int) -> bool:
+            nonlocal bucket, longest
+            left = len(seq.context) - start
+            take = left if chunk is None else min(left, chunk)
+            fit = cheapest_fit(usable, len(rows) + 1, max(longest, take))
+            if fit is None or fit.cost > limits.max_prefill_tokens:
+                return False
+            rows.append((seq, start, take))
+            bucket, longest = fit, max(longest, take)
+            return True
+
+        continuing = [s for s in self.running if s.prefilling and not s.preempted]
+        for seq in sorted(continuing, key=lambda s: s.admitted_order):
+            if len(rows) == limits.max_prefill_batch or not add(seq, seq.prefilled):
+                return rows, bucket
+        free_blocks, free_slots = self.allocator.free, len(self._free_slots)
         for seq in self.waiting:
-            if len(batch) == limits.max_prefill_batch or len(batch) == len(self._free_slots):
+            if len(rows) == limits.max_prefill_batch or free_slots == 0:
                 break
             need = blocks_needed(len(seq.context), limits.block_size)
-            new_longest = max(longest, len(seq.context))
-            fit = cheapest_fit(usable, len(batch) + 1, new_longest)
-            if fit is None or need > free_blocks or fit.cost > limits.max_prefill_tokens:
+            if need > free_blocks or not add(seq, 0):
                 break  # FIFO: nobody overtakes the head of the queue
-            batch.append(seq)
-            bucket = fit
             free_blocks -= need
-            longest = new_longest
-        return batch, bucket
+            free_slots -= 1
+        return rows, bucket
 
     def _plan_prefill(self, usable: Collection[Bucket], now: float) -> StepPlan | None:
-        batch, bucket = self._admissible(usable)
-        if not batch:
+        planned, bucket = self._prefill_rows(usable)
+        if not planned:
             return None
-        rows = []
-        for seq in batch:
-            self.waiting.popleft()
-            seq.slot = self._free_slots.pop()
-            seq.blocks = self.allocator.allocate(
-                blocks_needed(len(seq.context), self.limits.block_size)
+        rows, sequences = [], []
+        for seq, start, take in planned:
+            if not seq.prefilling:  # a new admission: its slot and all its blocks
+                self.waiting.popleft()
+                seq.slot = self._free_slots.pop()
+                seq.blocks = self.allocator.allocate(
+                    blocks_needed(len(seq.context), self.limits.block_size)
+                )
+                seq.admitted_order = next(self._admissions)
+                if seq.handle.metrics.admitted is None:
+                    seq.handle.metrics.admitted = now
+                self.running.append(seq)
+            context = seq.context
+            last = start + take == len(context)
+            seq.prefilled = start + take
+            seq.prefilling = not last
+            if last:
+                seq.dispatched = len(seq.generated) + 1
+            rows.append(
+                StepRow(
+                    seq.slot,
+                    tuple(seq.blocks),
+                    seq.request,
+                    tuple(context[start : start + take]),
+                    position=start,
+                    samples=last,
+                )
             )
-            seq.admitted_order = next(self._admissions)
-            if seq.handle.metrics.admitted is None:
-                seq.handle.metrics.admitted = now
-            rows.append(StepRow(seq.slot, tuple(seq.blocks), seq.request, tuple(seq.context)))
-            seq.dispatched = len(seq.generated) + 1
-            self.running.append(seq)
+            sequences.append(seq)
         self._last_phase = Phase.PREFILL
-        return StepPlan(Phase.PREFILL, bucket, tuple(rows), tuple(batch))
+        return StepPlan(Phase.PREFILL, bucket, tuple(rows), tuple(sequences))
 
     def _plan_decode(
         self, decodable: list[Sequence], usable: Collection[Bucket]
@@ -235,6 +284,7 @@ class Scheduler:
         for seq in sorted(ready, key=lambda s: s.admitted_order, reverse=True):
             self.running.remove(seq)
             seq.preempted = False
+            seq.prefilling, seq.prefilled = False, 0
             if not seq.finished:
                 seq.dispatched = len(seq.generated)
                 self.waiting.appendleft(seq)

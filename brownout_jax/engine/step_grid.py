@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.stages import Compiled
 from tqdm.auto import tqdm
 
+from brownout_jax.engine.attention_path import AttentionPath
 from brownout_jax.engine.buckets import Bucket, EngineBuckets
 from brownout_jax.engine.map_budget import MappingBudget
 from brownout_jax.engine.paged_cache import KVPool
@@ -74,6 +75,7 @@ class StepGrid:
         base_options: MoeOptions,
         workers: int | None = None,
         first_level: float = 1.0,
+        attention: AttentionPath = AttentionPath.XLA,
     ):
         self.config = config
         self.ladder = ladder
@@ -81,6 +83,7 @@ class StepGrid:
         self.buckets = buckets
         self.num_slots = num_slots
         self.base_options = base_options
+        self.attention = attention
         self.workers = workers or compile_workers()
         # On a mesh the executables take placed arrays: params as sharded, the rest replicated.
         self.input_sharding = replicated(base_options.mesh)
@@ -243,4 +246,5 @@ class StepGrid:
             abstract_tree(host, self.input_sharding),
             config=self.config,
             moe_options=self.options(key.level),
+            attention=self.attention,
         )

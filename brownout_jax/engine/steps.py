@@ -16,12 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from brownout_jax.engine.attention_path import AttentionPath
 from brownout_jax.engine.paged_cache import KVPool, PagedKVCache
 from brownout_jax.engine.sampling import SamplingParams, pack_sampled, sample_tokens
 from brownout_jax.model.config import ModelConfig
 from brownout_jax.model.dims import Array, Bool, Int
 from brownout_jax.model.params import ModelParams
-from brownout_jax.model.transformer import StepOutput, decode, prefill
+from brownout_jax.model.transformer import StepOutput, decode, prefill_chunk
 from brownout_jax.moe.expert_parallel import DeviceLoad
 from brownout_jax.moe.options import MoeOptions
 
@@ -34,7 +35,10 @@ class EngineState:
 
 @struct.dataclass
 class PrefillBatch:
-    tokens: Int[Array, "B T"]  # right-padded prompts (prompt + generated, when recomputing)
+    # Right-padded pieces of prompts (prompt + generated, when recomputing): row b's tokens
+    # at positions starts[b] … starts[b] + lengths[b] − 1 (a chunk of a long prompt, or all).
+    tokens: Int[Array, "B T"]
+    starts: Int[Array, " B"]
     lengths: Int[Array, " B"]  # 0 for padding rows of the bucket
     block_tables: Int[Array, "B W"]
     slots: Int[Array, " B"]  # slot of each row; num_slots for padding rows (dropped)
@@ -70,7 +74,10 @@ def split_packed(packed: np.ndarray, num_devices: int) -> tuple[np.ndarray, np.n
     return packed[:-num_devices], packed[-num_devices:]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "moe_options"), donate_argnames=("state",))
+_STATIC = ("config", "moe_options", "attention")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))
 def engine_prefill_step(
     params: ModelParams,
     state: EngineState,
@@ -78,18 +85,28 @@ def engine_prefill_step(
     *,
     config: ModelConfig,
     moe_options: MoeOptions,
+    attention: AttentionPath,
 ) -> tuple[EngineState, Int[Array, "R 2"]]:
-    cache = PagedKVCache(pool=state.pool, block_tables=batch.block_tables)
-    out: StepOutput = prefill(
-        params, config, cache, batch.tokens, batch.lengths, moe_options, batch.exact
+    """A chunk that is not a prompt's last samples a token nobody reads; the last chunk's
+    overwrites it before the sequence decodes."""
+    cache = PagedKVCache(pool=state.pool, block_tables=batch.block_tables, attention=attention)
+    out: StepOutput = prefill_chunk(
+        params,
+        config,
+        cache,
+        batch.tokens,
+        batch.starts,
+        batch.lengths,
+        moe_options,
+        batch.exact,
     )
-    tokens, logprobs = sample_tokens(out.logits, batch.sampling, batch.lengths)
+    tokens, logprobs = sample_tokens(out.logits, batch.sampling, batch.starts + batch.lengths)
     last = state.last_tokens.at[batch.slots].set(tokens, mode="drop")
     packed = _pack(tokens, logprobs, out.device_load)
     return EngineState(pool=out.cache.pool, last_tokens=last), packed
 
 
-@functools.partial(jax.jit, static_argnames=("config", "moe_options"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))
 def engine_decode_step(
     params: ModelParams,
     state: EngineState,
@@ -97,10 +114,11 @@ def engine_decode_step(
     *,
     config: ModelConfig,
     moe_options: MoeOptions,
+    attention: AttentionPath,
 ) -> tuple[EngineState, Int[Array, "R 2"]]:
     num_slots = state.last_tokens.shape[0]
     inputs = state.last_tokens[jnp.minimum(batch.slots, num_slots - 1)]
-    cache = PagedKVCache(pool=state.pool, block_tables=batch.block_tables)
+    cache = PagedKVCache(pool=state.pool, block_tables=batch.block_tables, attention=attention)
     out: StepOutput = decode(
         params, config, cache, inputs, batch.positions, batch.active, moe_options, batch.exact
     )
@@ -115,6 +133,7 @@ def host_prefill_batch(batch: int, length: int, width: int, num_slots: int) -> P
     """An empty prefill batch in NumPy (padding rows everywhere), to be filled by the host."""
     return PrefillBatch(
         tokens=np.zeros((batch, length), np.int32),
+        starts=np.zeros(batch, np.int32),
         lengths=np.zeros(batch, np.int32),
         block_tables=np.zeros((batch, width), np.int32),
         slots=np.full(batch, num_slots, np.int32),

@@ -14,9 +14,10 @@ from typing import Protocol, Self
 import jax.numpy as jnp
 from flax import struct
 
+from brownout_jax.model.attention import attend_positions
 from brownout_jax.model.bit_storage import from_storage, storage_dtype, to_storage
 from brownout_jax.model.config import ModelConfig
-from brownout_jax.model.dims import Array, Float, Int
+from brownout_jax.model.dims import Array, Bool, Float, Int
 
 
 class KVCache(Protocol):
@@ -35,6 +36,17 @@ class KVCache(Protocol):
     ) -> tuple[Float[Array, "B S G C"], Float[Array, "B S G C"], Int[Array, "B S"]]:
         """Keys, values and the position held by each slot (attention masks slots past the
         query's position)."""
+        ...
+
+    def attend(
+        self,
+        layer: int,
+        q: Float[Array, "B T H C"],
+        positions: Int[Array, "B T"],
+        token_mask: Bool[Array, "B T"],
+    ) -> Float[Array, "B T H C"]:
+        """Each query attends to the layer's cached keys at positions up to its own (the
+        outputs of padding queries, ``token_mask`` False, are unused)."""
         ...
 
 
@@ -87,3 +99,14 @@ class ContiguousKVCache:
         k = from_storage(self.keys[layer], self.dtype)
         slot_positions = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), k.shape[:2])
         return k, from_storage(self.values[layer], self.dtype), slot_positions
+
+    def attend(
+        self,
+        layer: int,
+        q: Float[Array, "B T H C"],
+        positions: Int[Array, "B T"],
+        token_mask: Bool[Array, "B T"],
+    ) -> Float[Array, "B T H C"]:
+        del token_mask  # padding's outputs are unused
+        k, v, key_positions = self.read(layer)
+        return attend_positions(q, k, v, key_positions, positions)

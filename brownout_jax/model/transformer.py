@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from brownout_jax.model.attention import attend_positions
 from brownout_jax.model.bit_storage import take_rows
 from brownout_jax.model.config import ModelConfig
 from brownout_jax.model.dense import dense_mlp, matmul, matmul_f32
@@ -58,24 +59,6 @@ def _project(x, w, b, rows):
     return y if b is None else y + b
 
 
-def attend(
-    q: Float[Array, "B T H C"],
-    k: Float[Array, "B S G C"],
-    v: Float[Array, "B S G C"],
-    mask: Bool[Array, "B T S"],
-) -> Float[Array, "B T H C"]:
-    """Grouped-query attention: each of G kv heads serves R = H // G query heads."""
-    b, t, h, c = q.shape
-    g = k.shape[2]
-    q = q.reshape(b, t, g, h // g, c)
-    scores = jnp.einsum("btgrc,bsgc->bgrts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (c**-0.5)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bgrts,bsgc->btgrc", probs, v)
-    return out.reshape(b, t, h, c)
-
-
 def attention_block(
     x: Float[Array, "B T D"],
     params: AttentionParams,
@@ -87,9 +70,11 @@ def attention_block(
     read_cache: bool,
     token_mask: Bool[Array, "B T"] | None = None,
 ) -> tuple[Float[Array, "B T D"], KVCache | None]:
-    """Self-attention. With ``read_cache`` the queries attend to the cache (decode); otherwise
-    to the step's own tokens, causally (prefill from position 0), writing them to the cache.
-    ``token_mask``: the real tokens; projections of padding may be skipped (and are zero)."""
+    """Self-attention. With ``read_cache`` the queries attend to the cache after their own
+    keys are written to it, each to the positions up to its own (decode; a prefill chunk
+    after earlier chunks); otherwise to the step's own tokens, causally (prefill from
+    position 0), writing them to the cache. ``token_mask``: the real tokens; projections of
+    padding may be skipped (and are zero)."""
     b, t, _ = x.shape
     c = config.head_dim
     q = _project(x, params.wq, params.bq, token_mask).reshape(b, t, config.num_heads, c)
@@ -100,11 +85,10 @@ def attention_block(
     if cache is not None:
         cache = cache.write(layer, k, v, positions)
     if read_cache:
-        k, v, key_positions = cache.read(layer)
+        out = cache.attend(layer, q, positions, token_mask)
     else:
-        key_positions = positions
-    mask = key_positions[:, None, :] <= positions[:, :, None]
-    out = attend(q, k, v, mask).reshape(b, t, config.num_heads * c)
+        out = attend_positions(q, k, v, positions, positions)
+    out = out.astype(x.dtype).reshape(b, t, config.num_heads * c)
     return matmul(out, params.wo, token_mask), cache
 
 
@@ -293,6 +277,33 @@ def prefill(
     positions, token_mask = _prompt_positions(tokens, lengths)
     forward = forward_hidden(
         params, config, tokens, positions, token_mask, cache, False, moe_options, exact_rows
+    )
+    last = jnp.maximum(lengths - 1, 0)
+    last_hidden = jnp.take_along_axis(forward.hidden, last[:, None, None], axis=1)[:, 0]
+    return StepOutput(
+        forward.cache, lm_logits(params, last_hidden, lengths > 0), forward.device_load
+    )
+
+
+def prefill_chunk(
+    params: ModelParams,
+    config: ModelConfig,
+    cache: KVCache,
+    tokens: Int[Array, "B T"],
+    starts: Int[Array, " B"],
+    lengths: Int[Array, " B"],
+    moe_options: MoeOptions = DEFAULT_MOE_OPTIONS,
+    exact_rows: Bool[Array, " B"] | None = None,
+) -> StepOutput:
+    """Right-padded pieces of prompts, row b's at positions ``starts[b]`` onwards, attending
+    to what the cache holds before them and to themselves (causally) → cache filled, logits
+    of each last real token. With every start 0 it is ``prefill``; a long prompt goes in as
+    consecutive chunks, each bounded in memory, the last one's logits its next token's."""
+    offsets = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    positions = starts[:, None] + offsets
+    token_mask = offsets < lengths[:, None]
+    forward = forward_hidden(
+        params, config, tokens, positions, token_mask, cache, True, moe_options, exact_rows
     )
     last = jnp.maximum(lengths - 1, 0)
     last_hidden = jnp.take_along_axis(forward.hidden, last[:, None, None], axis=1)[:, 0]
