@@ -134,7 +134,8 @@ class EngineConfig:
         if self.max_model_len is None:
             raise ValueError("resolve the context limit first: EngineConfig.for_model")
         g = self.bucket_growth
-        lengths = geometric(self.min_prefill_len, self.longest_prefill_row, g)
+        longest = self.longest_prefill_row
+        lengths = geometric(min(self.min_prefill_len, longest), longest, g)
         max_width = -(-self.max_model_len // self.block_size)
         return EngineBuckets(
             prefill_batches=geometric(1, self.max_prefill_batch, g),
