@@ -23,6 +23,7 @@ from brownout_jax.engine.buckets import EngineBuckets
 from brownout_jax.engine.config import EngineConfig
 from brownout_jax.engine.controller import ControllerConfig
 from brownout_jax.engine.front import Engine
+from brownout_jax.engine.input_words import InputLayout
 from brownout_jax.engine.requests import GenerationRequest
 from brownout_jax.engine.step_grid import StepGrid, abstract_tree
 from brownout_jax.engine.steps import (
@@ -373,16 +374,18 @@ def test_packed_step_output_gains_one_load_row_per_device_only_on_a_mesh(models)
             (engine_prefill_step, host_prefill_batch(2, 16, 2, 2)),
             (engine_decode_step, host_decode_batch(2, 2, 2)),
         ):
+            layout = InputLayout.of(batch)
             _, packed = jax.eval_shape(
                 functools.partial(
                     step,
                     config=CONFIG,
                     moe_options=grid.options(0.5),
                     attention=grid.attention,
+                    layout=layout,
                 ),
                 grid._params,
                 grid._state,
-                abstract_tree(batch, grid.input_sharding),
+                abstract_tree(layout.pack(batch), grid.input_sharding),
             )
             assert packed.shape == (2 if mesh is None else 2 + 4, 2), (mesh, step)
 

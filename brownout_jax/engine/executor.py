@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from brownout_jax.engine.buckets import Bucket
 from brownout_jax.engine.config import EngineConfig
+from brownout_jax.engine.input_words import InputLayout, WordBuffers
 from brownout_jax.engine.latency_model import LatencyModel
 from brownout_jax.engine.paged_cache import KVPool
 from brownout_jax.engine.phase import Phase, Thresholds
@@ -53,8 +54,6 @@ from brownout_jax.engine.scheduler import StepPlan
 from brownout_jax.engine.step_grid import StepGrid, StepKey
 from brownout_jax.engine.steps import (
     EngineState,
-    host_decode_batch,
-    host_prefill_batch,
     split_packed,
 )
 from brownout_jax.model.config import ModelConfig
@@ -175,6 +174,8 @@ class Executor:
         self.grid = grid
         self._model_config, self._mesh = model_config, mesh
         self._state = self._new_state()
+        self._layouts: dict[tuple[Phase, Bucket], InputLayout] = {}
+        self._words = WordBuffers()
         # (phase, level) → buckets run once and offered to the scheduler.
         self._usable: dict[tuple[Phase, float], set[Bucket]] = {}
         # (phase, level) whose covering bucket is usable: any step of the phase fits.
@@ -278,15 +279,14 @@ class Executor:
         only to the null KV block and a dropped slot. With ``rng`` (before serving only, when
         no request owns a slot or block), prefill rows are random tokens and decode rows read
         and write real slots and blocks."""
-        buckets, slots = self.grid.buckets, self.config.max_batch
+        slots = self.config.max_batch
         batch, size = key.bucket.batch, key.bucket.size
+        host = self.grid.empty_batch(key.phase, key.bucket)
         if key.phase == Phase.PREFILL:
-            host = host_prefill_batch(batch, size, buckets.prefill_width(size), slots)
             host.lengths[:] = size
             if rng is not None:
                 host.tokens[:] = rng.integers(0, self._vocab_size, host.tokens.shape)
         else:
-            host = host_decode_batch(batch, size, slots)
             host.active[:] = True
             if rng is not None:
                 # Each row its own real block: on the shared null block every row would
@@ -294,7 +294,8 @@ class Executor:
                 # all route to the same few experts, so every level would time alike.
                 host.slots[:] = np.arange(batch) % slots
                 host.block_tables[:, 0] = 1 + np.arange(batch) % (self.config.num_blocks - 1)
-        inputs = jax.device_put(host, self.grid.input_sharding)
+        words = self.grid.layout(key.phase, key.bucket).pack(host)
+        inputs = jax.device_put(words, self.grid.input_sharding)
         return self.grid.executable(key)(self._params, self._state, inputs)
 
     # -------------------------------------------------------------------------- one step
@@ -303,17 +304,20 @@ class Executor:
     def dispatch(self, plan: StepPlan, thresholds: Thresholds, now: float) -> InFlight:
         """Launches the plan's step at its phase's level in ``thresholds``; does not wait."""
         key = StepKey(plan.phase, thresholds.of(plan.phase), plan.bucket)
-        host = self._host_batch(plan)
-        inputs = jax.device_put(host, self.grid.input_sharding)
+        inputs = jax.device_put(self._host_words(plan), self.grid.input_sharding)
         self._state, packed = self.grid.executable(key)(self._params, self._state, inputs)
         packed.copy_to_host_async()
         return InFlight(plan, packed, now, thresholds)
 
-    def _host_batch(self, plan: StepPlan):
-        buckets, slots = self.grid.buckets, self.config.max_batch
-        batch, size = plan.bucket.batch, plan.bucket.size
+    def _host_words(self, plan: StepPlan) -> np.ndarray:
+        """The plan's batch, written straight into a reused buffer of its upload's words."""
+        layout = self._layouts.get((plan.phase, plan.bucket))
+        if layout is None:
+            layout = self._layouts[(plan.phase, plan.bucket)] = self.grid.layout(
+                plan.phase, plan.bucket
+            )
+        words, host = self._words.next(layout, self.grid.empty_batch(plan.phase, plan.bucket))
         if plan.phase == Phase.PREFILL:
-            host = host_prefill_batch(batch, size, buckets.prefill_width(size), slots)
             for i, row in enumerate(plan.rows):
                 host.tokens[i, : len(row.tokens)] = row.tokens
                 host.starts[i] = row.position
@@ -322,8 +326,7 @@ class Executor:
                 host.slots[i] = row.slot
                 host.exact[i] = row.request.brownout == BrownoutClass.NEVER
                 _fill_sampling(host.sampling, i, row.request)
-            return host
-        host = host_decode_batch(batch, size, slots)
+            return words
         for i, row in enumerate(plan.rows):
             host.slots[i] = row.slot
             host.positions[i] = row.position
@@ -331,7 +334,7 @@ class Executor:
             host.active[i] = True
             host.exact[i] = row.request.brownout == BrownoutClass.NEVER
             _fill_sampling(host.sampling, i, row.request)
-        return host
+        return words
 
     @_device_errors_fail_the_step
     def read(self, step: InFlight) -> StepResult:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from brownout_jax.engine.attention_path import AttentionPath
 from brownout_jax.engine.buckets import Bucket, EngineBuckets
+from brownout_jax.engine.input_words import InputLayout
 from brownout_jax.engine.map_budget import MappingBudget
 from brownout_jax.engine.paged_cache import KVPool
 from brownout_jax.engine.phase import Phase
@@ -232,19 +233,28 @@ class StepGrid:
             self._compiled[key] = compiled
             self._arrived.append(key)
 
+    def empty_batch(self, phase: Phase, bucket: Bucket):
+        """A step's host batch with every row padding (NumPy), in the bucket's shapes."""
+        batch, size = bucket.batch, bucket.size
+        if phase == Phase.PREFILL:
+            width = self.buckets.prefill_width(size)
+            return host_prefill_batch(batch, size, width, self.num_slots)
+        return host_decode_batch(batch, size, self.num_slots)
+
+    def layout(self, phase: Phase, bucket: Bucket) -> InputLayout:
+        """How a step's batch is laid out in its one int32 upload."""
+        return InputLayout.of(self.empty_batch(phase, bucket))
+
     def _lower(self, key: StepKey):
-        batch, size = key.bucket.batch, key.bucket.size
-        if key.phase == Phase.PREFILL:
-            host = host_prefill_batch(batch, size, self.buckets.prefill_width(size), self.num_slots)
-            step = engine_prefill_step
-        else:
-            host = host_decode_batch(batch, size, self.num_slots)
-            step = engine_decode_step
+        layout = self.layout(key.phase, key.bucket)
+        step = engine_prefill_step if key.phase == Phase.PREFILL else engine_decode_step
+        words = jax.ShapeDtypeStruct((layout.size,), jnp.int32, sharding=self.input_sharding)
         return step.lower(
             self._params,
             self._state,
-            abstract_tree(host, self.input_sharding),
+            words,
             config=self.config,
             moe_options=self.options(key.level),
             attention=self.attention,
+            layout=layout,
         )

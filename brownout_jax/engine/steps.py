@@ -1,9 +1,10 @@
 """The serving engine's jitted steps over the paged KV cache.
 
-``(params, EngineState, batch) -> (EngineState, packed)``; the state (KV pool and each slot's
+``(params, EngineState, words) -> (EngineState, packed)``; the state (KV pool and each slot's
 last sampled token) is donated. A decode step reads its input tokens from the state on
-device, so the host never has to send sampled tokens back: it uploads small int32 arrays
-(slots, positions, block tables, sampling) and reads one packed (B, 2) array per step — on an
+device, so the host never has to send sampled tokens back: it uploads one int32 array, the
+words of the typed batch (slots, positions, block tables, sampling; ``input_words``, rebuilt
+here from the static ``layout``), and reads one packed (B, 2) array per step — on an
 expert-parallel mesh (B + DEV, 2), the model's per-device expert load riding the same sync.
 """
 
@@ -17,6 +18,7 @@ import numpy as np
 from flax import struct
 
 from brownout_jax.engine.attention_path import AttentionPath
+from brownout_jax.engine.input_words import InputLayout
 from brownout_jax.engine.paged_cache import KVPool, PagedKVCache
 from brownout_jax.engine.sampling import SamplingParams, pack_sampled, sample_tokens
 from brownout_jax.model.config import ModelConfig
@@ -74,21 +76,24 @@ def split_packed(packed: np.ndarray, num_devices: int) -> tuple[np.ndarray, np.n
     return packed[:-num_devices], packed[-num_devices:]
 
 
-_STATIC = ("config", "moe_options", "attention")
+_STATIC = ("config", "moe_options", "attention", "layout")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))
 def engine_prefill_step(
     params: ModelParams,
     state: EngineState,
-    batch: PrefillBatch,
+    words: Int[Array, " N"],
     *,
     config: ModelConfig,
     moe_options: MoeOptions,
     attention: AttentionPath,
+    layout: InputLayout,
 ) -> tuple[EngineState, Int[Array, "R 2"]]:
-    """A chunk that is not a prompt's last samples a token nobody reads; the last chunk's
-    overwrites it before the sequence decodes."""
+    """``words``: a ``PrefillBatch`` laid out by ``layout``. A chunk that is not a prompt's
+    last samples a token nobody reads; the last chunk's overwrites it before the sequence
+    decodes."""
+    batch: PrefillBatch = layout.unpack(words)
     cache = PagedKVCache(pool=state.pool, block_tables=batch.block_tables, attention=attention)
     out: StepOutput = prefill_chunk(
         params,
@@ -110,12 +115,15 @@ def engine_prefill_step(
 def engine_decode_step(
     params: ModelParams,
     state: EngineState,
-    batch: DecodeBatch,
+    words: Int[Array, " N"],
     *,
     config: ModelConfig,
     moe_options: MoeOptions,
     attention: AttentionPath,
+    layout: InputLayout,
 ) -> tuple[EngineState, Int[Array, "R 2"]]:
+    """``words``: a ``DecodeBatch`` laid out by ``layout``."""
+    batch: DecodeBatch = layout.unpack(words)
     num_slots = state.last_tokens.shape[0]
     inputs = state.last_tokens[jnp.minimum(batch.slots, num_slots - 1)]
     cache = PagedKVCache(pool=state.pool, block_tables=batch.block_tables, attention=attention)
