@@ -17,6 +17,7 @@ import time
 import urllib.parse
 
 import grpc
+import numpy as np
 import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,7 +33,10 @@ KEY = "sk-test-5d1e9c"
 @pytest.fixture(scope="module")
 def server(tiny_with_tokenizer, start_server):
     # No --max-model-len: the context limit is the model's max_position_embeddings (256).
-    proc = start_server(tiny_with_tokenizer, "--kv-blocks", "40", "--max-queue", "3")
+    # Prompts over 32 tokens are prefilled in chunks (with the attention kernel).
+    proc = start_server(
+        tiny_with_tokenizer, "--kv-blocks", "40", "--max-queue", "3", "--prefill-chunk", "32"
+    )
     yield proc
     assert proc.stop() == 0
 
@@ -113,6 +117,30 @@ def test_greedy_completion_equals_grpc_and_the_python_api(server, tiny_model):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == unary.text
     assert len([c for c in chunks if c.choices]) == 8  # one chunk per token
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+
+
+def test_a_long_prompt_in_chunks_equals_the_python_api_on_both_fronts(server, tiny_model):
+    """200 prompt tokens: 7 chunks of 32 where the kernel runs (one prefill step on XLA's
+    path); greedy tokens equal offline generation over HTTP and gRPC."""
+    prompt = [int(t) for t in np.random.default_rng(3).integers(3, 90, 200)]
+    (expected,) = generate(tiny_model.params, tiny_model.config, [prompt], 8)
+    with GenerationClient(server.target) as grpc_client:
+        unary = grpc_client.generate(
+            pb.GenerateRequest(prompt_token_ids=prompt, max_tokens=8, ignore_eos=True)
+        )
+    assert list(unary.token_ids) == expected.token_ids
+    assert list(unary.logprobs) == pytest.approx(expected.logprobs, abs=1e-4)
+    whole = _client(server).completions.create(
+        model="model",
+        prompt=prompt,
+        max_tokens=8,
+        temperature=0,
+        logprobs=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert whole.choices[0].logprobs.token_logprobs == pytest.approx(expected.logprobs, abs=1e-4)
+    assert whole.choices[0].text == unary.text
+    assert whole.usage.prompt_tokens == 200
 
 
 def test_chat_equals_grpc_on_the_templated_prompt(server, tiny_model):

@@ -186,6 +186,21 @@ def add_engine_arguments(
         help="ratio between shape buckets (default: 4 on CPU, whose executables are costly "
         "to keep, else 2)",
     )
+    group.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=512,
+        help="with the attention kernel, prompts longer than this many tokens are prefilled "
+        "in chunks (memory bounded by the chunk; decode steps run between chunks)",
+    )
+    group.add_argument(
+        "--attention",
+        choices=("auto", "kernel", "xla"),
+        default="auto",
+        help="kernel: the paged-attention kernel reads each row's KV in place up to its "
+        "length (CPU); xla: gather each row's window of blocks; auto: the kernel where it "
+        "runs",
+    )
     add_mesh_argument(group)
     add_experts_backend_argument(group)
 
@@ -195,6 +210,7 @@ def engine_config_from_args(args, **fields):
     controller, exempt layers, a ladder) override."""
     import jax
 
+    from brownout_jax.engine.attention_path import AttentionPath
     from brownout_jax.engine.config import EngineConfig, default_bucket_growth
     from brownout_jax.moe.ladder import ThresholdLadder
 
@@ -216,6 +232,8 @@ def engine_config_from_args(args, **fields):
         mesh=args.mesh,
         experts_backend=experts_backend_from_args(args),
         latency_samples=args.latency_samples,
+        prefill_chunk=args.prefill_chunk,
+        attention=AttentionPath(args.attention),
     )
     values.update(fields)
     return EngineConfig(**values)
