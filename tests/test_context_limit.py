@@ -86,3 +86,19 @@ def test_tokenizer_load_without_torch_prints_no_pytorch_warning(tiny_with_tokeni
         f"assert load_tokenizer({str(tiny_with_tokenizer)!r}) is not None"
     )
     assert "PyTorch was not found" not in stderr
+
+
+def test_a_kv_pool_the_machine_cannot_hold_is_refused_naming_the_flag(monkeypatch):
+    import jax
+
+    from brownout_jax.engine import paged_cache
+    from brownout_jax.engine.front import Engine
+    from brownout_jax.model.config import PRESETS
+    from brownout_jax.model.params import init_random_params
+
+    config = PRESETS["tiny"]
+    params = init_random_params(config, jax.random.key(0))
+    need = paged_cache.kv_pool_bytes(config, 64, 16, params.embed.dtype)
+    monkeypatch.setattr(paged_cache, "available_memory_bytes", lambda: need - 1)
+    with pytest.raises(ValueError, match="--kv-blocks"):
+        Engine(params, config, EngineConfig(num_blocks=64, max_model_len=32), progress=False)

@@ -22,6 +22,7 @@ from brownout_jax.engine.executor import Executor, ladder_for, make_grid
 from brownout_jax.engine.latency_model import LatencyModel
 from brownout_jax.engine.loop import EngineLoop
 from brownout_jax.engine.metrics import EngineMetrics, EngineStats, GridStatus, Occupancy
+from brownout_jax.engine.paged_cache import check_kv_pool_fits
 from brownout_jax.engine.requests import (
     EngineClosedError,
     EngineDeadError,
@@ -74,6 +75,7 @@ class Engine:
         # of this engine (set_controller) predicts from the same one.
         self.latency = LatencyModel()
         self.dense_paths = dense_paths(params)  # the measured matmul path per shape
+        check_kv_pool_fits(model_config, config.num_blocks, config.block_size, params.embed.dtype)
         self._executor = Executor(
             params, model_config, config, self.ladder, progress, grid, self.latency
         )

@@ -53,6 +53,38 @@ class KVPool:
         )
 
 
+def kv_pool_bytes(config: ModelConfig, num_blocks: int, block_size: int, dtype) -> int:
+    """Bytes of the pool: keys and values of every layer."""
+    per_layer = num_blocks * block_size * config.num_kv_heads * config.head_dim
+    return 2 * config.num_layers * per_layer * jnp.dtype(dtype).itemsize
+
+
+def available_memory_bytes() -> int | None:
+    """What Linux says a new allocation can still get (MemAvailable), None elsewhere."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_kv_pool_fits(config: ModelConfig, num_blocks: int, block_size: int, dtype) -> None:
+    """Refuses, naming the flag, a pool this machine cannot hold next to what is loaded: an
+    allocation past it would fail inside a step, or swap the server to a halt."""
+    need = kv_pool_bytes(config, num_blocks, block_size, dtype)
+    available = available_memory_bytes()
+    if available is not None and need > available:
+        raise ValueError(
+            f"the KV pool of {num_blocks} blocks (--kv-blocks) × {block_size} tokens needs "
+            f"{need / 2**30:.2f} GiB, but only {available / 2**30:.2f} GiB of memory is "
+            "available: lower --kv-blocks (or --max-batch / --max-model-len, which size it "
+            "by default)"
+        )
+
+
 @struct.dataclass
 class PagedKVCache:
     pool: KVPool
