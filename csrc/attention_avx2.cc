@@ -27,6 +27,9 @@ struct V {
   static inline T sub(T a, T b) { return _mm256_sub_ps(a, b); }
   static inline T max(T a, T b) { return _mm256_max_ps(a, b); }
   static inline T exp(T a) { return Exp256(a); }
+  static inline T mask_lt(T a, T b, T x, float otherwise) {
+    return _mm256_blendv_ps(_mm256_set1_ps(otherwise), x, _mm256_cmp_ps(a, b, _CMP_LT_OQ));
+  }
   static inline float hsum(T a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -28,6 +28,9 @@ struct V {
   static inline T sub(T a, T b) { return _mm512_sub_ps(a, b); }
   static inline T max(T a, T b) { return _mm512_max_ps(a, b); }
   static inline T exp(T a) { return Exp512(a); }
+  static inline T mask_lt(T a, T b, T x, float otherwise) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, _CMP_LT_OQ), _mm512_set1_ps(otherwise), x);
+  }
   static inline float hsum(T a) { return _mm512_reduce_add_ps(a); }
   static inline float hmax(T a) { return _mm512_reduce_max_ps(a); }
 };

@@ -27,6 +27,7 @@ struct V {
   static inline T sub(T a, T b) { return a - b; }
   static inline T max(T a, T b) { return a > b ? a : b; }
   static inline T exp(T a) { return std::exp(a < -87.0f ? -87.0f : a); }
+  static inline T mask_lt(T a, T b, T x, float otherwise) { return a < b ? x : otherwise; }
   static inline float hsum(T a) { return a; }
   static inline float hmax(T a) { return a; }
 };

@@ -54,9 +54,14 @@ struct AttentionProblem {
 };
 
 // Floats of one worker's scratch for a problem (64-byte aligned by the caller).
+// Either layout an item uses: rows × (q, acc, scores, max, sum, limit) + a key; or, for heads
+// serving several rows, W-row tiles (W ≤ 16): 2 · C · 16 + keys · 16 + 72 · C (8 widened keys,
+// 64 values) + 3 · 16.
 static inline int64_t AttentionScratchFloats(int64_t max_rows, int64_t c, int64_t max_keys) {
   const int64_t keys = (max_keys + 15) / 16 * 16;
-  return max_rows * (c * 2 + keys + 3) + c + 64;
+  const int64_t rows = max_rows * (c * 2 + keys + 3) + c;
+  const int64_t tiles = 32 * c + keys * 16 + 72 * c + 48;
+  return (rows > tiles ? rows : tiles) + 64;
 }
 
 struct AttentionKernels {

@@ -1,5 +1,5 @@
-"""``brownout-jax bench moe-layer | burst | kernels``: the measurement commands behind
-docs/BENCHMARKS.md (their code lives in ``brownout_jax.bench``)."""
+"""``brownout-jax bench moe-layer | burst | linear | attention | kernels | cold-start``: the
+measurement commands behind docs/BENCHMARKS.md (their code lives in ``brownout_jax.bench``)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,18 @@ def add_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--output", choices=("table", "json"), default="table")
     p.set_defaults(run=_run_linear)
+    p = kinds.add_parser(
+        "attention", help="paged decode attention: the kernel vs XLA's window, by context"
+    )
+    p.add_argument("--preset", default="qwen1.5-moe-a2.7b", help="model whose head dims to use")
+    p.add_argument("--model", help="a checkpoint directory (its config's head dims)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--contexts", default="1024,4096,8192", help="tokens attended per row")
+    p.add_argument("--chunk", type=int, default=512, help="prefill chunk timed at each context")
+    p.add_argument("--no-xla", action="store_true", help="time the kernel only")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--output", choices=("table", "json"), default="table")
+    p.set_defaults(run=_run_attention)
     p = kinds.add_parser("kernels", help="Pallas grouped-matmul kernels vs ragged_dot and dense")
     p.add_argument("--rows", default=None, help="rows counts m (default 1,4,16,64,256,4096)")
     p.add_argument("--small", action="store_true", help="tiny shapes (automatic off GPU)")
@@ -113,6 +125,24 @@ def _run_linear(args) -> int:
         shapes = model_dense_shapes(PRESETS[args.preset])
     rows = tuple(int(r) for r in args.rows.split(","))
     result = run_linear_bench(shapes, rows, args.repeats)
+    print(json.dumps(result, indent=1) if args.output == "json" else format_table(result))
+    return 0
+
+
+def _run_attention(args) -> int:
+    from brownout_jax.bench.attention import format_table, run_attention_bench
+    from brownout_jax.model.config import PRESETS, ModelConfig
+
+    if args.model:
+        config = ModelConfig.from_pretrained_dir(args.model)
+    elif args.preset in PRESETS:
+        config = PRESETS[args.preset]
+    else:
+        raise ValueError(f"--preset: {args.preset!r}; choose from {', '.join(PRESETS)}")
+    contexts = tuple(int(v) for v in args.contexts.split(","))
+    result = run_attention_bench(
+        config, args.batch, contexts, args.chunk, args.repeats, xla=not args.no_xla
+    )
     print(json.dumps(result, indent=1) if args.output == "json" else format_table(result))
     return 0
 
