@@ -127,7 +127,9 @@ class FakeExecutor:
         pass
 
 
-def _loop(executor: FakeExecutor, num_blocks: int = 17, max_batch: int = 4) -> EngineLoop:
+def _loop(
+    executor: FakeExecutor, num_blocks: int = 17, max_batch: int = 4, tokenizer=None
+) -> EngineLoop:
     metrics = EngineMetrics()
     scheduler = Scheduler(
         SchedulerLimits(max_batch, 4, 256, 8, num_blocks),
@@ -139,7 +141,7 @@ def _loop(executor: FakeExecutor, num_blocks: int = 17, max_batch: int = 4) -> E
         scheduler,
         controller,
         metrics,
-        lambda handle: TokenStream(handle, None, frozenset({0})),
+        lambda handle: TokenStream(handle, tokenizer, frozenset({0})),
     )
 
 
@@ -327,7 +329,10 @@ def test_auto_runs_each_step_at_the_level_the_latency_model_predicts_fits():
     prompt, n = [3, 1, 4, 1, 5], 30
     handle = _submit(loop, prompt, n, "auto", ignore_eos=True)
     _run_until_drained(loop)
-    assert [e.token_id for e in handle.ready_events()] == expected(prompt, n)
+    events = handle.ready_events()
+    assert [e.token_id for e in events] == expected(prompt, n)
+    assert handle.metrics.thresholds_used == {e.thresholds for e in events}
+    assert len(handle.metrics.thresholds_used) > 1
     decode_levels = [level for phase, level in executor.levels if phase == Phase.DECODE]
     assert decode_levels[0] == 0.5
     assert decode_levels[-1] == 1.0 and 0.0 not in decode_levels
@@ -335,3 +340,44 @@ def test_auto_runs_each_step_at_the_level_the_latency_model_predicts_fits():
     bucket = BUCKETS.grid(Phase.DECODE)[0]
     assert latency.predict(Phase.DECODE, 1.0, bucket) < 0.1
     assert loop.metrics.step_log[-1].decode_threshold == 1.0
+
+
+class LetterTokenizer:
+    """One letter per id; counts its decodes."""
+
+    def __init__(self):
+        self.decodes = 0
+
+    def decode(self, ids, skip_special_tokens=False):
+        self.decodes += 1
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def test_token_ids_only_requests_decode_only_for_stop_strings():
+    """detokenize=False: no text in the events; without stop strings nothing is decoded at
+    all, with them the request stops on the same token as one that reads the text."""
+    prompt, n = [2, 9, 4], 24
+    tokens = expected(prompt, n)
+    whole = LetterTokenizer().decode(tokens)
+    stop = whole[10:12]
+    cut = whole.index(stop)  # one letter per token: the stop ends with token cut + 1
+    tokenizer = LetterTokenizer()
+    loop = _loop(FakeExecutor(), tokenizer=tokenizer)
+    handles = {
+        (text, stops): _submit(
+            loop, prompt, n, f"{text}-{stops}", ignore_eos=True, detokenize=text, stop=stops
+        )
+        for text in (True, False)
+        for stops in ((), (stop,))
+    }
+    loop._take_new_requests()
+    streams = {key: loop._by_handle[handle].stream for key, handle in handles.items()}
+    assert streams[(False, ())].text is None and streams[(False, (stop,))].text is not None
+    _run_until_drained(loop)
+    for (text, stops), handle in handles.items():
+        events = handle.ready_events()
+        assert [e.token_id for e in events] == (tokens[: cut + 2] if stops else tokens)
+        assert events[-1].finish_reason == (FinishReason.STOP if stops else FinishReason.LENGTH)
+        wanted = (whole[:cut] if stops else whole) if text else ""
+        assert "".join(e.text for e in events) == wanted
+

@@ -55,7 +55,7 @@ class EngineLoop:
         self.make_stream = make_stream
         self.clock = clock
         self.incoming: queue.Queue[RequestHandle] = queue.Queue(maxsize=max_queue)
-        self.cancels: queue.Queue[RequestHandle] = queue.Queue()
+        self.cancels: queue.SimpleQueue[RequestHandle] = queue.SimpleQueue()
         self.lock = threading.Lock()  # the controller and metrics, shared with stats()
         self.wake = threading.Event()
         self.closing = False
@@ -67,6 +67,8 @@ class EngineLoop:
         self._by_handle: dict[RequestHandle, Sequence] = {}
         self._in_flight: InFlight | None = None
         self._last_read = 0.0  # when the last step's tokens arrived (engine clock)
+        # One object per distinct levels: streams tell a change of levels by identity.
+        self._levels: dict[Thresholds, Thresholds] = {}
 
     def run(self) -> None:
         try:
@@ -114,21 +116,17 @@ class EngineLoop:
             ) from self.executor.grid.error
 
     def _take_new_requests(self) -> None:
-        while True:
-            try:
-                handle = self.incoming.get_nowait()
-            except queue.Empty:
-                return
+        # Checked before taking, not by catching queue.Empty: this runs every step, and only
+        # this thread takes from these queues.
+        while not self.incoming.empty():
+            handle = self.incoming.get_nowait()
             seq = Sequence(handle, self.make_stream(handle), list(handle.request.prompt_token_ids))
             self._by_handle[handle] = seq
             self.scheduler.add(seq)
 
     def _take_cancellations(self) -> None:
-        while True:
-            try:
-                handle = self.cancels.get_nowait()
-            except queue.Empty:
-                return
+        while not self.cancels.empty():
+            handle = self.cancels.get_nowait()
             seq = self._by_handle.get(handle)
             if seq is not None and not seq.finished:
                 self._finish(seq, FinishReason.CANCELLED)
@@ -158,6 +156,7 @@ class EngineLoop:
             return None
         if self.controller.predictive:
             levels = self._choose_level(plan, levels, now)
+        levels = self._levels.setdefault(levels, levels)
         try:
             return executor.dispatch(plan, levels, self.clock())
         except StepFailedError as err:
@@ -224,13 +223,17 @@ class EngineLoop:
                 self.metrics.record_device_load(
                     phase, step.thresholds.of(phase), result.device_load
                 )
-        for i, seq in enumerate(step.plan.sequences):
+        thresholds = step.thresholds
+        # Rows past the plan's sequences are the bucket's padding: zip stops before them.
+        rows = zip(
+            step.plan.sequences, result.tokens.tolist(), result.logprobs.tolist(), strict=False
+        )
+        for seq, token, logprob in rows:
             if seq.finished:
                 continue  # finished or cancelled while this step was in flight
-            seq.generated.append(int(result.tokens[i]))
-            finish = seq.stream.token(
-                seq.generated, float(result.logprobs[i]), now, step.thresholds
-            )
+            generated = seq.generated
+            generated.append(token)
+            finish = seq.stream.token(generated, logprob, now, thresholds)
             if finish is not None:
                 self._finish(seq, finish, event_sent=True)
         return True

@@ -170,7 +170,10 @@ class EngineMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        # Children looked up once: labels() costs more than observe, and these run every step.
+        self._step_observe = {phase: self.h_step.labels(phase).observe for phase in Phase}
         self.c_tokens = Counter("brownout_tokens", "Tokens processed", ["kind"], registry=r)
+        self._generated_inc = self.c_tokens.labels("generated").inc
         self.c_finished = Counter(
             "brownout_requests_finished", "Finished requests", ["reason"], registry=r
         )
@@ -195,8 +198,8 @@ class EngineMetrics:
             StepRecord(now, phase, latency_s, rows, thresholds.prefill, thresholds.decode)
         )
         self.steps[phase] += 1
-        self.h_step.labels(phase).observe(latency_s)
-        self.c_tokens.labels("generated").inc(rows)
+        self._step_observe[phase](latency_s)
+        self._generated_inc(rows)
 
     def record_device_load(self, phase: Phase, threshold: float, load: np.ndarray) -> None:
         """One step's (DEV, 2) load rows: (tokens received, distinct experts) per device."""
