@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 
 from brownout_jax.engine.buckets import EngineBuckets
 from brownout_jax.engine.controller import ControllerConfig, SloController
 from brownout_jax.engine.loop import EngineLoop
-from brownout_jax.engine.metrics import EngineMetrics
+from brownout_jax.engine.metrics import EngineMetrics, GridStatus, Occupancy
 from brownout_jax.engine.phase import Phase, Thresholds
 from brownout_jax.engine.requests import (
     FinishReason,
@@ -381,3 +383,41 @@ def test_token_ids_only_requests_decode_only_for_stop_strings():
         wanted = (whole[:cut] if stops else whole) if text else ""
         assert "".join(e.text for e in events) == wanted
 
+
+def test_host_time_per_step_leaves_out_the_wait_for_the_device(monkeypatch):
+    """A fake clock: each dispatch takes 0.25 s of host time, each read 4 s of waiting on
+    the device, nothing else takes any. An iteration that warmed up executables (device
+    work) is not counted."""
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+
+    class Timed(FakeExecutor):
+        warm_ups = 0
+
+        def warm_up(self) -> int:
+            self.warm_ups += 1
+            return int(self.warm_ups == 3)  # the iteration of the second decode dispatch
+
+        def dispatch(self, plan, thresholds, at):
+            now[0] += 0.25
+            return super().dispatch(plan, thresholds, at)
+
+        def read(self, step):
+            now[0] += 4.0
+            return super().read(step)
+
+    loop = _loop(Timed())
+    _submit(loop, [3, 4], 5, "one", ignore_eos=True)  # one prefill, four decode steps
+    _run_until_drained(loop)
+    metrics = loop.metrics
+    assert list(metrics.host_steps[Phase.PREFILL]) == [0.25]
+    # Three decode dispatches counted (one was in the warm-up iteration), then the last
+    # iteration, which only handed out the last token.
+    assert list(metrics.host_steps[Phase.DECODE]) == [0.25, 0.25, 0.25, 0.0]
+    stats = metrics.snapshot(Occupancy(0, 0, 0, 0), loop.controller, GridStatus(0.0, 0, 0))
+    assert stats.host_step_p50_s == {"prefill": 0.25, "decode": 0.25}
+    assert stats.host_step_p90_s == {"prefill": 0.25, "decode": 0.25}
+    exported = generate_latest(metrics.registry).decode()
+    assert 'brownout_host_step_seconds_count{phase="decode"} 4.0' in exported
+    assert 'brownout_host_step_seconds_sum{phase="decode"} 0.75' in exported
+    assert 'brownout_host_step_seconds_bucket{le="0.0001",phase="decode"} 1.0' in exported

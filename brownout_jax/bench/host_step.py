@@ -56,6 +56,19 @@ class _Grid:
     error = None
 
 
+class _NoWait:
+    """The loop's wake-up event, minus the idle wait once the last request ended."""
+
+    def set(self) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return True
+
+
 class _ReplayExecutor:
     """Each row's next token is the next one of its text."""
 
@@ -157,6 +170,7 @@ def time_loop(tokenizer, runs: list[list[int]], **request_fields) -> dict:
                 process_times.append(time.perf_counter() - start)
 
     loop._process = timed_process
+    loop.wake = _NoWait()
     loop.closing = True
     start = time.perf_counter()
     loop.run()
@@ -164,9 +178,11 @@ def time_loop(tokenizer, runs: list[list[int]], **request_fields) -> dict:
     assert loop.error is None, loop.error
     text = "".join(e.text for e in handles[0].ready_events())
     steps = sum(metrics.steps.values())
+    own = getattr(metrics, "host_steps", {}).get(Phase.DECODE)  # the loop's own measurement
     return {
         "steps": steps,
         "loop_per_step_ms": round(elapsed / steps * 1e3, 4),
+        "host_step_decode": _percentiles(list(own)) if own else None,
         "process": _percentiles(process_times),
         "text_ok": text == tokenizer.decode(runs[0][PROMPT:], skip_special_tokens=True)
         if request_fields.get("detokenize", True)

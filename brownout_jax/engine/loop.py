@@ -4,7 +4,9 @@ Each iteration drains new requests and cancellations, lets the controller adjust
 thresholds, asks the scheduler for the next step, has the executor dispatch it, and only then
 reads the *previous* step's sampled tokens — the one host sync per step overlaps with the
 device computing the next. Tokens go to each request's stream (detokenize, stop checks,
-events); step latencies to the controller and the metrics. Nothing accepted is lost: every
+events); step latencies to the controller and the metrics. The thread's own time per step,
+all of an iteration but the wait for the device (``executor.read``), is measured too: host
+work the device step competes with on a small machine. Nothing accepted is lost: every
 request ends with exactly one finishing event, also when the loop dies (fail fast: every open
 request learns why). A device error in one step (``StepFailedError``, e.g. XLA out of memory)
 fails that step's requests only, and the engine serves on (``_step_failed``). No JAX here: the
@@ -67,12 +69,17 @@ class EngineLoop:
         self._by_handle: dict[RequestHandle, Sequence] = {}
         self._in_flight: InFlight | None = None
         self._last_read = 0.0  # when the last step's tokens arrived (engine clock)
+        self._device_wait = 0.0  # this iteration's wait for the device (perf_counter seconds)
+        self._unusual = False  # this iteration warmed up executables or lost a step
         # One object per distinct levels: streams tell a change of levels by identity.
         self._levels: dict[Thresholds, Thresholds] = {}
 
     def run(self) -> None:
         try:
             while True:
+                started = time.perf_counter()
+                self._device_wait = 0.0
+                self._unusual = False
                 self._take_new_requests()
                 self._take_cancellations()
                 if self.closing and not self.drain:
@@ -82,16 +89,23 @@ class EngineLoop:
                     return
                 self._raise_compile_failure()
                 try:
-                    self.executor.warm_up()  # executables compiled in the background, if any
+                    # Executables compiled in the background, if any: run once, on the device.
+                    self._unusual = self.executor.warm_up() > 0
                 except StepFailedError as err:  # no request's step: at most the state is lost
                     self._step_failed(None, err)
                 with self.lock:
                     self.controller.maybe_update()
                 dispatched = self._dispatch()
-                if self._in_flight is not None and not self._process(self._in_flight):
+                processed = self._in_flight
+                if processed is not None and not self._process(processed):
                     dispatched = None  # it ran on the state the failed step lost: void
                 self._in_flight = dispatched
                 self.scheduler.requeue_preempted(None if dispatched is None else dispatched.plan)
+                step = dispatched or processed
+                if step is not None and not self._unusual:
+                    host = time.perf_counter() - started - self._device_wait
+                    with self.lock:
+                        self.metrics.record_host_step(step.plan.phase, host)
                 if dispatched is None and not self.scheduler.waiting:
                     self.wake.wait(timeout=0.05)
                     self.wake.clear()
@@ -203,10 +217,13 @@ class EngineLoop:
     def _process(self, step: InFlight) -> bool:
         """Hands the step's tokens to their streams. False when the step failed on the device
         and the engine state with it: the step dispatched after it ran on that state."""
+        waiting = time.perf_counter()
         try:
             result = self.executor.read(step)  # the step's one sync
         except StepFailedError as err:
             return not self._step_failed(step.plan, err)
+        finally:
+            self._device_wait = time.perf_counter() - waiting
         now = self.clock()
         latency = now - step.dispatched_at
         # Its execution: the device ran it once the step before was done (read).
@@ -251,6 +268,7 @@ class EngineLoop:
           generated tokens like any preemption, so it loses nothing and gets no error. A step
           dispatched on the lost state is void (``_process`` returns False).
         No fresh state (``recover_state`` raises): the loop dies as on any other error."""
+        self._unusual = True  # device work (a fresh state) in this iteration's host time
         lost = self.executor.recover_state()
         with self.lock:
             self.metrics.record_step_failure(
