@@ -129,7 +129,8 @@ class EngineStats:
     # Which matmul path each dense weight shape runs, by row count (model.packed_params).
     dense_paths: tuple = ()
     # The engine thread's time per step outside waiting on the device (loop top, dispatch,
-    # handing out tokens), by the phase dispatched: median and P90 of the last steps.
+    # handing out tokens), by the phase of the step it dispatched (or read, when it dispatched
+    # none): median and P90 of the last steps.
     host_step_p50_s: dict[str, float] = dataclasses.field(default_factory=dict)
     host_step_p90_s: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -180,7 +181,7 @@ class EngineMetrics:
         self.h_host_step = Histogram(
             "brownout_host_step_seconds",
             "Engine thread time per step outside waiting on the device (loop top, dispatch, "
-            "handing out tokens), by the phase dispatched",
+            "handing out tokens), by the phase of the step dispatched (else read)",
             ["phase"],
             buckets=_HOST_BUCKETS,
             registry=r,
