@@ -61,6 +61,7 @@ class FakeResult:
 
 class FakeGrid:
     error = None
+    pending = 0  # executables still compiling
 
 
 class FakeExecutor:
@@ -391,7 +392,11 @@ def test_host_time_per_step_leaves_out_the_wait_for_the_device(monkeypatch):
     now = [0.0]
     monkeypatch.setattr(time, "perf_counter", lambda: now[0])
 
+    class Compiling(FakeGrid):
+        pending = 1  # warm-up is called every iteration
+
     class Timed(FakeExecutor):
+        grid = Compiling()
         warm_ups = 0
 
         def warm_up(self) -> int:
@@ -421,3 +426,28 @@ def test_host_time_per_step_leaves_out_the_wait_for_the_device(monkeypatch):
     assert 'brownout_host_step_seconds_count{phase="decode"} 4.0' in exported
     assert 'brownout_host_step_seconds_sum{phase="decode"} 0.75' in exported
     assert 'brownout_host_step_seconds_bucket{le="0.0001",phase="decode"} 1.0' in exported
+
+
+def test_warm_up_is_left_alone_once_the_grid_is_complete():
+    """While executables compile, every iteration puts those that arrived to use; once none
+    is left to compile, one more call takes the last of them and the loop stops asking."""
+
+    class Grid(FakeGrid):
+        pending = 2
+
+    class Counting(FakeExecutor):
+        grid = Grid()
+        calls = 0
+
+        def warm_up(self) -> int:
+            self.calls += 1
+            if self.calls == 3:
+                self.grid.pending = 0  # the last executables arrived
+            return 0
+
+    executor = Counting()
+    loop = _loop(executor)
+    handle = _submit(loop, [3, 4], 8, "one", ignore_eos=True)
+    _run_until_drained(loop)
+    assert [e.token_id for e in handle.ready_events()] == expected([3, 4], 8)
+    assert executor.calls == 4  # the call that saw pending 0 was the last

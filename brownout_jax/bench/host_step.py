@@ -54,6 +54,7 @@ class _Result:
 
 class _Grid:
     error = None
+    pending = 0
 
 
 class _NoWait:

@@ -73,6 +73,12 @@ class EngineLoop:
         self._unusual = False  # this iteration warmed up executables or lost a step
         # One object per distinct levels: streams tell a change of levels by identity.
         self._levels: dict[Thresholds, Thresholds] = {}
+        # Once every executable of the grid is compiled and warmed up, what the executor can
+        # run never changes again: no more warm-up calls (each costs about 0.1 ms even with
+        # nothing to take), and the serving levels and usable buckets are kept.
+        self._grid_complete = False
+        self._serving: tuple[Thresholds | None, Thresholds | None] = (None, None)
+        self._usable: dict[tuple[Phase, float], frozenset] = {}
 
     def run(self) -> None:
         try:
@@ -88,11 +94,7 @@ class EngineLoop:
                 if self.closing and idle and self.incoming.empty():
                     return
                 self._raise_compile_failure()
-                try:
-                    # Executables compiled in the background, if any: run once, on the device.
-                    self._unusual = self.executor.warm_up() > 0
-                except StepFailedError as err:  # no request's step: at most the state is lost
-                    self._step_failed(None, err)
+                self._warm_up()
                 with self.lock:
                     self.controller.maybe_update()
                 dispatched = self._dispatch()
@@ -129,6 +131,27 @@ class EngineLoop:
                 f"compiling the step grid failed: {self.executor.grid.error}"
             ) from self.executor.grid.error
 
+    def _warm_up(self) -> None:
+        """Runs executables compiled in the background once (on the device), if any."""
+        if self._grid_complete:
+            return
+        # Read before taking: with nothing left to compile, this call takes the last ones.
+        complete = self.executor.grid.pending == 0
+        try:
+            self._unusual = self.executor.warm_up() > 0
+        except StepFailedError as err:  # no request's step: at most the state is lost
+            self._step_failed(None, err)
+            return
+        self._grid_complete = complete
+
+    def _usable_buckets(self, phase: Phase, level: float):
+        if not self._grid_complete:
+            return self.executor.usable_buckets(phase, level)
+        usable = self._usable.get((phase, level))
+        if usable is None:
+            usable = self._usable[(phase, level)] = self.executor.usable_buckets(phase, level)
+        return usable
+
     def _take_new_requests(self) -> None:
         # Checked before taking, not by catching queue.Empty: this runs every step, and only
         # this thread takes from these queues.
@@ -153,16 +176,22 @@ class EngineLoop:
     def thresholds(self) -> Thresholds:
         """The levels steps run at now: the controller's, as far as they are compiled."""
         wanted = self.controller.thresholds
-        return Thresholds(
+        if self._serving[0] is wanted:
+            return self._serving[1]
+        levels = Thresholds(
             *(self.executor.serving_level(phase, wanted.of(phase)) for phase in Phase)
         )
+        levels = self._levels.setdefault(levels, levels)
+        if self._grid_complete:  # the controller replaces its thresholds when they change
+            self._serving = (wanted, levels)
+        return levels
 
     def _dispatch(self) -> InFlight | None:
         levels = self.thresholds()
         executor = self.executor
 
         def usable(phase: Phase):
-            return executor.usable_buckets(phase, levels.of(phase))
+            return self._usable_buckets(phase, levels.of(phase))
 
         now = self.clock()
         plan = self.scheduler.next_step(usable, now)
@@ -180,11 +209,11 @@ class EngineLoop:
     def _choose_level(self, plan: StepPlan, levels: Thresholds, now: float) -> Thresholds:
         """Mode ``auto``: the level of this step from the latency model (host state only)."""
         phase, ladder = plan.phase, self.controller.ladder.levels
-        runnable = [lv for lv in ladder if plan.bucket in self.executor.usable_buckets(phase, lv)]
+        runnable = [lv for lv in ladder if plan.bucket in self._usable_buckets(phase, lv)]
         other = phase.other
-        other_levels = [lv for lv in ladder if self.executor.usable_buckets(other, lv)]
+        other_levels = [lv for lv in ladder if self._usable_buckets(other, lv)]
         next_bucket = self.scheduler.next_bucket(
-            other, self.executor.usable_buckets(other, levels.of(other))
+            other, self._usable_buckets(other, levels.of(other))
         )
         ages: tuple[float, ...] = ()
         if phase == Phase.PREFILL:  # who waits for a first token (not recomputations)
