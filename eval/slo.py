@@ -66,6 +66,7 @@ def run_mode(
                             prompt_token_ids=request.prompt_ids,
                             max_new_tokens=request.output_len,
                             ignore_eos=True,
+                            detokenize=False,  # timings only: no host time on text
                         )
                     )
                 )

@@ -103,7 +103,10 @@ def engine_token_ids(engine, prompts: list[list[int]], max_new_tokens: int) -> l
     handles = [
         engine.submit(
             GenerationRequest(
-                prompt_token_ids=tuple(p), max_new_tokens=max_new_tokens, ignore_eos=True
+                prompt_token_ids=tuple(p),
+                max_new_tokens=max_new_tokens,
+                ignore_eos=True,
+                detokenize=False,  # compared as token ids
             )
         )
         for p in prompts

@@ -57,6 +57,7 @@ def request_from_proto(message: pb.GenerateRequest) -> GenerationRequest:
         # proto3's unset string is "": the default class. A bad name is refused by the
         # engine's validation (INVALID_ARGUMENT naming the field).
         brownout=message.brownout or BrownoutClass.ALLOWED,
+        detokenize=not message.token_ids_only,
     )
 
 

@@ -6,7 +6,8 @@ draining or failed), /metrics (the engine's Prometheus registry) and /version.
 
 The engine hands each request's token events to a thread-safe queue; an event loop must not
 block on it, so a handle wakes its stream through ``loop.call_soon_threadsafe`` (no thread per
-stream). A client that disconnects cancels its generation, which frees its KV blocks.
+stream; one wake-up in flight per stream, however many tokens arrive meanwhile). A client
+that disconnects cancels its generation, which frees its KV blocks.
 
 Bounds (serve/request_limits.py, serve/http_request.py): a body over ``--max-request-bytes``
 is 413 before it is read; tokenizing and chat templates run on a bounded pool (429 when full).
@@ -75,11 +76,25 @@ async def engine_events(handle: RequestHandle, engine) -> AsyncIterator[TokenEve
     """The handle's events, awaited on the running loop, up to the finishing one."""
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
+    # At most one wake-up in flight: call_soon_threadsafe is a write to the loop's self-pipe,
+    # a system call on the engine thread for every token of every stream otherwise. Only the
+    # engine thread sets the flag and only the loop clears it, before the events are read:
+    # an event pushed after that read finds it clear and schedules a new wake-up.
+    scheduled = False
+
+    def woken() -> None:  # event loop
+        nonlocal scheduled
+        scheduled = False
+        wake.set()
 
     def on_event() -> None:  # engine thread
+        nonlocal scheduled
+        if scheduled:
+            return
+        scheduled = True
         # A closed loop (server stopping) has nobody waiting for this event.
         with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(wake.set)
+            loop.call_soon_threadsafe(woken)
 
     handle.notify(on_event)
     engine_gone = False

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 
 from brownout_jax.engine.buckets import EngineBuckets
 from brownout_jax.engine.controller import ControllerConfig, SloController
 from brownout_jax.engine.loop import EngineLoop
-from brownout_jax.engine.metrics import EngineMetrics
+from brownout_jax.engine.metrics import EngineMetrics, GridStatus, Occupancy
 from brownout_jax.engine.phase import Phase, Thresholds
 from brownout_jax.engine.requests import (
     FinishReason,
@@ -59,6 +61,7 @@ class FakeResult:
 
 class FakeGrid:
     error = None
+    pending = 0  # executables still compiling
 
 
 class FakeExecutor:
@@ -127,7 +130,9 @@ class FakeExecutor:
         pass
 
 
-def _loop(executor: FakeExecutor, num_blocks: int = 17, max_batch: int = 4) -> EngineLoop:
+def _loop(
+    executor: FakeExecutor, num_blocks: int = 17, max_batch: int = 4, tokenizer=None
+) -> EngineLoop:
     metrics = EngineMetrics()
     scheduler = Scheduler(
         SchedulerLimits(max_batch, 4, 256, 8, num_blocks),
@@ -139,7 +144,7 @@ def _loop(executor: FakeExecutor, num_blocks: int = 17, max_batch: int = 4) -> E
         scheduler,
         controller,
         metrics,
-        lambda handle: TokenStream(handle, None, frozenset({0})),
+        lambda handle: TokenStream(handle, tokenizer, frozenset({0})),
     )
 
 
@@ -327,7 +332,10 @@ def test_auto_runs_each_step_at_the_level_the_latency_model_predicts_fits():
     prompt, n = [3, 1, 4, 1, 5], 30
     handle = _submit(loop, prompt, n, "auto", ignore_eos=True)
     _run_until_drained(loop)
-    assert [e.token_id for e in handle.ready_events()] == expected(prompt, n)
+    events = handle.ready_events()
+    assert [e.token_id for e in events] == expected(prompt, n)
+    assert handle.metrics.thresholds_used == {e.thresholds for e in events}
+    assert len(handle.metrics.thresholds_used) > 1
     decode_levels = [level for phase, level in executor.levels if phase == Phase.DECODE]
     assert decode_levels[0] == 0.5
     assert decode_levels[-1] == 1.0 and 0.0 not in decode_levels
@@ -335,3 +343,111 @@ def test_auto_runs_each_step_at_the_level_the_latency_model_predicts_fits():
     bucket = BUCKETS.grid(Phase.DECODE)[0]
     assert latency.predict(Phase.DECODE, 1.0, bucket) < 0.1
     assert loop.metrics.step_log[-1].decode_threshold == 1.0
+
+
+class LetterTokenizer:
+    """One letter per id; counts its decodes."""
+
+    def __init__(self):
+        self.decodes = 0
+
+    def decode(self, ids, skip_special_tokens=False):
+        self.decodes += 1
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def test_token_ids_only_requests_decode_only_for_stop_strings():
+    """detokenize=False: no text in the events; without stop strings nothing is decoded at
+    all, with them the request stops on the same token as one that reads the text."""
+    prompt, n = [2, 9, 4], 24
+    tokens = expected(prompt, n)
+    whole = LetterTokenizer().decode(tokens)
+    stop = whole[10:12]
+    cut = whole.index(stop)  # one letter per token: the stop ends with token cut + 1
+    tokenizer = LetterTokenizer()
+    loop = _loop(FakeExecutor(), tokenizer=tokenizer)
+    handles = {
+        (text, stops): _submit(
+            loop, prompt, n, f"{text}-{stops}", ignore_eos=True, detokenize=text, stop=stops
+        )
+        for text in (True, False)
+        for stops in ((), (stop,))
+    }
+    loop._take_new_requests()
+    streams = {key: loop._by_handle[handle].stream for key, handle in handles.items()}
+    assert streams[(False, ())].text is None and streams[(False, (stop,))].text is not None
+    _run_until_drained(loop)
+    for (text, stops), handle in handles.items():
+        events = handle.ready_events()
+        assert [e.token_id for e in events] == (tokens[: cut + 2] if stops else tokens)
+        assert events[-1].finish_reason == (FinishReason.STOP if stops else FinishReason.LENGTH)
+        wanted = (whole[:cut] if stops else whole) if text else ""
+        assert "".join(e.text for e in events) == wanted
+
+
+def test_host_time_per_step_leaves_out_the_wait_for_the_device(monkeypatch):
+    """A fake clock: each dispatch takes 0.25 s of host time, each read 4 s of waiting on
+    the device, nothing else takes any. An iteration that warmed up executables (device
+    work) is not counted."""
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+
+    class Compiling(FakeGrid):
+        pending = 1  # warm-up is called every iteration
+
+    class Timed(FakeExecutor):
+        grid = Compiling()
+        warm_ups = 0
+
+        def warm_up(self) -> int:
+            self.warm_ups += 1
+            return int(self.warm_ups == 3)  # the iteration of the second decode dispatch
+
+        def dispatch(self, plan, thresholds, at):
+            now[0] += 0.25
+            return super().dispatch(plan, thresholds, at)
+
+        def read(self, step):
+            now[0] += 4.0
+            return super().read(step)
+
+    loop = _loop(Timed())
+    _submit(loop, [3, 4], 5, "one", ignore_eos=True)  # one prefill, four decode steps
+    _run_until_drained(loop)
+    metrics = loop.metrics
+    assert list(metrics.host_steps[Phase.PREFILL]) == [0.25]
+    # Three decode dispatches counted (one was in the warm-up iteration), then the last
+    # iteration, which only handed out the last token.
+    assert list(metrics.host_steps[Phase.DECODE]) == [0.25, 0.25, 0.25, 0.0]
+    stats = metrics.snapshot(Occupancy(0, 0, 0, 0), loop.controller, GridStatus(0.0, 0, 0))
+    assert stats.host_step_p50_s == {"prefill": 0.25, "decode": 0.25}
+    assert stats.host_step_p90_s == {"prefill": 0.25, "decode": 0.25}
+    exported = generate_latest(metrics.registry).decode()
+    assert 'brownout_host_step_seconds_count{phase="decode"} 4.0' in exported
+    assert 'brownout_host_step_seconds_sum{phase="decode"} 0.75' in exported
+    assert 'brownout_host_step_seconds_bucket{le="0.0001",phase="decode"} 1.0' in exported
+
+
+def test_warm_up_is_left_alone_once_the_grid_is_complete():
+    """While executables compile, every iteration puts those that arrived to use; once none
+    is left to compile, one more call takes the last of them and the loop stops asking."""
+
+    class Grid(FakeGrid):
+        pending = 2
+
+    class Counting(FakeExecutor):
+        grid = Grid()
+        calls = 0
+
+        def warm_up(self) -> int:
+            self.calls += 1
+            if self.calls == 3:
+                self.grid.pending = 0  # the last executables arrived
+            return 0
+
+    executor = Counting()
+    loop = _loop(executor)
+    handle = _submit(loop, [3, 4], 8, "one", ignore_eos=True)
+    _run_until_drained(loop)
+    assert [e.token_id for e in handle.ready_events()] == expected([3, 4], 8)
+    assert executor.calls == 4  # the call that saw pending 0 was the last

@@ -52,6 +52,8 @@ def test_streaming_and_unary_equal_the_engine(client, tiny_with_tokenizer):
     assert list(unary.token_ids) == expected.token_ids
     assert unary.text == "".join(r.text for r in streamed)
     assert unary.timing.ttft_s > 0 and unary.thresholds.decode == 1.0
+    ids_only = client.generate(_ids_request(ignore_eos=True, token_ids_only=True), timeout=60)
+    assert list(ids_only.token_ids) == expected.token_ids and ids_only.text == ""
 
 
 def test_text_prompt_and_stop_string(client):
@@ -119,6 +121,11 @@ def test_bad_input_is_invalid_argument_naming_the_field(client, request_fields, 
 )
 def test_brownout_field_maps_to_the_request_class(name, expected):
     assert request_from_proto(_ids_request(brownout=name)).brownout is expected
+
+
+def test_token_ids_only_asks_the_engine_for_no_text():
+    assert request_from_proto(_ids_request()).detokenize is True
+    assert request_from_proto(_ids_request(token_ids_only=True)).detokenize is False
 
 
 def test_cli_brownout_class_goes_to_the_server_only(capsys):

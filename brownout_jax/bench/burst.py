@@ -44,7 +44,10 @@ def run_burst(
     handles = [
         engine.submit(
             GenerationRequest(
-                prompt_token_ids=tuple(p), max_new_tokens=max_new_tokens, ignore_eos=True
+                prompt_token_ids=tuple(p),
+                max_new_tokens=max_new_tokens,
+                ignore_eos=True,
+                detokenize=False,  # token counts and timings only: no host time on text
             )
         )
         for p in prompts[:num_requests]

@@ -270,7 +270,9 @@ def engine_load_table(n: int = 4, levels=(0.0, 0.5, 1.0), new_tokens: int = 20) 
             engine.set_controller(fixed)
             handles = [
                 engine.submit(
-                    GenerationRequest(prompt=p, max_new_tokens=new_tokens, ignore_eos=True)
+                    GenerationRequest(
+                        prompt=p, max_new_tokens=new_tokens, ignore_eos=True, detokenize=False
+                    )
                 )
                 for p in DEMO_PROMPTS
             ]

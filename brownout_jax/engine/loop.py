@@ -4,7 +4,9 @@ Each iteration drains new requests and cancellations, lets the controller adjust
 thresholds, asks the scheduler for the next step, has the executor dispatch it, and only then
 reads the *previous* step's sampled tokens — the one host sync per step overlaps with the
 device computing the next. Tokens go to each request's stream (detokenize, stop checks,
-events); step latencies to the controller and the metrics. Nothing accepted is lost: every
+events); step latencies to the controller and the metrics. The thread's own time per step,
+all of an iteration but the wait for the device (``executor.read``), is measured too: host
+work the device step competes with on a small machine. Nothing accepted is lost: every
 request ends with exactly one finishing event, also when the loop dies (fail fast: every open
 request learns why). A device error in one step (``StepFailedError``, e.g. XLA out of memory)
 fails that step's requests only, and the engine serves on (``_step_failed``). No JAX here: the
@@ -55,7 +57,7 @@ class EngineLoop:
         self.make_stream = make_stream
         self.clock = clock
         self.incoming: queue.Queue[RequestHandle] = queue.Queue(maxsize=max_queue)
-        self.cancels: queue.Queue[RequestHandle] = queue.Queue()
+        self.cancels: queue.SimpleQueue[RequestHandle] = queue.SimpleQueue()
         self.lock = threading.Lock()  # the controller and metrics, shared with stats()
         self.wake = threading.Event()
         self.closing = False
@@ -67,10 +69,23 @@ class EngineLoop:
         self._by_handle: dict[RequestHandle, Sequence] = {}
         self._in_flight: InFlight | None = None
         self._last_read = 0.0  # when the last step's tokens arrived (engine clock)
+        self._device_wait = 0.0  # this iteration's wait for the device (perf_counter seconds)
+        self._unusual = False  # this iteration warmed up executables or lost a step
+        # One object per distinct levels: streams tell a change of levels by identity.
+        self._levels: dict[Thresholds, Thresholds] = {}
+        # Once every executable of the grid is compiled and warmed up, what the executor can
+        # run never changes again: no more warm-up calls (each costs about 0.1 ms even with
+        # nothing to take), and the serving levels and usable buckets are kept.
+        self._grid_complete = False
+        self._serving: tuple[Thresholds | None, Thresholds | None] = (None, None)
+        self._usable: dict[tuple[Phase, float], frozenset] = {}
 
     def run(self) -> None:
         try:
             while True:
+                started = time.perf_counter()
+                self._device_wait = 0.0
+                self._unusual = False
                 self._take_new_requests()
                 self._take_cancellations()
                 if self.closing and not self.drain:
@@ -79,17 +94,20 @@ class EngineLoop:
                 if self.closing and idle and self.incoming.empty():
                     return
                 self._raise_compile_failure()
-                try:
-                    self.executor.warm_up()  # executables compiled in the background, if any
-                except StepFailedError as err:  # no request's step: at most the state is lost
-                    self._step_failed(None, err)
+                self._warm_up()
                 with self.lock:
                     self.controller.maybe_update()
                 dispatched = self._dispatch()
-                if self._in_flight is not None and not self._process(self._in_flight):
+                processed = self._in_flight
+                if processed is not None and not self._process(processed):
                     dispatched = None  # it ran on the state the failed step lost: void
                 self._in_flight = dispatched
                 self.scheduler.requeue_preempted(None if dispatched is None else dispatched.plan)
+                step = dispatched or processed
+                if step is not None and not self._unusual:
+                    host = time.perf_counter() - started - self._device_wait
+                    with self.lock:
+                        self.metrics.record_host_step(step.plan.phase, host)
                 if dispatched is None and not self.scheduler.waiting:
                     self.wake.wait(timeout=0.05)
                     self.wake.clear()
@@ -113,22 +131,39 @@ class EngineLoop:
                 f"compiling the step grid failed: {self.executor.grid.error}"
             ) from self.executor.grid.error
 
+    def _warm_up(self) -> None:
+        """Runs executables compiled in the background once (on the device), if any."""
+        if self._grid_complete:
+            return
+        # Read before taking: with nothing left to compile, this call takes the last ones.
+        complete = self.executor.grid.pending == 0
+        try:
+            self._unusual = self.executor.warm_up() > 0
+        except StepFailedError as err:  # no request's step: at most the state is lost
+            self._step_failed(None, err)
+            return
+        self._grid_complete = complete
+
+    def _usable_buckets(self, phase: Phase, level: float):
+        if not self._grid_complete:
+            return self.executor.usable_buckets(phase, level)
+        usable = self._usable.get((phase, level))
+        if usable is None:
+            usable = self._usable[(phase, level)] = self.executor.usable_buckets(phase, level)
+        return usable
+
     def _take_new_requests(self) -> None:
-        while True:
-            try:
-                handle = self.incoming.get_nowait()
-            except queue.Empty:
-                return
+        # Checked before taking, not by catching queue.Empty: this runs every step, and only
+        # this thread takes from these queues.
+        while not self.incoming.empty():
+            handle = self.incoming.get_nowait()
             seq = Sequence(handle, self.make_stream(handle), list(handle.request.prompt_token_ids))
             self._by_handle[handle] = seq
             self.scheduler.add(seq)
 
     def _take_cancellations(self) -> None:
-        while True:
-            try:
-                handle = self.cancels.get_nowait()
-            except queue.Empty:
-                return
+        while not self.cancels.empty():
+            handle = self.cancels.get_nowait()
             seq = self._by_handle.get(handle)
             if seq is not None and not seq.finished:
                 self._finish(seq, FinishReason.CANCELLED)
@@ -141,16 +176,22 @@ class EngineLoop:
     def thresholds(self) -> Thresholds:
         """The levels steps run at now: the controller's, as far as they are compiled."""
         wanted = self.controller.thresholds
-        return Thresholds(
+        if self._serving[0] is wanted:
+            return self._serving[1]
+        levels = Thresholds(
             *(self.executor.serving_level(phase, wanted.of(phase)) for phase in Phase)
         )
+        levels = self._levels.setdefault(levels, levels)
+        if self._grid_complete:  # the controller replaces its thresholds when they change
+            self._serving = (wanted, levels)
+        return levels
 
     def _dispatch(self) -> InFlight | None:
         levels = self.thresholds()
         executor = self.executor
 
         def usable(phase: Phase):
-            return executor.usable_buckets(phase, levels.of(phase))
+            return self._usable_buckets(phase, levels.of(phase))
 
         now = self.clock()
         plan = self.scheduler.next_step(usable, now)
@@ -158,6 +199,7 @@ class EngineLoop:
             return None
         if self.controller.predictive:
             levels = self._choose_level(plan, levels, now)
+        levels = self._levels.setdefault(levels, levels)
         try:
             return executor.dispatch(plan, levels, self.clock())
         except StepFailedError as err:
@@ -167,11 +209,11 @@ class EngineLoop:
     def _choose_level(self, plan: StepPlan, levels: Thresholds, now: float) -> Thresholds:
         """Mode ``auto``: the level of this step from the latency model (host state only)."""
         phase, ladder = plan.phase, self.controller.ladder.levels
-        runnable = [lv for lv in ladder if plan.bucket in self.executor.usable_buckets(phase, lv)]
+        runnable = [lv for lv in ladder if plan.bucket in self._usable_buckets(phase, lv)]
         other = phase.other
-        other_levels = [lv for lv in ladder if self.executor.usable_buckets(other, lv)]
+        other_levels = [lv for lv in ladder if self._usable_buckets(other, lv)]
         next_bucket = self.scheduler.next_bucket(
-            other, self.executor.usable_buckets(other, levels.of(other))
+            other, self._usable_buckets(other, levels.of(other))
         )
         ages: tuple[float, ...] = ()
         if phase == Phase.PREFILL:  # who waits for a first token (not recomputations)
@@ -204,10 +246,13 @@ class EngineLoop:
     def _process(self, step: InFlight) -> bool:
         """Hands the step's tokens to their streams. False when the step failed on the device
         and the engine state with it: the step dispatched after it ran on that state."""
+        waiting = time.perf_counter()
         try:
             result = self.executor.read(step)  # the step's one sync
         except StepFailedError as err:
             return not self._step_failed(step.plan, err)
+        finally:
+            self._device_wait = time.perf_counter() - waiting
         now = self.clock()
         latency = now - step.dispatched_at
         # Its execution: the device ran it once the step before was done (read).
@@ -224,13 +269,21 @@ class EngineLoop:
                 self.metrics.record_device_load(
                     phase, step.thresholds.of(phase), result.device_load
                 )
-        for i, seq in enumerate(step.plan.sequences):
-            if seq.finished or not step.plan.rows[i].samples:
+        thresholds = step.thresholds
+        # Rows past the plan's sequences are the bucket's padding: zip stops before them.
+        rows = zip(
+            step.plan.sequences,
+            step.plan.rows,
+            result.tokens.tolist(),
+            result.logprobs.tolist(),
+            strict=False,
+        )
+        for seq, row, token, logprob in rows:
+            if seq.finished or not row.samples:
                 continue  # finished or cancelled meanwhile, or a chunk before its prompt's last
-            seq.generated.append(int(result.tokens[i]))
-            finish = seq.stream.token(
-                seq.generated, float(result.logprobs[i]), now, step.thresholds
-            )
+            generated = seq.generated
+            generated.append(token)
+            finish = seq.stream.token(generated, logprob, now, thresholds)
             if finish is not None:
                 self._finish(seq, finish, event_sent=True)
         return True
@@ -248,6 +301,7 @@ class EngineLoop:
           generated tokens like any preemption, so it loses nothing and gets no error. A step
           dispatched on the lost state is void (``_process`` returns False).
         No fresh state (``recover_state`` raises): the loop dies as on any other error."""
+        self._unusual = True  # device work (a fresh state) in this iteration's host time
         lost = self.executor.recover_state()
         with self.lock:
             self.metrics.record_step_failure(

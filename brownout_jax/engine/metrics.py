@@ -18,6 +18,9 @@ from brownout_jax.engine.phase import Phase, Thresholds
 from brownout_jax.engine.requests import FinishReason, RequestMetrics, StepFailureKind
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+# Host time per step: a fraction of a millisecond when lean, milliseconds when it is not.
+_HOST_BUCKETS = (1e-4, 2e-4, 3e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.05)
+_HOST_WINDOW = 1024  # steps per phase behind the stats' median and P90
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -125,6 +128,11 @@ class EngineStats:
     latency: tuple[LatencyEntry, ...] = ()
     # Which matmul path each dense weight shape runs, by row count (model.packed_params).
     dense_paths: tuple = ()
+    # The engine thread's time per step outside waiting on the device (loop top, dispatch,
+    # handing out tokens), by the phase of the step it dispatched (or read, when it dispatched
+    # none): median and P90 of the last steps.
+    host_step_p50_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    host_step_p90_s: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class EngineMetrics:
@@ -170,7 +178,22 @@ class EngineMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.h_host_step = Histogram(
+            "brownout_host_step_seconds",
+            "Engine thread time per step outside waiting on the device (loop top, dispatch, "
+            "handing out tokens), by the phase of the step dispatched (else read)",
+            ["phase"],
+            buckets=_HOST_BUCKETS,
+            registry=r,
+        )
+        # Children looked up once: labels() costs more than observe, and these run every step.
+        self._step_observe = {phase: self.h_step.labels(phase).observe for phase in Phase}
+        self._host_observe = {phase: self.h_host_step.labels(phase).observe for phase in Phase}
+        self.host_steps: dict[Phase, collections.deque[float]] = {
+            phase: collections.deque(maxlen=_HOST_WINDOW) for phase in Phase
+        }
         self.c_tokens = Counter("brownout_tokens", "Tokens processed", ["kind"], registry=r)
+        self._generated_inc = self.c_tokens.labels("generated").inc
         self.c_finished = Counter(
             "brownout_requests_finished", "Finished requests", ["reason"], registry=r
         )
@@ -195,8 +218,12 @@ class EngineMetrics:
             StepRecord(now, phase, latency_s, rows, thresholds.prefill, thresholds.decode)
         )
         self.steps[phase] += 1
-        self.h_step.labels(phase).observe(latency_s)
-        self.c_tokens.labels("generated").inc(rows)
+        self._step_observe[phase](latency_s)
+        self._generated_inc(rows)
+
+    def record_host_step(self, phase: Phase, seconds: float) -> None:
+        self.host_steps[phase].append(seconds)
+        self._host_observe[phase](seconds)
 
     def record_device_load(self, phase: Phase, threshold: float, load: np.ndarray) -> None:
         """One step's (DEV, 2) load rows: (tokens received, distinct experts) per device."""
@@ -246,6 +273,7 @@ class EngineMetrics:
             self.g_threshold.labels(phase).set(thresholds.of(phase))
         ttfts = [m.ttft for m in self._recent if m.ttft is not None]
         tpots = [m.tpot_mean for m in self._recent if m.tpot_mean is not None]
+        host = {phase.value: np.asarray(times) for phase, times in self.host_steps.items() if times}
         return EngineStats(
             running=occupancy.running,
             waiting=occupancy.waiting,
@@ -274,4 +302,6 @@ class EngineMetrics:
             ),
             steps_compiling=grid.compiling,
             latency=latency,
+            host_step_p50_s={phase: float(np.median(t)) for phase, t in host.items()},
+            host_step_p90_s={phase: float(np.percentile(t, 90)) for phase, t in host.items()},
         )

@@ -93,6 +93,9 @@ class GenerationRequest:
     ignore_eos: bool = False
     request_id: str | None = None
     brownout: BrownoutClass = BrownoutClass.ALLOWED  # its name is accepted too ("never")
+    # False: token ids only (an evaluation or benchmark client): no text is decoded for it
+    # unless stop strings need it, and its events' text stays "" either way.
+    detokenize: bool = True
 
     def __post_init__(self) -> None:
         # A known name becomes the enum; anything else stays as given for validate_request
@@ -177,7 +180,7 @@ def validate_request(request: GenerationRequest, vocab_size: int, max_model_len:
 class TokenEvent:
     token_id: int | None
     logprob: float | None
-    text: str  # text delta ("" without a tokenizer)
+    text: str  # text delta ("" without a tokenizer, or for a detokenize=False request)
     finish_reason: FinishReason | None = None
     error: str | None = None
     thresholds: Thresholds = EXACT  # the levels this token's steps ran at
@@ -232,7 +235,7 @@ class GenerationOutput:
     request_id: str
     token_ids: list[int]
     logprobs: list[float]
-    text: str
+    text: str  # "" for a detokenize=False request: decode token_ids if it is wanted after all
     finish_reason: FinishReason
     error: str | None
     metrics: RequestMetrics
@@ -245,7 +248,8 @@ class RequestHandle:
         self.request_id = request_id
         self.request = request
         self.metrics = RequestMetrics(arrival=time.monotonic(), prompt_tokens=0)
-        self._events: queue.Queue[TokenEvent] = queue.Queue()
+        # SimpleQueue: the engine thread puts every token of every request through it.
+        self._events: queue.SimpleQueue[TokenEvent] = queue.SimpleQueue()
         self._engine = engine
         self._on_event: Callable[[], None] | None = None
         self.done = False

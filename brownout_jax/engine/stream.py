@@ -2,7 +2,9 @@
 
 The engine thread calls :meth:`TokenStream.token` for every token read back and
 :meth:`TokenStream.close` when the request ends for another reason; every request gets
-exactly one finishing event.
+exactly one finishing event. ``token`` runs for every row of every step on the thread that
+also feeds the device: it does no work a step does not need (text only for a reader of it or
+for stop strings, the thresholds set touched only when the levels change).
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ class TokenStream:
             stop_ids |= eos_token_ids
         self.handle = handle
         self.stop_ids = frozenset(stop_ids)
-        self.text = IncrementalText(tokenizer, request.stop)
+        self.max_new_tokens = request.max_new_tokens
+        # Without a reader of the text (``detokenize=False``) it is decoded only to find stop
+        # strings in, and the events carry none.
+        needed = tokenizer is not None and (request.detokenize or bool(request.stop))
+        self.text = IncrementalText(tokenizer, request.stop) if needed else None
+        self.emits_text = request.detokenize
+        self._thresholds: Thresholds | None = None  # the last added to thresholds_used
 
     def token(
         self, generated: list[int], logprob: float, now: float, thresholds: Thresholds
@@ -31,17 +39,23 @@ class TokenStream:
         if metrics.first_token is None:
             metrics.first_token = now
         metrics.token_times.append(now)
-        metrics.thresholds_used.add(thresholds)
+        if thresholds is not self._thresholds:
+            metrics.thresholds_used.add(thresholds)
+            self._thresholds = thresholds
         token = generated[-1]
-        delta, stopped = self.text.update(generated)
+        text = self.text
+        delta, stopped = ("", False) if text is None else text.update(generated)
         finish = None
         if stopped or token in self.stop_ids:
             finish = FinishReason.STOP
-        elif len(generated) >= self.handle.request.max_new_tokens:
+        elif len(generated) >= self.max_new_tokens:
             finish = FinishReason.LENGTH
         if finish is not None:
-            delta += self.text.flush()
+            if text is not None:
+                delta += text.flush()
             metrics.finished = now  # before the event: a reader of it sees a complete record
+        if not self.emits_text:
+            delta = ""
         self.handle._push(TokenEvent(token, logprob, delta, finish, None, thresholds))
         return finish
 
