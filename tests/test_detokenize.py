@@ -115,9 +115,7 @@ def sentencepiece_style() -> Tokenizer:
     return _train(
         models.BPE(byte_fallback=True),
         trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>", *byte_tokens]),
-        normalizer=normalizers.Sequence(
-            [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
-        ),
+        normalizer=normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]),
         decoder=decoders.Sequence(
             [
                 decoders.Replace("▁", " "),

@@ -40,6 +40,7 @@ def add_parser(sub) -> None:
     p.add_argument("--output", choices=("table", "json"), default="table")
     p.set_defaults(run=_run_moe_layer)
     _add_burst(kinds)
+    _add_long_prompt(kinds)
     p = kinds.add_parser("linear", help="dense matmuls: packed CPU kernel vs XLA's dot")
     p.add_argument("--rows", default="1,8,16,32,64,512", help="row counts m")
     p.add_argument("--preset", default="qwen1.5-moe-a2.7b", help="model whose dense shapes to time")
@@ -89,6 +90,38 @@ def _add_burst(kinds) -> None:
     add_brownout_mode_arguments(p, default="off")
     add_engine_arguments(p)
     p.set_defaults(run=_run_burst)
+
+
+def _add_long_prompt(kinds) -> None:
+    p = kinds.add_parser(
+        "long-prompt", help="a long prompt while requests decode: TTFT, their TPOT, memory"
+    )
+    p.add_argument("--model", required=True)
+    p.add_argument("--united")
+    p.add_argument("--prompt-len", type=int, default=8000)
+    p.add_argument("--decoders", type=int, default=8)
+    add_brownout_mode_arguments(p, default="off")
+    add_engine_arguments(p)
+    p.set_defaults(run=_run_long_prompt)
+
+
+def _run_long_prompt(args) -> int:
+    from brownout_jax.bench.long_prompt import run_long_prompt
+    from brownout_jax.engine.front import Engine
+
+    check_mesh(args.mesh)
+    engine = Engine.from_checkpoint(
+        args.model,
+        args.united,
+        engine_config_from_args(args, controller=controller_from_args(args)),
+        args.dtype,
+    )
+    try:
+        result = run_long_prompt(engine, args.prompt_len, args.decoders)
+    finally:
+        engine.shutdown(drain=False)
+    print(json.dumps(result, indent=1))
+    return 0
 
 
 def _run_burst(args) -> int:
