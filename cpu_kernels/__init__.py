@@ -4,7 +4,8 @@ the reference, the Pallas kernels' per-group references), not on the model.
 
 Modules: ``library`` (find, load, register the compiled library; run-time ISA choice),
 ``packing`` (the packed weight layout the matmul kernels read), ``api`` (the checked,
-jittable entry points) and ``reference`` (the slow twins).
+jittable entry points), ``attention`` (paged attention over a block pool, with its float64
+twin) and ``reference`` (the matmuls' slow twins).
 """
 
 from brownout_jax.cpu_kernels.api import (
@@ -13,6 +14,11 @@ from brownout_jax.cpu_kernels.api import (
     linear,
     packed_grouped_swiglu,
     packed_linear,
+)
+from brownout_jax.cpu_kernels.attention import (
+    paged_attention,
+    paged_attention_reference,
+    paged_attention_runnable,
 )
 from brownout_jax.cpu_kernels.library import Isa, KernelLibrary, load_library
 from brownout_jax.cpu_kernels.packing import (
@@ -44,6 +50,9 @@ __all__ = [
     "packed_linear",
     "packed_linear_reference",
     "packed_linear_xla",
+    "paged_attention",
+    "paged_attention_reference",
+    "paged_attention_runnable",
     "unpack",
     "unpack_stack",
 ]
