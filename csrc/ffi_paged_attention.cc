@@ -25,7 +25,7 @@ namespace {
 // position are read front to back once); prefill tiles take fewer heads and more tokens, each
 // key then serving every token of the tile.
 constexpr int64_t kMaxRows = 64;
-constexpr int64_t kPrefillTileTokens = 16;
+constexpr int64_t kPrefillTileTokens = 64;
 // Key positions per item by default: bounds the scores buffer and splits long contexts so
 // both cores share one sequence (flash-decoding's split).
 constexpr int64_t kDefaultSplitKeys = 512;

@@ -55,13 +55,12 @@ struct AttentionProblem {
 
 // Floats of one worker's scratch for a problem (64-byte aligned by the caller).
 // Either layout an item uses: rows × (q, acc, scores, max, sum, limit) + a key; or, for heads
-// serving several rows, W-row tiles (W ≤ 16): 2 · C · 16 + keys · 16 + 72 · C (8 widened keys,
-// 64 values) + 3 · 16.
+// serving several rows, lane groups of W ≤ 16 rows (rows rounded up to 16): rows × (2 · C +
+// keys + 3) + 72 · C (8 widened keys, 64 values).
 static inline int64_t AttentionScratchFloats(int64_t max_rows, int64_t c, int64_t max_keys) {
   const int64_t keys = (max_keys + 15) / 16 * 16;
-  const int64_t rows = max_rows * (c * 2 + keys + 3) + c;
-  const int64_t tiles = 32 * c + keys * 16 + 72 * c + 48;
-  return (rows > tiles ? rows : tiles) + 64;
+  const int64_t rows = (max_rows + 15) / 16 * 16;
+  return rows * (c * 2 + keys + 3) + 72 * c + 64;
 }
 
 struct AttentionKernels {

@@ -59,6 +59,9 @@ def expert_bytes(params: ModelParams) -> int:
     return 0
 
 
+ESTIMATE_CONTEXT = 256
+
+
 def distinct_experts_per_step(
     params: ModelParams,
     config: ModelConfig,
@@ -69,6 +72,10 @@ def distinct_experts_per_step(
     runs, per threshold (a model without united experts runs exact at every threshold)."""
     if not config.moe_layers or not prompts:
         return dict.fromkeys(thresholds, 0.0)
+    # The last tokens' routing is what is estimated: their last CONTEXT tokens are enough
+    # context for it, and a whole long prompt's forward pass (T × T scores, no cache) would
+    # not fit in memory.
+    prompts = [p[-ESTIMATE_CONTEXT:] for p in prompts]
     length = max(len(p) for p in prompts)
     tokens = np.zeros((len(prompts), length), np.int32)
     for i, p in enumerate(prompts):
