@@ -53,7 +53,7 @@ def test_the_ring_presets_each_buffer_and_reuses_none_too_soon():
     buffers = WordBuffers()
     seen = []
     for step in range(WordBuffers.RING + 1):
-        words, host = buffers.next(layout, empty)
+        words, host = buffers.next(layout, lambda: empty)
         assert np.array_equal(words, layout.pack(empty))  # preset to the empty batch
         host.positions[:] = step
         seen.append(words)

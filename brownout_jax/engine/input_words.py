@@ -13,6 +13,7 @@ t + 2), so a zero-copy upload never sees its words change under a running step.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -95,22 +96,28 @@ class InputLayout:
 
 
 class WordBuffers:
-    """Per layout, a ring of host buffers preset to its empty batch's words."""
+    """Per layout, a ring of host buffers preset to its empty batch's words, each with its
+    typed views made once."""
 
     RING = 3  # steps whose inputs may still be read: in flight, dispatched, being filled
 
     def __init__(self):
-        self._rings: dict[InputLayout, tuple[np.ndarray, list[np.ndarray], list[int]]] = {}
+        self._rings: dict[InputLayout, tuple[np.ndarray, list[tuple[np.ndarray, object]]]] = {}
+        self._turns: dict[InputLayout, int] = {}
 
-    def next(self, layout: InputLayout, empty_batch):
-        """A buffer holding ``empty_batch``'s words and its typed views, to fill and upload."""
+    def next(self, layout: InputLayout, empty_batch: Callable[[], object]):
+        """A buffer holding the words of ``empty_batch()`` (called once per layout) and its
+        typed views, to fill and upload."""
         ring = self._rings.get(layout)
         if ring is None:
-            preset = layout.pack(empty_batch)
-            ring = (preset, [preset.copy() for _ in range(self.RING)], [0])
+            preset = layout.pack(empty_batch())
+            buffers = [preset.copy() for _ in range(self.RING)]
+            ring = (preset, [(words, layout.views(words)) for words in buffers])
             self._rings[layout] = ring
-        preset, buffers, turn = ring
-        words = buffers[turn[0]]
-        turn[0] = (turn[0] + 1) % self.RING
+            self._turns[layout] = 0
+        preset, buffers = ring
+        turn = self._turns[layout]
+        self._turns[layout] = (turn + 1) % self.RING
+        words, views = buffers[turn]
         np.copyto(words, preset)
-        return words, layout.views(words)
+        return words, views
