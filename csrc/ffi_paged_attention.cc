@@ -172,6 +172,9 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
         "multiple of its lanes");
   }
   if (b * t * h * c == 0) return ffi::Error::Success();
+  if (nb == 0 && w * bs > 0) {
+    return ffi::Error::InvalidArgument("paged_attention: the pools hold no blocks");
+  }
 
   const int64_t r = h / g;
   const int64_t tile =
@@ -193,7 +196,7 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
       for (int64_t i = 0; i < nt; ++i) {
         end = std::max<int64_t>(end, std::min<int64_t>(lim[row * t + t0 + i], capacity));
       }
-      const int64_t pieces = end <= 0 ? 1 : (end + split - 1) / split;
+      const int64_t pieces = end <= 0 ? 1 : (end - 1) / split + 1;  // no overflow near 2^63
       for (int64_t g0 = 0; g0 < g; g0 += heads) {
         const int64_t first = static_cast<int64_t>(items.size());
         for (int64_t piece = 0; piece < pieces; ++piece) {
