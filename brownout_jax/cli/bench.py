@@ -105,17 +105,23 @@ def _add_long_prompt(kinds) -> None:
     p.set_defaults(run=_run_long_prompt)
 
 
-def _run_long_prompt(args) -> int:
-    from brownout_jax.bench.long_prompt import run_long_prompt
+def _engine_from_args(args):
+    """The engine of a command's --model, --united and engine flags."""
     from brownout_jax.engine.front import Engine
 
     check_mesh(args.mesh)
-    engine = Engine.from_checkpoint(
+    return Engine.from_checkpoint(
         args.model,
         args.united,
         engine_config_from_args(args, controller=controller_from_args(args)),
         args.dtype,
     )
+
+
+def _run_long_prompt(args) -> int:
+    from brownout_jax.bench.long_prompt import run_long_prompt
+
+    engine = _engine_from_args(args)
     try:
         result = run_long_prompt(engine, args.prompt_len, args.decoders)
     finally:
@@ -126,16 +132,9 @@ def _run_long_prompt(args) -> int:
 
 def _run_burst(args) -> int:
     from brownout_jax.bench.burst import run_burst
-    from brownout_jax.engine.front import Engine
 
     low, high = (int(v) for v in args.prompt_len.split(","))
-    check_mesh(args.mesh)
-    engine = Engine.from_checkpoint(
-        args.model,
-        args.united,
-        engine_config_from_args(args, controller=controller_from_args(args)),
-        args.dtype,
-    )
+    engine = _engine_from_args(args)
     try:
         result = run_burst(engine, args.requests, (low, high), args.max_new_tokens)
     finally:

@@ -278,11 +278,7 @@ def prefill(
     forward = forward_hidden(
         params, config, tokens, positions, token_mask, cache, False, moe_options, exact_rows
     )
-    last = jnp.maximum(lengths - 1, 0)
-    last_hidden = jnp.take_along_axis(forward.hidden, last[:, None, None], axis=1)[:, 0]
-    return StepOutput(
-        forward.cache, lm_logits(params, last_hidden, lengths > 0), forward.device_load
-    )
+    return _last_token_output(params, forward, lengths)
 
 
 def prefill_chunk(
@@ -305,6 +301,12 @@ def prefill_chunk(
     forward = forward_hidden(
         params, config, tokens, positions, token_mask, cache, True, moe_options, exact_rows
     )
+    return _last_token_output(params, forward, lengths)
+
+
+def _last_token_output(params: ModelParams, forward: Forward, lengths: Int[Array, " B"]):
+    """The step's cache and the logits of each row's last real token (rows of length 0:
+    padding, their logits may be skipped)."""
     last = jnp.maximum(lengths - 1, 0)
     last_hidden = jnp.take_along_axis(forward.hidden, last[:, None, None], axis=1)[:, 0]
     return StepOutput(
