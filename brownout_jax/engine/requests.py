@@ -30,6 +30,39 @@ class BrownoutClass(enum.StrEnum):
 _BROWNOUT_NAMES = tuple(c.value for c in BrownoutClass)  # a tuple: unhashable input is fine
 
 
+MAX_LOGPROBS = 20  # alternatives per token a step can return (OpenAI's and vLLM's bound)
+# Logit-bias entries per row a step takes: the request's own plus, until min_tokens are out,
+# one −inf per stop token id (EOS included). Fixed so that the steps' inputs keep one shape.
+MAX_LOGIT_BIAS = 64
+
+
+class StructuredKind(enum.StrEnum):
+    """What a structured-output request constrains its text to."""
+
+    JSON_OBJECT = "json_object"  # any JSON object
+    JSON_SCHEMA = "json_schema"  # JSON valid against ``spec`` (a JSON-schema document)
+    REGEX = "regex"  # text matching ``spec``
+    CHOICE = "choice"  # exactly one of ``choices``
+    GRAMMAR = "grammar"  # text of the EBNF grammar ``spec``
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    kind: StructuredKind
+    spec: str = ""  # the schema's JSON text, the regex or the grammar; "" for JSON_OBJECT
+    choices: tuple[str, ...] = ()  # CHOICE only
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A token with its log-probability under the model (before temperature, penalties and
+    truncation) and the ``top`` most likely tokens there, (id, logprob) best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 class RequestError(ValueError):
     """A request field is invalid (gRPC: INVALID_ARGUMENT). ``field`` names it."""
 
@@ -96,6 +129,18 @@ class GenerationRequest:
     # False: token ids only (an evaluation or benchmark client): no text is decoded for it
     # unless stop strings need it, and its events' text stays "" either way.
     detokenize: bool = True
+    top_logprobs: int = 0  # alternatives returned per generated token, 0 … MAX_LOGPROBS
+    # None: no prompt logprobs; k ≥ 0: each prompt token's logprob (the first has none) and
+    # its k alternatives, on the first event (echo + logprobs; lm-eval's loglikelihood).
+    prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0  # subtracted once from every token generated so far
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    # HF/vLLM's: positive logits of prompt and output tokens divided by it, negative ones times it
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    min_p: float = 0.0  # tokens below min_p × the most likely's probability are dropped
+    min_tokens: int = 0  # EOS and stop_token_ids are banned until this many were generated
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         # A known name becomes the enum; anything else stays as given for validate_request
@@ -174,6 +219,46 @@ def validate_request(request: GenerationRequest, vocab_size: int, max_model_len:
     bad_stop = [t for t in request.stop_token_ids if not 0 <= t < vocab_size]
     if bad_stop:
         raise RequestError("stop_token_ids", f"ids outside [0, {vocab_size}): {bad_stop[:5]}")
+    _validate_logit_processing(request, vocab_size)
+
+
+def _validate_logit_processing(request: GenerationRequest, vocab_size: int) -> None:
+    if not 0 <= request.top_logprobs <= MAX_LOGPROBS:
+        raise RequestError(
+            "logprobs", f"must lie in [0, {MAX_LOGPROBS}], got {request.top_logprobs}"
+        )
+    if request.prompt_logprobs is not None and not 0 <= request.prompt_logprobs <= MAX_LOGPROBS:
+        raise RequestError(
+            "prompt_logprobs", f"must lie in [0, {MAX_LOGPROBS}], got {request.prompt_logprobs}"
+        )
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(request, name)
+        if not -2.0 <= value <= 2.0:
+            raise RequestError(name, f"must lie in [-2, 2], got {value}")
+    if not 0 < request.repetition_penalty <= 10:  # NaN fails too
+        raise RequestError(
+            "repetition_penalty", f"must lie in (0, 10], got {request.repetition_penalty}"
+        )
+    if not 0 <= request.min_p <= 1:
+        raise RequestError("min_p", f"must lie in [0, 1], got {request.min_p}")
+    if not 0 <= request.min_tokens <= request.max_new_tokens:
+        raise RequestError(
+            "min_tokens",
+            f"must lie in [0, max_tokens = {request.max_new_tokens}], got {request.min_tokens}",
+        )
+    bias = request.logit_bias
+    banned = len(request.stop_token_ids) + 1 if request.min_tokens else 0  # + EOS
+    if len(bias) + banned > MAX_LOGIT_BIAS:
+        raise RequestError(
+            "logit_bias",
+            f"at most {MAX_LOGIT_BIAS - banned} entries with these stop_token_ids and "
+            f"min_tokens, got {len(bias)}",
+        )
+    for token, value in bias:
+        if not 0 <= token < vocab_size:
+            raise RequestError("logit_bias", f"token id {token} outside [0, {vocab_size})")
+        if not -100 <= value <= 100:
+            raise RequestError("logit_bias", f"bias of token {token} must lie in [-100, 100]")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -187,6 +272,10 @@ class TokenEvent:
     # Set on the finishing event of a request whose step failed on the device: that request
     # failed, the engine serves on (None with ERROR: the engine itself failed).
     step_failure: StepFailureKind | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (id, logprob) best first, if asked
+    # On a request's first event, when it asked for prompt_logprobs: one entry per prompt
+    # token, the first None (nothing precedes it).
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -239,6 +328,8 @@ class GenerationOutput:
     finish_reason: FinishReason
     error: str | None
     metrics: RequestMetrics
+    top_logprobs: list[tuple[tuple[int, float], ...]] = dataclasses.field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 class RequestHandle:
@@ -293,12 +384,15 @@ class RequestHandle:
         return self.events()
 
     def result(self, timeout: float | None = None) -> GenerationOutput:
-        tokens, logprobs, text = [], [], []
-        finish, error = FinishReason.ERROR, None
+        tokens, logprobs, text, top = [], [], [], []
+        finish, error, prompt = FinishReason.ERROR, None, None
         for event in self.events(timeout):
+            if event.prompt_logprobs is not None:
+                prompt = event.prompt_logprobs
             if event.token_id is not None:
                 tokens.append(event.token_id)
                 logprobs.append(event.logprob)
+                top.append(event.top_logprobs)
             text.append(event.text)
             if event.finish_reason is not None:
                 finish, error = event.finish_reason, event.error
@@ -310,4 +404,6 @@ class RequestHandle:
             finish_reason=finish,
             error=error,
             metrics=self.metrics,
+            top_logprobs=top,
+            prompt_logprobs=prompt,
         )
