@@ -11,6 +11,7 @@ import numpy as np
 from brownout_jax.engine.blocks import NULL_BLOCK
 from brownout_jax.engine.config import EngineConfig
 from brownout_jax.engine.executor import Executor
+from brownout_jax.engine.logit_processing import TokenHistory
 from brownout_jax.engine.paged_cache import KVPool
 from brownout_jax.engine.steps import EngineState
 from brownout_jax.moe.ladder import ThresholdLadder
@@ -37,11 +38,17 @@ def test_first_runs_leave_every_real_block_and_slot_unchanged(tiny_moe):
         ),
     )
     before = jax.tree_util.tree_map(np.asarray, pool)
-    executor._state = EngineState(pool=pool, last_tokens=jnp.arange(4, dtype=jnp.int32) + 7)
+    history = TokenHistory.zeros(4, config.vocab_size)
+    history = history.replace(output_counts=history.output_counts + 3)
+    executor._state = EngineState(
+        pool=pool, last_tokens=jnp.arange(4, dtype=jnp.int32) + 7, history=history
+    )
     for key, _ in executor.grid.compiled_items():
         executor._state, _ = executor._run_empty(key)
     state = executor._state
     np.testing.assert_array_equal(state.last_tokens, np.arange(4) + 7)
+    np.testing.assert_array_equal(state.history.output_counts, 3)
+    assert not np.asarray(state.history.prompt_seen).any()
     real = np.arange(engine_config.num_blocks) != NULL_BLOCK
     for new, old in zip(
         state.pool.keys + state.pool.values, before.keys + before.values, strict=True

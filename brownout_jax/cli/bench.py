@@ -1,5 +1,6 @@
-"""``brownout-jax bench moe-layer | burst | linear | attention | kernels | cold-start``: the
-measurement commands behind docs/BENCHMARKS.md (their code lives in ``brownout_jax.bench``)."""
+"""``brownout-jax bench moe-layer | burst | long-prompt | sampling | linear | attention |
+kernels | cold-start``: the measurement commands behind docs/BENCHMARKS.md (their code lives
+in ``brownout_jax.bench``)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ def add_parser(sub) -> None:
     p.set_defaults(run=_run_moe_layer)
     _add_burst(kinds)
     _add_long_prompt(kinds)
+    _add_sampling(kinds)
     p = kinds.add_parser("linear", help="dense matmuls: packed CPU kernel vs XLA's dot")
     p.add_argument("--rows", default="1,8,16,32,64,512", help="row counts m")
     p.add_argument("--preset", default="qwen1.5-moe-a2.7b", help="model whose dense shapes to time")
@@ -103,6 +105,38 @@ def _add_long_prompt(kinds) -> None:
     add_brownout_mode_arguments(p, default="off")
     add_engine_arguments(p)
     p.set_defaults(run=_run_long_prompt)
+
+
+def _add_sampling(kinds) -> None:
+    p = kinds.add_parser(
+        "sampling", help="decode TPOT with top logprobs, penalties and a grammar vs plain"
+    )
+    p.add_argument("--model", required=True)
+    p.add_argument("--united")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
+    p.add_argument("--rounds", type=int, default=3, help="every mode once per round")
+    p.add_argument(
+        "--modes",
+        default="plain,top-logprobs,penalties,json-object",
+        help="comma list of plain, top-logprobs, penalties, json-object",
+    )
+    add_brownout_mode_arguments(p, default="off")
+    add_engine_arguments(p)
+    p.set_defaults(run=_run_sampling)
+
+
+def _run_sampling(args) -> int:
+    from brownout_jax.bench.sampling import SamplingMode, run_sampling_bench
+
+    modes = tuple(SamplingMode(m) for m in args.modes.split(","))
+    engine = _engine_from_args(args)
+    try:
+        result = run_sampling_bench(engine, args.batch, args.tokens, args.rounds, modes)
+    finally:
+        engine.shutdown(drain=False)
+    print(json.dumps(result, indent=1))
+    return 0
 
 
 def _engine_from_args(args):

@@ -201,6 +201,13 @@ def add_engine_arguments(
         "length (CPU); xla: gather each row's window of blocks; auto: the kernel where it "
         "runs",
     )
+    group.add_argument(
+        "--no-structured-output",
+        dest="structured_output",
+        action="store_false",
+        help="leave the per-row token mask out of every step's upload (ceil(vocab/32) words a "
+        "row) and refuse response_format / guided_* requests",
+    )
     add_mesh_argument(group)
     add_experts_backend_argument(group)
 
@@ -234,6 +241,7 @@ def engine_config_from_args(args, **fields):
         latency_samples=args.latency_samples,
         prefill_chunk=args.prefill_chunk,
         attention=AttentionPath(args.attention),
+        structured_output=args.structured_output,
     )
     values.update(fields)
     return EngineConfig(**values)

@@ -57,6 +57,9 @@ class EngineConfig:
     # first, untimed execution is always made). 0: learn every step's latency while serving.
     latency_samples: int = 2
     compile_workers: int | None = None  # concurrent compilations; None: every usable core
+    # Structured outputs: every step takes a (rows, vocab/32) token mask in its upload (0.6 MB
+    # a step at Qwen's vocabulary and batch 32); False leaves it out and refuses such requests.
+    structured_output: bool = True
 
     def __post_init__(self) -> None:
         names = ("max_batch", "max_prefill_batch", "block_size", "max_model_len", "max_queue")

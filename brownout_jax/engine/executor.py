@@ -46,16 +46,13 @@ from brownout_jax.engine.buckets import Bucket
 from brownout_jax.engine.config import EngineConfig
 from brownout_jax.engine.input_words import InputLayout, WordBuffers
 from brownout_jax.engine.latency_model import LatencyModel
+from brownout_jax.engine.logit_processing import TokenHistory
 from brownout_jax.engine.paged_cache import KVPool
 from brownout_jax.engine.phase import Phase, Thresholds
 from brownout_jax.engine.requests import BrownoutClass, StepFailedError
-from brownout_jax.engine.sampling import unpack_sampled
-from brownout_jax.engine.scheduler import StepPlan
+from brownout_jax.engine.scheduler import StepPlan, StepRow
 from brownout_jax.engine.step_grid import StepGrid, StepKey
-from brownout_jax.engine.steps import (
-    EngineState,
-    split_packed,
-)
+from brownout_jax.engine.steps import EngineState, SampledRows, split_packed
 from brownout_jax.model.config import ModelConfig
 from brownout_jax.model.params import ModelParams, MoeParams
 from brownout_jax.moe.expert_parallel import (
@@ -76,13 +73,6 @@ class InFlight:
     packed: jax.Array
     dispatched_at: float
     thresholds: Thresholds  # the levels in force: this step's phase ran at its own
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class StepResult:
-    tokens: np.ndarray  # (rows of the bucket,) int32
-    logprobs: np.ndarray  # (rows of the bucket,) float32
-    device_load: np.ndarray | None  # (DEV, 2): tokens received, distinct experts (on a mesh)
 
 
 def _device_errors_fail_the_step(method):
@@ -136,6 +126,7 @@ def make_grid(
         workers=config.compile_workers,
         first_level=config.controller.initial_level(ladder),
         attention=config.attention,
+        token_masks=config.structured_output,
     )
 
 
@@ -149,6 +140,7 @@ class Executor:
         progress: bool = True,
         grid: StepGrid | None = None,
         latency: LatencyModel | None = None,
+        eos_token_ids: frozenset[int] = frozenset(),
     ):
         """``grid``: one already compiled (``make_grid``, e.g. while the weights loaded) for
         exactly these params' shapes; else the grid is made and compiled here. ``latency``:
@@ -156,6 +148,7 @@ class Executor:
         self.config = config
         self.latency = LatencyModel() if latency is None else latency
         self._vocab_size = model_config.vocab_size
+        self._eos_token_ids = tuple(sorted(eos_token_ids))  # banned until min_tokens
         mesh = None if config.mesh is None else make_mesh(config.mesh)
         if mesh is not None and not is_expert_parallel(params):
             params = shard_params(params, model_config, mesh)
@@ -207,6 +200,7 @@ class Executor:
                 self._model_config, config.num_blocks, config.block_size, self._params.embed.dtype
             ),
             last_tokens=jnp.zeros((config.max_batch,), jnp.int32),
+            history=TokenHistory.zeros(config.max_batch, self._vocab_size),
         )
         return state if self._mesh is None else replicate(state, self._mesh)
 
@@ -331,7 +325,12 @@ class Executor:
                 host.block_tables[i, : len(row.blocks)] = row.blocks
                 host.slots[i] = row.slot
                 host.exact[i] = row.request.brownout == BrownoutClass.NEVER
+                host.prompt_lengths[i] = row.prompt_length
+                if row.scores_prompt:
+                    host.scoring[i] = True
+                    host.next_tokens[i] = row.next_token
                 _fill_sampling(host.sampling, i, row.request)
+                self._fill_processing(host.processing, i, row)
             return words
         for i, row in enumerate(plan.rows):
             host.slots[i] = row.slot
@@ -340,17 +339,54 @@ class Executor:
             host.active[i] = True
             host.exact[i] = row.request.brownout == BrownoutClass.NEVER
             _fill_sampling(host.sampling, i, row.request)
+            self._fill_processing(host.processing, i, row)
         return words
 
+    def _fill_processing(self, proc, i: int, row: StepRow) -> None:
+        """Row ``i``'s logit processing; a request using none of it costs two attribute
+        reads (the buffer starts neutral)."""
+        request = row.request
+        if request.top_logprobs:
+            proc.alternatives[i] = True
+        if not (_processes_logits(request) or row.grammar is not None):
+            return
+        proc.presence[i] = request.presence_penalty
+        proc.frequency[i] = request.frequency_penalty
+        proc.repetition[i] = request.repetition_penalty
+        proc.min_p[i] = request.min_p
+        bias = list(request.logit_bias)
+        if row.generated_before < request.min_tokens:
+            stops = set(request.stop_token_ids)
+            if not request.ignore_eos:
+                stops.update(self._eos_token_ids)
+            bias += [(token, -np.inf) for token in sorted(stops)]
+        for j, (token, value) in enumerate(bias):
+            proc.bias_ids[i, j] = token
+            proc.bias_values[i, j] = value
+        if row.grammar is not None:
+            proc.masked[i] = True
+            row.grammar.fill_mask(proc.token_mask[i])
+
     @_device_errors_fail_the_step
-    def read(self, step: InFlight) -> StepResult:
+    def read(self, step: InFlight) -> SampledRows:
         """The step's one host sync."""
-        sampled, load = split_packed(np.asarray(step.packed), self.num_devices)
-        tokens, logprobs = unpack_sampled(sampled)
-        return StepResult(tokens, logprobs, load)
+        plan = step.plan
+        chunk = plan.bucket.size if plan.phase == Phase.PREFILL else None
+        return split_packed(np.asarray(step.packed), plan.bucket.batch, chunk, self.num_devices)
 
     def close(self) -> None:
         self.grid.cancel()
+
+
+def _processes_logits(request) -> bool:
+    return bool(
+        request.logit_bias
+        or request.min_tokens
+        or request.min_p
+        or request.presence_penalty
+        or request.frequency_penalty
+        or request.repetition_penalty != 1.0
+    )
 
 
 def _fill_sampling(sampling, row: int, request) -> None:

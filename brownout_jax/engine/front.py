@@ -77,7 +77,14 @@ class Engine:
         self.dense_paths = dense_paths(params)  # the measured matmul path per shape
         check_kv_pool_fits(model_config, config.num_blocks, config.block_size, params.embed.dtype)
         self._executor = Executor(
-            params, model_config, config, self.ladder, progress, grid, self.latency
+            params,
+            model_config,
+            config,
+            self.ladder,
+            progress,
+            grid,
+            self.latency,
+            eos_token_ids=frozenset(eos_token_ids),
         )
         scheduler = Scheduler(
             SchedulerLimits(

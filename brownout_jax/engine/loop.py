@@ -22,17 +22,21 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from brownout_jax.engine.controller import SloController
 from brownout_jax.engine.metrics import EngineMetrics
 from brownout_jax.engine.phase import Phase, Thresholds
 from brownout_jax.engine.predictive import StepView
 from brownout_jax.engine.requests import (
+    MAX_LOGPROBS,
     FinishReason,
     RequestHandle,
     StepFailedError,
     TokenEvent,
+    TokenLogprob,
 )
-from brownout_jax.engine.scheduler import Scheduler, Sequence, StepPlan
+from brownout_jax.engine.scheduler import Scheduler, Sequence, StepPlan, StepRow
 from brownout_jax.engine.stream import TokenStream
 
 if TYPE_CHECKING:  # the loop itself is host-only: tests drive it with a fake executor
@@ -97,6 +101,12 @@ class EngineLoop:
                 self._warm_up()
                 with self.lock:
                     self.controller.maybe_update()
+                if self._in_flight is not None and _constrained(self._in_flight.plan):
+                    # A grammar's mask for a sequence's next token needs the token in
+                    # flight: read it before planning (such steps lose the overlap of the
+                    # host's work with the device's).
+                    early, self._in_flight = self._in_flight, None
+                    self._process(early)
                 dispatched = self._dispatch()
                 processed = self._in_flight
                 if processed is not None and not self._process(processed):
@@ -278,12 +288,34 @@ class EngineLoop:
             result.logprobs.tolist(),
             strict=False,
         )
-        for seq, row, token, logprob in rows:
-            if seq.finished or not row.samples:
-                continue  # finished or cancelled meanwhile, or a chunk before its prompt's last
+        for i, (seq, row, token, logprob) in enumerate(rows):
+            if seq.finished:
+                continue  # finished or cancelled meanwhile
+            if row.scores_prompt:
+                _collect_prompt_scores(seq, row, result.prompt_scores[i])
+            if not row.samples:
+                continue  # a chunk before its prompt's last
+            top = ()
+            if row.request.top_logprobs:
+                k = row.request.top_logprobs
+                top = tuple(
+                    zip(
+                        result.top_ids[i, :k].tolist(),
+                        result.top_logprobs[i, :k].tolist(),
+                        strict=True,
+                    )
+                )
             generated = seq.generated
             generated.append(token)
-            finish = seq.stream.token(generated, logprob, now, thresholds)
+            if row.grammar is not None and not row.grammar.accept(token):
+                # The step's mask allowed only what the matcher accepts: a refusal is a bug
+                # in the mask's path, and this request must not go on unconstrained.
+                self._finish(seq, FinishReason.ERROR, error="the grammar refused a token")
+                continue
+            prompt = None
+            if row.scores_prompt:  # the first token: the prompt's scores go with it
+                prompt = (None, *seq.prompt_scores)
+            finish = seq.stream.token(generated, logprob, now, thresholds, top, prompt)
             if finish is not None:
                 self._finish(seq, finish, event_sent=True)
         return True
@@ -337,3 +369,26 @@ class EngineLoop:
         self.scheduler.remove(seq)
         self._by_handle.pop(seq.handle, None)
         self.metrics.record_finish(seq.handle.metrics, reason)
+
+
+def _constrained(plan: StepPlan) -> bool:
+    return any(row.grammar is not None for row in plan.rows)
+
+
+def _collect_prompt_scores(seq: Sequence, row: StepRow, scores: np.ndarray) -> None:
+    """A scored prefill chunk's rows (``score_prompts``' packing) appended to the sequence's
+    prompt scores: offset t scores the token after it, while that is a prompt token."""
+    if row.position == 0:
+        seq.prompt_scores.clear()  # computed again from the start (after a preemption)
+    k = row.request.prompt_logprobs or 0
+    width = MAX_LOGPROBS  # the packing holds that many alternatives, k of them asked for
+    for t in range(len(row.tokens)):
+        target = int(scores[t, 0])
+        if target < 0:
+            break
+        logprob = float(scores[t, 1:2].view(np.float32)[0])
+        ids = scores[t, 2 : 2 + k].tolist()
+        values = scores[t, 2 + width : 2 + width + k].view(np.float32).tolist()
+        seq.prompt_scores.append(
+            TokenLogprob(target, logprob, tuple(zip(ids, values, strict=True)))
+        )

@@ -45,10 +45,17 @@ class SamplingParams:
 
 
 def sample_tokens(
-    logits: Float[Array, "B V"], sampling: SamplingParams, positions: Int[Array, " B"]
+    logits: Float[Array, "B V"],
+    sampling: SamplingParams,
+    positions: Int[Array, " B"],
+    adjusted: Float[Array, "B V"] | None = None,
+    min_p: Float[Array, " B"] | None = None,
 ) -> tuple[Int[Array, " B"], Float[Array, " B"]]:
-    """Greedy, or temperature sampling restricted by top-k and top-p (nucleus); the returned
-    log-probabilities are the model's own, before temperature and truncation."""
+    """Greedy, or temperature sampling restricted by min-p, top-k and top-p (nucleus), from
+    ``adjusted`` (the logits after bias, penalties and masks; ``logits`` when None); the
+    returned log-probabilities are the model's own ``logits``', before all of it."""
+    raw = logits
+    logits = raw if adjusted is None else adjusted
     greedy = first_argmax(logits)
     sampled = sampling.temperature > 0
 
@@ -58,6 +65,8 @@ def sample_tokens(
         )
         temperature = jnp.maximum(sampling.temperature, 1e-6)[:, None]
         scaled = logits / temperature
+        if min_p is not None:
+            scaled = apply_min_p(scaled, min_p)
         truncating = jnp.any(sampled & ((sampling.top_k > 0) | (sampling.top_p < 1.0)))
         scaled = jax.lax.cond(
             truncating,
@@ -71,8 +80,16 @@ def sample_tokens(
     tokens = jax.lax.cond(jnp.any(sampled), draw, lambda: greedy)
     # log p(token) = logit − logsumexp: the row's normaliser alone, not the whole (B, V)
     # log-softmax (a 19 MB array per step at batch 32 with Qwen's vocabulary).
-    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
-    return tokens, chosen - jax.nn.logsumexp(logits, axis=-1)
+    chosen = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0]
+    return tokens, chosen - jax.nn.logsumexp(raw, axis=-1)
+
+
+def apply_min_p(scaled: Float[Array, "B V"], min_p: Float[Array, " B"]) -> Float[Array, "B V"]:
+    """Drops tokens whose probability is below ``min_p`` × the most likely's, i.e. whose
+    (temperature-scaled) logit is below the top one's + log(min_p); 0 → off."""
+    top = jnp.max(scaled, axis=-1, keepdims=True)
+    floor = top + jnp.log(jnp.maximum(min_p, 1e-30))[:, None]
+    return jnp.where((min_p[:, None] > 0) & (scaled < floor), -jnp.inf, scaled)
 
 
 def first_argmax(logits: Float[Array, "B V"]) -> Int[Array, " B"]:

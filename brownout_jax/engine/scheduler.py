@@ -21,11 +21,14 @@ import collections
 import dataclasses
 import itertools
 from collections.abc import Callable, Collection
+from typing import Protocol
+
+import numpy as np
 
 from brownout_jax.engine.blocks import BlockAllocator, blocks_needed
 from brownout_jax.engine.buckets import Bucket, cheapest_fit
 from brownout_jax.engine.phase import Phase
-from brownout_jax.engine.requests import GenerationRequest, RequestHandle
+from brownout_jax.engine.requests import GenerationRequest, RequestHandle, TokenLogprob
 from brownout_jax.engine.stream import TokenStream
 
 
@@ -55,6 +58,9 @@ class Sequence:
     preempted: bool = False
     prefilled: int = 0  # context tokens dispatched to prefill steps (chunked prefill)
     prefilling: bool = False  # admitted, chunks still to dispatch: not decodable yet
+    # Scores of the prompt's tokens so far (prompt logprobs), position 1 onwards.
+    prompt_scores: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    grammar: TokenMaskSource | None = None  # structured output: what may come next
 
     @property
     def request(self) -> GenerationRequest:
@@ -63,6 +69,16 @@ class Sequence:
     @property
     def context(self) -> list[int]:
         return self.prompt + self.generated
+
+
+class TokenMaskSource(Protocol):
+    """A structured-output request's grammar state (the engine thread's alone)."""
+
+    def fill_mask(self, row: np.ndarray) -> None:
+        """Writes the bitmask of the tokens allowed next into ``row`` (int32 words)."""
+
+    def accept(self, token: int) -> bool:
+        """Advances past ``token``; False if the grammar does not allow it."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -77,6 +93,19 @@ class StepRow:
     # first of ``tokens``.
     position: int = 0
     samples: bool = True  # its sampled token is the sequence's (False: a chunk before the last)
+    prompt_length: int = 0  # the request's prompt tokens (positions past it were generated)
+    # Prefill rows of a request that asked for prompt logprobs, on its first computation
+    # (not a recomputation after preemption): its chunk's tokens are scored, the last
+    # against ``next_token``, the context's token after the chunk (−1: the chunk ends it).
+    scores_prompt: bool = False
+    next_token: int = -1
+    grammar: TokenMaskSource | None = None  # a structured-output request's matcher
+
+    @property
+    def generated_before(self) -> int:
+        """Tokens the sequence had generated before the one this row samples."""
+        end = self.position + (len(self.tokens) if self.tokens else 1)
+        return max(0, end - self.prompt_length)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -212,6 +241,7 @@ class Scheduler:
             seq.prefilling = not last
             if last:
                 seq.dispatched = len(seq.generated) + 1
+            scores = seq.request.prompt_logprobs is not None and not seq.generated
             rows.append(
                 StepRow(
                     seq.slot,
@@ -220,6 +250,10 @@ class Scheduler:
                     tuple(context[start : start + take]),
                     position=start,
                     samples=last,
+                    prompt_length=len(seq.prompt),
+                    scores_prompt=scores,
+                    next_token=context[start + take] if scores and not last else -1,
+                    grammar=seq.grammar,
                 )
             )
             sequences.append(seq)
@@ -251,7 +285,16 @@ class Scheduler:
         rows = []
         for seq in chosen:
             position = len(seq.prompt) + seq.dispatched - 1
-            rows.append(StepRow(seq.slot, tuple(seq.blocks), seq.request, position=position))
+            rows.append(
+                StepRow(
+                    seq.slot,
+                    tuple(seq.blocks),
+                    seq.request,
+                    position=position,
+                    prompt_length=len(seq.prompt),
+                    grammar=seq.grammar,
+                )
+            )
             seq.dispatched += 1
         self._last_phase = Phase.DECODE
         return StepPlan(Phase.DECODE, bucket, tuple(rows), tuple(chosen))

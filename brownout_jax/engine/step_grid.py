@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from brownout_jax.engine.attention_path import AttentionPath
 from brownout_jax.engine.buckets import Bucket, EngineBuckets
 from brownout_jax.engine.input_words import InputLayout
+from brownout_jax.engine.logit_processing import TokenHistory, mask_words
 from brownout_jax.engine.map_budget import MappingBudget
 from brownout_jax.engine.paged_cache import KVPool
 from brownout_jax.engine.phase import Phase
@@ -77,7 +78,9 @@ class StepGrid:
         workers: int | None = None,
         first_level: float = 1.0,
         attention: AttentionPath = AttentionPath.XLA,
+        token_masks: bool = False,
     ):
+        """``token_masks``: steps take a structured-output token mask per row."""
         self.config = config
         self.ladder = ladder
         self.first_level = first_level  # the minimal set's level
@@ -85,6 +88,7 @@ class StepGrid:
         self.num_slots = num_slots
         self.base_options = base_options
         self.attention = attention
+        self.vocab_words = mask_words(config.vocab_size) if token_masks else 0
         self.workers = workers or compile_workers()
         # On a mesh the executables take placed arrays: params as sharded, the rest replicated.
         self.input_sharding = replicated(base_options.mesh)
@@ -95,6 +99,7 @@ class StepGrid:
         state = EngineState(
             pool=KVPool.abstract(config, num_blocks, buckets.block_size, dtype),
             last_tokens=jax.ShapeDtypeStruct((num_slots,), jnp.int32),
+            history=TokenHistory.abstract(num_slots, config.vocab_size),
         )
         self._state = abstract_tree(state, self.input_sharding)
         self._compiled: dict[StepKey, Compiled] = {}
@@ -238,8 +243,8 @@ class StepGrid:
         batch, size = bucket.batch, bucket.size
         if phase == Phase.PREFILL:
             width = self.buckets.prefill_width(size)
-            return host_prefill_batch(batch, size, width, self.num_slots)
-        return host_decode_batch(batch, size, self.num_slots)
+            return host_prefill_batch(batch, size, width, self.num_slots, self.vocab_words)
+        return host_decode_batch(batch, size, self.num_slots, self.vocab_words)
 
     def layout(self, phase: Phase, bucket: Bucket) -> InputLayout:
         """How a step's batch is laid out in its one int32 upload."""

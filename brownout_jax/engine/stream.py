@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from brownout_jax.engine.detokenize import IncrementalText
 from brownout_jax.engine.phase import Thresholds
-from brownout_jax.engine.requests import FinishReason, RequestHandle, TokenEvent
+from brownout_jax.engine.requests import FinishReason, RequestHandle, TokenEvent, TokenLogprob
 
 
 class TokenStream:
@@ -23,6 +23,7 @@ class TokenStream:
         self.handle = handle
         self.stop_ids = frozenset(stop_ids)
         self.max_new_tokens = request.max_new_tokens
+        self.min_tokens = request.min_tokens
         # Without a reader of the text (``detokenize=False``) it is decoded only to find stop
         # strings in, and the events carry none.
         needed = tokenizer is not None and (request.detokenize or bool(request.stop))
@@ -31,10 +32,18 @@ class TokenStream:
         self._thresholds: Thresholds | None = None  # the last added to thresholds_used
 
     def token(
-        self, generated: list[int], logprob: float, now: float, thresholds: Thresholds
+        self,
+        generated: list[int],
+        logprob: float,
+        now: float,
+        thresholds: Thresholds,
+        top: tuple[tuple[int, float], ...] = (),
+        prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None,
     ) -> FinishReason | None:
-        """Emits the last of ``generated``; returns why the request finished with it, if it
-        did (a stop string, a stop id or EOS, or max_new_tokens)."""
+        """Emits the last of ``generated`` (with its alternatives ``top``, and on the first
+        token the prompt's logprobs when asked); returns why the request finished with it, if
+        it did (a stop string, a stop id or EOS — none before min_tokens — or
+        max_new_tokens)."""
         metrics = self.handle.metrics
         if metrics.first_token is None:
             metrics.first_token = now
@@ -46,7 +55,7 @@ class TokenStream:
         text = self.text
         delta, stopped = ("", False) if text is None else text.update(generated)
         finish = None
-        if stopped or token in self.stop_ids:
+        if (stopped or token in self.stop_ids) and len(generated) > self.min_tokens:
             finish = FinishReason.STOP
         elif len(generated) >= self.max_new_tokens:
             finish = FinishReason.LENGTH
@@ -56,7 +65,10 @@ class TokenStream:
             metrics.finished = now  # before the event: a reader of it sees a complete record
         if not self.emits_text:
             delta = ""
-        self.handle._push(TokenEvent(token, logprob, delta, finish, None, thresholds))
+        event = TokenEvent(
+            token, logprob, delta, finish, None, thresholds, None, top, prompt_logprobs
+        )
+        self.handle._push(event)
         return finish
 
     def close(

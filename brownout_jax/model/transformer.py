@@ -205,6 +205,9 @@ class StepOutput:
     cache: KVCache
     logits: Float[Array, "B V"]
     device_load: DeviceLoad | None = None
+    # The final hidden states of every position (prefill): a step scoring its prompt's tokens
+    # takes the logits of all of them, not just the last (unused: XLA drops it).
+    hidden: Float[Array, "B T D"] | None = None
 
 
 def moe_traces(
@@ -310,7 +313,10 @@ def _last_token_output(params: ModelParams, forward: Forward, lengths: Int[Array
     last = jnp.maximum(lengths - 1, 0)
     last_hidden = jnp.take_along_axis(forward.hidden, last[:, None, None], axis=1)[:, 0]
     return StepOutput(
-        forward.cache, lm_logits(params, last_hidden, lengths > 0), forward.device_load
+        forward.cache,
+        lm_logits(params, last_hidden, lengths > 0),
+        forward.device_load,
+        forward.hidden,
     )
 
 
