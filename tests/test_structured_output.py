@@ -294,6 +294,7 @@ def test_refused_spec_names_the_field(compiler, structured, says):
 def test_without_xgrammar_a_structured_request_is_refused(tokenizer, monkeypatch):
     monkeypatch.setitem(sys.modules, "xgrammar", None)  # import raises ImportError
     compiler = StructuredOutputCompiler(tokenizer, VOCAB)
+    assert not compiler.prepare()
     with pytest.raises(RequestError) as caught:
         compiler.compile(StructuredOutput(StructuredKind.JSON_OBJECT))
     assert caught.value.field == FIELD and INSTALL_HINT in caught.value.message
@@ -309,6 +310,7 @@ def test_cache_reuses_and_evicts_by_bytes(tokenizer):
     a = StructuredOutput(StructuredKind.REGEX, "a+")
     b = StructuredOutput(StructuredKind.REGEX, "b+")
     roomy = StructuredOutputCompiler(tokenizer, VOCAB)
+    assert roomy.prepare() and roomy.cached_bytes == 0
     assert roomy.compile(a) is roomy.compile(a) and roomy.cached_bytes > 0
     tight = StructuredOutputCompiler(tokenizer, VOCAB, config=StructuredConfig(cache_bytes=1))
     first = tight.compile(a)

@@ -181,6 +181,15 @@ class StructuredOutputCompiler:
             self.words,
         )
 
+    def prepare(self) -> bool:
+        """Imports xgrammar and reads the tokenizer now (seconds at a 152k vocabulary) rather
+        than on the first structured request; False if structured output cannot be served."""
+        try:
+            self._ready()
+        except RequestError:
+            return False
+        return True
+
     @property
     def cached_bytes(self) -> int:
         return self._cache_bytes
