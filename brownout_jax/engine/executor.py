@@ -355,7 +355,9 @@ class Executor:
         proc.repetition[i] = request.repetition_penalty
         proc.min_p[i] = request.min_p
         bias = list(request.logit_bias)
-        if row.generated_before < request.min_tokens:
+        # Under a grammar, its mask decides where the text ends (a ban on EOS after a
+        # complete object would leave no token at all).
+        if row.generated_before < request.min_tokens and row.grammar is None:
             stops = set(request.stop_token_ids)
             if not request.ignore_eos:
                 stops.update(self._eos_token_ids)

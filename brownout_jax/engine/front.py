@@ -37,6 +37,7 @@ from brownout_jax.engine.requests import (
 from brownout_jax.engine.scheduler import Scheduler, SchedulerLimits
 from brownout_jax.engine.step_grid import StepGrid
 from brownout_jax.engine.stream import TokenStream
+from brownout_jax.engine.structured_output import StructuredOutputCompiler
 from brownout_jax.model.config import ModelConfig
 from brownout_jax.model.packed_params import dense_paths
 from brownout_jax.model.params import ModelParams
@@ -75,6 +76,13 @@ class Engine:
         # of this engine (set_controller) predicts from the same one.
         self.latency = LatencyModel()
         self.dense_paths = dense_paths(params)  # the measured matmul path per shape
+        # Structured outputs: grammars compiled by the fronts' threads at submit (a bad spec
+        # is that request's error), matched on the engine thread. None: not served.
+        self.structured = None
+        if config.structured_output:
+            self.structured = StructuredOutputCompiler(
+                tokenizer, model_config.vocab_size, sorted(self.eos_token_ids) or None
+            )
         check_kv_pool_fits(model_config, config.num_blocks, config.block_size, params.embed.dtype)
         self._executor = Executor(
             params,
@@ -105,6 +113,7 @@ class Engine:
             lambda handle: TokenStream(handle, tokenizer, self.eos_token_ids),
             clock,
             config.max_queue,
+            make_grammar=None if self.structured is None else self.structured.matcher,
         )
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._loop.run, name="brownout-engine", daemon=True)
@@ -212,6 +221,13 @@ class Engine:
         if request.stop and self.tokenizer is None:
             raise RequestError("stop", "stop strings need a tokenizer; use stop_token_ids")
         validate_request(request, self.model_config.vocab_size, self.config.max_model_len)
+        if request.structured is not None:
+            if self.structured is None:
+                raise RequestError(
+                    "response_format",
+                    "this server runs without structured output (--no-structured-output)",
+                )
+            self.structured.compile(request.structured)  # a refused spec: RequestError
         request_id = request.request_id or f"req-{next(self._ids)}"
         handle = RequestHandle(request_id, request, self)
         handle.metrics.arrival = self.clock()

@@ -25,14 +25,10 @@ import numpy as np
 from flax import struct
 
 from brownout_jax.engine.requests import MAX_LOGIT_BIAS, MAX_LOGPROBS
+from brownout_jax.engine.structured_output import apply_token_bitmask
 from brownout_jax.model.dims import Array, Bool, Float, Int
 
 ALTERNATIVES = MAX_LOGPROBS  # K of the top-K alternatives a step computes when asked
-
-
-def mask_words(vocab_size: int) -> int:
-    """int32 words of one row's token bitmask: bit j of word i is token 32 i + j."""
-    return -(-vocab_size // 32)
 
 
 @struct.dataclass
@@ -45,7 +41,8 @@ class LogitProcessing:
     min_p: Float[Array, " B"]  # 0 → off
     alternatives: Bool[Array, " B"]  # rows whose top-K alternatives are reported
     masked: Bool[Array, " B"]  # rows under a structured-output grammar
-    token_mask: Int[Array, "B W"]  # allowed tokens (all bits set where not masked)
+    # Allowed tokens, xgrammar's layout (``structured_output``): all bits set where unmasked.
+    token_mask: Int[Array, "B W"]
 
     @classmethod
     def host(cls, batch: int, vocab_words: int) -> LogitProcessing:
@@ -133,7 +130,7 @@ def process_logits(
 ) -> Float[Array, "B V"]:
     """Bias, penalties and the grammar's mask, for every row (neutral rows are unchanged:
     a zero bias, penalties 0 / 0 / 1, an all-ones mask)."""
-    batch, vocab = logits.shape
+    batch = logits.shape[0]
     logits = logits.astype(jnp.float32)
     rows = jnp.arange(batch)[:, None]
     logits = logits.at[rows, proc.bias_ids].add(proc.bias_values)
@@ -149,15 +146,7 @@ def process_logits(
     logits = logits - proc.presence[:, None] * (counts > 0)
     if proc.token_mask.shape[1] == 0:  # an engine serving no structured output
         return logits
-    return jnp.where(allowed_tokens(proc.token_mask, vocab), logits, -jnp.inf)
-
-
-def allowed_tokens(token_mask: Int[Array, "B W"], vocab: int) -> Bool[Array, "B V"]:
-    """The bitmask as booleans over the vocabulary (bits past it ignored)."""
-    words = token_mask[:, jnp.arange(vocab) // 32]
-    shifts = jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32) % 32, words.shape)
-    bits = jax.lax.shift_right_logical(words, shifts)
-    return (bits & 1) == 1
+    return apply_token_bitmask(logits, proc.token_mask)
 
 
 def top_alternatives(

@@ -33,10 +33,17 @@ from brownout_jax.engine.requests import (
     FinishReason,
     RequestHandle,
     StepFailedError,
+    StructuredOutput,
     TokenEvent,
     TokenLogprob,
 )
-from brownout_jax.engine.scheduler import Scheduler, Sequence, StepPlan, StepRow
+from brownout_jax.engine.scheduler import (
+    Scheduler,
+    Sequence,
+    StepPlan,
+    StepRow,
+    TokenMaskSource,
+)
 from brownout_jax.engine.stream import TokenStream
 
 if TYPE_CHECKING:  # the loop itself is host-only: tests drive it with a fake executor
@@ -53,12 +60,16 @@ class EngineLoop:
         make_stream: Callable[[RequestHandle], TokenStream],
         clock: Callable[[], float] = time.monotonic,
         max_queue: int = 1024,
+        make_grammar: Callable[[StructuredOutput], TokenMaskSource] | None = None,
     ):
+        """``make_grammar``: a structured-output request's matcher (None: none served; the
+        engine refuses such requests at submit)."""
         self.executor = executor
         self.scheduler = scheduler
         self.controller = controller  # replaced whole by Engine.set_controller
         self.metrics = metrics
         self.make_stream = make_stream
+        self.make_grammar = make_grammar
         self.clock = clock
         self.incoming: queue.Queue[RequestHandle] = queue.Queue(maxsize=max_queue)
         self.cancels: queue.SimpleQueue[RequestHandle] = queue.SimpleQueue()
@@ -167,7 +178,10 @@ class EngineLoop:
         # this thread takes from these queues.
         while not self.incoming.empty():
             handle = self.incoming.get_nowait()
-            seq = Sequence(handle, self.make_stream(handle), list(handle.request.prompt_token_ids))
+            request = handle.request
+            seq = Sequence(handle, self.make_stream(handle), list(request.prompt_token_ids))
+            if request.structured is not None and self.make_grammar is not None:
+                seq.grammar = self.make_grammar(request.structured)  # compiled at submit
             self._by_handle[handle] = seq
             self.scheduler.add(seq)
 
@@ -307,15 +321,20 @@ class EngineLoop:
                 )
             generated = seq.generated
             generated.append(token)
-            if row.grammar is not None and not row.grammar.accept(token):
-                # The step's mask allowed only what the matcher accepts: a refusal is a bug
-                # in the mask's path, and this request must not go on unconstrained.
-                self._finish(seq, FinishReason.ERROR, error="the grammar refused a token")
-                continue
+            grammar_ended = False
+            if row.grammar is not None:
+                if not row.grammar.accept(token):
+                    # The step's mask allowed only what the matcher accepts: a refusal is a
+                    # bug in the mask's path; this request must not go on unconstrained.
+                    self._finish(seq, FinishReason.ERROR, error="the grammar refused a token")
+                    continue
+                grammar_ended = row.grammar.terminated
             prompt = None
             if row.scores_prompt:  # the first token: the prompt's scores go with it
                 prompt = (None, *seq.prompt_scores)
-            finish = seq.stream.token(generated, logprob, now, thresholds, top, prompt)
+            finish = seq.stream.token(
+                generated, logprob, now, thresholds, top, prompt, grammar_ended
+            )
             if finish is not None:
                 self._finish(seq, finish, event_sent=True)
         return True

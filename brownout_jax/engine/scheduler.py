@@ -80,6 +80,10 @@ class TokenMaskSource(Protocol):
     def accept(self, token: int) -> bool:
         """Advances past ``token``; False if the grammar does not allow it."""
 
+    @property
+    def terminated(self) -> bool:
+        """Its stop token was accepted: the text is complete."""
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class StepRow:

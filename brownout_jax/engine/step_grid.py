@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from brownout_jax.engine.attention_path import AttentionPath
 from brownout_jax.engine.buckets import Bucket, EngineBuckets
 from brownout_jax.engine.input_words import InputLayout
-from brownout_jax.engine.logit_processing import TokenHistory, mask_words
+from brownout_jax.engine.logit_processing import TokenHistory
 from brownout_jax.engine.map_budget import MappingBudget
 from brownout_jax.engine.paged_cache import KVPool
 from brownout_jax.engine.phase import Phase
@@ -40,6 +40,7 @@ from brownout_jax.engine.steps import (
     host_decode_batch,
     host_prefill_batch,
 )
+from brownout_jax.engine.structured_output import mask_words
 from brownout_jax.model.config import ModelConfig
 from brownout_jax.model.params import ModelParams
 from brownout_jax.moe.expert_parallel import abstract_placed, replicated

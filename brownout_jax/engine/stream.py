@@ -18,12 +18,15 @@ class TokenStream:
     def __init__(self, handle: RequestHandle, tokenizer, eos_token_ids: frozenset[int]):
         request = handle.request
         stop_ids = set(request.stop_token_ids)
-        if not request.ignore_eos:
+        # A grammar ends with EOS (its mask allows nothing else once the text is complete):
+        # that ends the request even under ignore_eos.
+        if not request.ignore_eos or request.structured is not None:
             stop_ids |= eos_token_ids
         self.handle = handle
         self.stop_ids = frozenset(stop_ids)
         self.max_new_tokens = request.max_new_tokens
-        self.min_tokens = request.min_tokens
+        # A grammar decides where the text ends: min_tokens does not hold it open.
+        self.min_tokens = request.min_tokens if request.structured is None else 0
         # Without a reader of the text (``detokenize=False``) it is decoded only to find stop
         # strings in, and the events carry none.
         needed = tokenizer is not None and (request.detokenize or bool(request.stop))
@@ -39,11 +42,12 @@ class TokenStream:
         thresholds: Thresholds,
         top: tuple[tuple[int, float], ...] = (),
         prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None,
+        grammar_ended: bool = False,
     ) -> FinishReason | None:
         """Emits the last of ``generated`` (with its alternatives ``top``, and on the first
         token the prompt's logprobs when asked); returns why the request finished with it, if
         it did (a stop string, a stop id or EOS — none before min_tokens — or
-        max_new_tokens)."""
+        max_new_tokens; ``grammar_ended``: the token was its grammar's stop token)."""
         metrics = self.handle.metrics
         if metrics.first_token is None:
             metrics.first_token = now
@@ -55,7 +59,9 @@ class TokenStream:
         text = self.text
         delta, stopped = ("", False) if text is None else text.update(generated)
         finish = None
-        if (stopped or token in self.stop_ids) and len(generated) > self.min_tokens:
+        if grammar_ended or (
+            (stopped or token in self.stop_ids) and len(generated) > self.min_tokens
+        ):
             finish = FinishReason.STOP
         elif len(generated) >= self.max_new_tokens:
             finish = FinishReason.LENGTH
