@@ -42,7 +42,7 @@ class LogitProcessing:
     alternatives: Bool[Array, " B"]  # rows whose top-K alternatives are reported
     masked: Bool[Array, " B"]  # rows under a structured-output grammar
     # Allowed tokens, xgrammar's layout (``structured_output``): all bits set where unmasked.
-    token_mask: Int[Array, "B W"]
+    token_mask: Int[Array, "B M"]
 
     @classmethod
     def host(cls, batch: int, vocab_words: int) -> LogitProcessing:

@@ -3,13 +3,13 @@
 Data flow: a front validates a request's ``StructuredOutput`` by compiling it
 (:meth:`StructuredOutputCompiler.compile`, cached, safe from any thread); the engine makes one
 :class:`StructuredMatcher` per request from the cached grammar; between steps the host writes
-each constrained row's allowed tokens into the step's ``[B, W]`` int32 mask
+each constrained row's allowed tokens into the step's ``[B, M]`` int32 mask
 (:meth:`StructuredMatcher.fill_mask`, all-ones rows for unconstrained requests), the compiled
 step masks the logits with :func:`apply_token_bitmask` before sampling, and the sampled token
 goes back through :meth:`StructuredMatcher.accept`.
 
 Mask layout (xgrammar's own, checked against its ``apply_token_bitmask_inplace`` in the
-tests): ``W = ceil(V / 32)`` int32 words per row, token ``32 * i + j`` allowed iff bit ``j``
+tests): ``M = ceil(V / 32)`` int32 words per row, token ``32 * i + j`` allowed iff bit ``j``
 (least significant first) of word ``i`` is set. Bits past ``V`` in the last word are 0.
 
 xgrammar is an optional dependency (``pip install 'brownout-jax[structured]'``): it imports
@@ -275,10 +275,10 @@ def _one_line(error: Exception) -> str:
 
 
 def apply_token_bitmask(
-    logits: Float[Array, "B V"], mask: Int[Array, "B W"]
+    logits: Float[Array, "B V"], mask: Int[Array, "B M"]
 ) -> Float[Array, "B V"]:
     """Logits of tokens whose mask bit is 0 become -inf; rows of all ones are unchanged.
-    ``W * 32 ≥ V``: bits past V are ignored. Jit-friendly (static shapes, one fusion)."""
+    ``M * 32 ≥ V``: bits past V are ignored. Jit-friendly (static shapes, one fusion)."""
     vocab, words = logits.shape[-1], mask.shape[-1]
     if words * 32 < vocab:
         raise ValueError(f"mask of {words} words covers {words * 32} < {vocab} tokens")

@@ -8,7 +8,8 @@
     E  routed experts                     K  experts per token (top-k)
     F  intermediate size of an MLP        A  routing assignments (N * K)
     P  padded rows of expert-sorted assignments (tiles * rows per tile)
-    L  decoder layers
+    L  decoder layers                     W  KV blocks in a row's block table
+    M  words of a token bitmask (⌈V/32⌉)  SLOTS  the engine's sequence slots
 
 Arrays are annotated with jaxtyping, e.g. ``Float[Array, "B T D"]``; einsum subscripts use the
 same letters in lower case.
