@@ -254,8 +254,17 @@ class ServerProcess:
     ports; ``target`` is the gRPC HOST:PORT and ``http`` the HTTP base URL (None when off).
     Its output is read on a thread (a full pipe would stall the server) into ``lines``."""
 
-    def __init__(self, model, *args, env: dict | None = None, timeout: float = 600):
-        command = [sys.executable, "-m", "brownout_jax.cli", "serve", "--model", str(model)]
+    def __init__(
+        self,
+        model,
+        *args,
+        env: dict | None = None,
+        timeout: float = 600,
+        python: tuple[str, ...] = (sys.executable,),
+    ):
+        """``model`` None: the bundled demo; ``python``: the interpreter and its flags."""
+        command = [*python, "-m", "brownout_jax.cli", "serve"]
+        command += [] if model is None else ["--model", str(model)]
         self.process = subprocess.Popen(
             [*command, "--port", "0", "--http-port", "0", *SERVER_BASE_ARGS, *args],
             stdout=subprocess.PIPE,
