@@ -39,6 +39,7 @@ from brownout_jax.engine.requests import (
     EngineDeadError,
     EngineOverloadedError,
     FinishReason,
+    GenerationRequest,
     RequestError,
     RequestHandle,
     TokenEvent,
@@ -258,7 +259,9 @@ class HttpApi:
         yield _sse("[DONE]")
 
 
-def _tokenized_once(generation, sample: int, prepared: PreparedRequest, handles) -> object:
+def _tokenized_once(
+    generation: GenerationRequest, sample: int, prepared: PreparedRequest, handles
+) -> GenerationRequest:
     """A later sample of a text prompt takes the ids the engine made of it for the first
     sample, rather than tokenizing the same text again."""
     first = sample - sample % prepared.best_of

@@ -113,9 +113,8 @@ def _logit_bias(given: dict[str, float] | None) -> tuple[tuple[int, float], ...]
     return tuple(bias)
 
 
-def _sampling(body: GenerationFields, max_tokens: int) -> dict:
+def _sampling(body: GenerationFields, max_tokens: int, structured) -> dict:
     top_k = body.top_k
-    structured, _ = structured_output(body)
     return {
         "max_new_tokens": max_tokens,
         "temperature": 1.0 if body.temperature is None else body.temperature,
@@ -137,8 +136,9 @@ def _sampling(body: GenerationFields, max_tokens: int) -> dict:
     }
 
 
-def _field_names(body: GenerationFields, *renames: tuple[str, str]) -> tuple:
-    _, structured_field = structured_output(body)
+def _field_names(structured_field: str | None, *renames: tuple[str, str]) -> tuple:
+    """The engine's field names as the client wrote them (``structured``: the field that set
+    the constraint)."""
     names = list(renames)
     if structured_field is not None:
         names.append(("structured", structured_field))
@@ -215,7 +215,8 @@ def prepare_completion(
     echo_only = body.echo and max_tokens == 0
     if echo_only and body.min_tokens:
         raise _bad("min_tokens", "must be 0 with max_tokens = 0")
-    sampling = _sampling(body, 1 if echo_only else max_tokens)
+    structured, structured_field = structured_output(body)
+    sampling = _sampling(body, 1 if echo_only else max_tokens, structured)
     logprobs = body.logprobs
     sampling["top_logprobs"] = logprobs or 0
     # An echoed prompt's logprobs come from the prompt's own (with as many alternatives).
@@ -227,7 +228,7 @@ def prepare_completion(
     return PreparedRequest(
         samples=_samples(sources, sampling, best_of, request_id),
         prompt_texts=tuple(p if isinstance(p, str) else None for p in prompts),
-        field_names=_field_names(body, ("prompt_token_ids", "prompt")),
+        field_names=_field_names(structured_field, ("prompt_token_ids", "prompt")),
         stream=body.stream,
         include_usage=_include_usage(body),
         n=n,
@@ -260,17 +261,17 @@ def chat_prompt_ids(
 ) -> list[int]:
     """The messages through the tokenizer's chat template, ending with the assistant's turn;
     their text bounded first (``check_prompt_text``)."""
+    texts = [_message_text(m, i) for i, m in enumerate(body.messages)]
+    try:
+        check_prompt_text("messages", sum(map(len, texts)), longest_token, max_model_len)
+    except RequestError as err:
+        raise _bad("messages", err.message) from None
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise _bad(
             "messages",
             "this model has no chat template (its tokenizer_config.json or chat_template.jinja "
             "sets none); use /v1/completions with a prompt",
         )
-    texts = [_message_text(m, i) for i, m in enumerate(body.messages)]
-    try:
-        check_prompt_text("messages", sum(map(len, texts)), longest_token, max_model_len)
-    except RequestError as err:
-        raise _bad("messages", err.message) from None
     messages = [{"role": m.role, "content": t} for m, t in zip(body.messages, texts, strict=True)]
     try:
         ids = tokenizer.apply_chat_template(
@@ -300,14 +301,15 @@ def prepare_chat(
     max_tokens = given if given is not None else body.max_tokens
     if max_tokens is None:  # OpenAI's chat default: whatever room the context leaves
         max_tokens = max(1, max_model_len - len(ids))
-    sampling = _sampling(body, max_tokens)
+    structured, structured_field = structured_output(body)
+    sampling = _sampling(body, max_tokens, structured)
     sampling["top_logprobs"] = (body.top_logprobs or 0) if body.logprobs else 0
     sampling["prompt_logprobs"] = body.prompt_logprobs
     return PreparedRequest(
         samples=_samples([{"prompt_token_ids": tuple(ids)}], sampling, best_of, request_id),
         prompt_texts=(None,),
         field_names=_field_names(
-            body,
+            structured_field,
             ("prompt", "messages"),
             ("prompt_token_ids", "messages"),
             ("max_tokens", max_field),
