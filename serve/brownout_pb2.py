@@ -24,31 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!brownout_jax/serve/brownout.proto\x12\x0b\x62rownout.v1\"\xab\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x17\n\nrequest_id\x18\t \x01(\tH\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x10\n\x08\x62rownout\x18\x0c \x01(\t\x12\x16\n\x0etoken_ids_only\x18\r \x01(\x08\x42\x08\n\x06_top_pB\r\n\x0b_request_id\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"H\n\x06Timing\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x02 \x01(\x01\x12\x0f\n\x07queue_s\x18\x03 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x04 \x01(\x01\"-\n\nThresholds\x12\x0f\n\x07prefill\x18\x01 \x01(\x02\x12\x0e\n\x06\x64\x65\x63ode\x18\x02 \x01(\x02\"\xe5\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.brownout.v1.Usage\x12#\n\x06timing\x18\x07 \x01(\x0b\x32\x13.brownout.v1.Timing\x12+\n\nthresholds\x18\x08 \x01(\x0b\x32\x17.brownout.v1.Thresholds\"\x0f\n\rStatusRequest\"\xe0\x03\n\x0eStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11prefill_threshold\x18\x02 \x01(\x02\x12\x18\n\x10\x64\x65\x63ode_threshold\x18\x03 \x01(\x02\x12\x17\n\x0f\x63ontroller_mode\x18\x04 \x01(\t\x12\x12\n\nslo_ttft_s\x18\x05 \x01(\x01\x12\x12\n\nslo_tpot_s\x18\x06 \x01(\x01\x12\x13\n\x0bqueue_depth\x18\x07 \x01(\r\x12\x0f\n\x07running\x18\x08 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\t \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\n \x01(\r\x12\x1e\n\x16prefill_slo_attainment\x18\x0b \x01(\x01\x12\x1d\n\x15\x64\x65\x63ode_slo_attainment\x18\x0c \x01(\x01\x12\x13\n\x0bpreemptions\x18\r \x01(\x04\x12\x10\n\x08warmup_s\x18\x0e \x01(\x01\x12\x16\n\x0e\x63ompiled_steps\x18\x0f \x01(\r\x12\x17\n\x0fsteps_compiling\x18\x10 \x01(\r\x12.\n\x0cstep_latency\x18\x11 \x03(\x0b\x32\x18.brownout.v1.StepLatency\x12+\n\x0b\x64\x65nse_paths\x18\x12 \x03(\x0b\x32\x16.brownout.v1.DensePath\"Q\n\tDensePath\x12\t\n\x01k\x18\x01 \x01(\r\x12\t\n\x01n\x18\x02 \x01(\r\x12\x0e\n\x06packed\x18\x03 \x01(\x08\x12\x10\n\x08max_rows\x18\x04 \x01(\r\x12\x0c\n\x04path\x18\x05 \x01(\t\"\x85\x01\n\x0bStepLatency\x12\r\n\x05phase\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\x02\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x0c\n\x04size\x18\x04 \x01(\r\x12\x0e\n\x06\x62\x61se_s\x18\x05 \x01(\x01\x12\x13\n\x0bpredicted_s\x18\x06 \x01(\x01\x12\x17\n\x0fpredicted_p90_s\x18\x07 \x01(\x01\x32\xeb\x01\n\nGeneration\x12I\n\x08Generate\x12\x1c.brownout.v1.GenerateRequest\x1a\x1d.brownout.v1.GenerateResponse0\x01\x12L\n\rGenerateUnary\x12\x1c.brownout.v1.GenerateRequest\x1a\x1d.brownout.v1.GenerateResponse\x12\x44\n\tGetStatus\x12\x1a.brownout.v1.StatusRequest\x1a\x1b.brownout.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!brownout_jax/serve/brownout.proto\x12\x0b\x62rownout.v1\"\x97\x06\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x17\n\nrequest_id\x18\t \x01(\tH\x02\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\n \x03(\x05\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x10\n\x08\x62rownout\x18\x0c \x01(\t\x12\x16\n\x0etoken_ids_only\x18\r \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0e \x01(\r\x12\x1c\n\x0fprompt_logprobs\x18\x0f \x01(\rH\x03\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x10 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x11 \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x12 \x01(\x02H\x04\x88\x01\x01\x12?\n\nlogit_bias\x18\x13 \x03(\x0b\x32+.brownout.v1.GenerateRequest.LogitBiasEntry\x12\r\n\x05min_p\x18\x14 \x01(\x02\x12\x12\n\nmin_tokens\x18\x15 \x01(\r\x12\x15\n\x0bjson_schema\x18\x16 \x01(\tH\x00\x12.\n\x0bjson_object\x18\x17 \x01(\x0b\x32\x17.brownout.v1.JsonObjectH\x00\x12\x0f\n\x05regex\x18\x18 \x01(\tH\x00\x12&\n\x06\x63hoice\x18\x19 \x01(\x0b\x32\x14.brownout.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x1a \x01(\tH\x00\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0c\n\nstructuredB\x08\n\x06_top_pB\r\n\x0b_request_idB\x12\n\x10_prompt_logprobsB\x15\n\x13_repetition_penalty\"\x0c\n\nJsonObject\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"H\n\x06Timing\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x02 \x01(\x01\x12\x0f\n\x07queue_s\x18\x03 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x04 \x01(\x01\"-\n\nThresholds\x12\x0f\n\x07prefill\x18\x01 \x01(\x02\x12\x0e\n\x06\x64\x65\x63ode\x18\x02 \x01(\x02\"\xcb\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.brownout.v1.Usage\x12#\n\x06timing\x18\x07 \x01(\x0b\x32\x13.brownout.v1.Timing\x12+\n\nthresholds\x18\x08 \x01(\x0b\x32\x17.brownout.v1.Thresholds\x12/\n\x0ctop_logprobs\x18\t \x03(\x0b\x32\x19.brownout.v1.Alternatives\x12\x33\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x1a.brownout.v1.PromptLogprob\"3\n\x0c\x41lternatives\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"Z\n\rPromptLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x01(\x0b\x32\x19.brownout.v1.Alternatives\"\x0f\n\rStatusRequest\"\xe0\x03\n\x0eStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11prefill_threshold\x18\x02 \x01(\x02\x12\x18\n\x10\x64\x65\x63ode_threshold\x18\x03 \x01(\x02\x12\x17\n\x0f\x63ontroller_mode\x18\x04 \x01(\t\x12\x12\n\nslo_ttft_s\x18\x05 \x01(\x01\x12\x12\n\nslo_tpot_s\x18\x06 \x01(\x01\x12\x13\n\x0bqueue_depth\x18\x07 \x01(\r\x12\x0f\n\x07running\x18\x08 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\t \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\n \x01(\r\x12\x1e\n\x16prefill_slo_attainment\x18\x0b \x01(\x01\x12\x1d\n\x15\x64\x65\x63ode_slo_attainment\x18\x0c \x01(\x01\x12\x13\n\x0bpreemptions\x18\r \x01(\x04\x12\x10\n\x08warmup_s\x18\x0e \x01(\x01\x12\x16\n\x0e\x63ompiled_steps\x18\x0f \x01(\r\x12\x17\n\x0fsteps_compiling\x18\x10 \x01(\r\x12.\n\x0cstep_latency\x18\x11 \x03(\x0b\x32\x18.brownout.v1.StepLatency\x12+\n\x0b\x64\x65nse_paths\x18\x12 \x03(\x0b\x32\x16.brownout.v1.DensePath\"Q\n\tDensePath\x12\t\n\x01k\x18\x01 \x01(\r\x12\t\n\x01n\x18\x02 \x01(\r\x12\x0e\n\x06packed\x18\x03 \x01(\x08\x12\x10\n\x08max_rows\x18\x04 \x01(\r\x12\x0c\n\x04path\x18\x05 \x01(\t\"\x85\x01\n\x0bStepLatency\x12\r\n\x05phase\x18\x01 \x01(\t\x12\r\n\x05level\x18\x02 \x01(\x02\x12\x0c\n\x04rows\x18\x03 \x01(\r\x12\x0c\n\x04size\x18\x04 \x01(\r\x12\x0e\n\x06\x62\x61se_s\x18\x05 \x01(\x01\x12\x13\n\x0bpredicted_s\x18\x06 \x01(\x01\x12\x17\n\x0fpredicted_p90_s\x18\x07 \x01(\x01\x32\xeb\x01\n\nGeneration\x12I\n\x08Generate\x12\x1c.brownout.v1.GenerateRequest\x1a\x1d.brownout.v1.GenerateResponse0\x01\x12L\n\rGenerateUnary\x12\x1c.brownout.v1.GenerateRequest\x1a\x1d.brownout.v1.GenerateResponse\x12\x44\n\tGetStatus\x12\x1a.brownout.v1.StatusRequest\x1a\x1b.brownout.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'brownout_jax.serve.brownout_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEREQUEST']._serialized_start=51
-  _globals['_GENERATEREQUEST']._serialized_end=350
-  _globals['_USAGE']._serialized_start=352
-  _globals['_USAGE']._serialized_end=409
-  _globals['_TIMING']._serialized_start=411
-  _globals['_TIMING']._serialized_end=483
-  _globals['_THRESHOLDS']._serialized_start=485
-  _globals['_THRESHOLDS']._serialized_end=530
-  _globals['_GENERATERESPONSE']._serialized_start=533
-  _globals['_GENERATERESPONSE']._serialized_end=762
-  _globals['_STATUSREQUEST']._serialized_start=764
-  _globals['_STATUSREQUEST']._serialized_end=779
-  _globals['_STATUSRESPONSE']._serialized_start=782
-  _globals['_STATUSRESPONSE']._serialized_end=1262
-  _globals['_DENSEPATH']._serialized_start=1264
-  _globals['_DENSEPATH']._serialized_end=1345
-  _globals['_STEPLATENCY']._serialized_start=1348
-  _globals['_STEPLATENCY']._serialized_end=1481
-  _globals['_GENERATION']._serialized_start=1484
-  _globals['_GENERATION']._serialized_end=1719
+  _globals['_GENERATEREQUEST']._serialized_end=842
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=712
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=760
+  _globals['_JSONOBJECT']._serialized_start=844
+  _globals['_JSONOBJECT']._serialized_end=856
+  _globals['_CHOICES']._serialized_start=858
+  _globals['_CHOICES']._serialized_end=884
+  _globals['_USAGE']._serialized_start=886
+  _globals['_USAGE']._serialized_end=943
+  _globals['_TIMING']._serialized_start=945
+  _globals['_TIMING']._serialized_end=1017
+  _globals['_THRESHOLDS']._serialized_start=1019
+  _globals['_THRESHOLDS']._serialized_end=1064
+  _globals['_GENERATERESPONSE']._serialized_start=1067
+  _globals['_GENERATERESPONSE']._serialized_end=1398
+  _globals['_ALTERNATIVES']._serialized_start=1400
+  _globals['_ALTERNATIVES']._serialized_end=1451
+  _globals['_PROMPTLOGPROB']._serialized_start=1453
+  _globals['_PROMPTLOGPROB']._serialized_end=1543
+  _globals['_STATUSREQUEST']._serialized_start=1545
+  _globals['_STATUSREQUEST']._serialized_end=1560
+  _globals['_STATUSRESPONSE']._serialized_start=1563
+  _globals['_STATUSRESPONSE']._serialized_end=2043
+  _globals['_DENSEPATH']._serialized_start=2045
+  _globals['_DENSEPATH']._serialized_end=2126
+  _globals['_STEPLATENCY']._serialized_start=2129
+  _globals['_STEPLATENCY']._serialized_end=2262
+  _globals['_GENERATION']._serialized_start=2265
+  _globals['_GENERATION']._serialized_end=2500
 # @@protoc_insertion_point(module_scope)

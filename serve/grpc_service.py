@@ -29,6 +29,8 @@ from brownout_jax.engine.requests import (
     RequestError,
     RequestMetrics,
     StepFailureKind,
+    StructuredKind,
+    StructuredOutput,
     TokenEvent,
 )
 from brownout_jax.serve import brownout_pb2 as pb
@@ -37,6 +39,34 @@ from brownout_jax.serve.request_limits import GRPC_DEFAULT_MAX_RECEIVE
 from brownout_jax.serve.serving_state import ApiKey, ServingState
 
 SERVICE = "brownout.v1.Generation"
+
+
+# The engine names a field as the OpenAI API does; gRPC's own name where it differs.
+_FIELD_NAMES = {"logprobs": "top_logprobs"}
+
+
+def _structured(message: pb.GenerateRequest) -> StructuredOutput | None:
+    kind = message.WhichOneof("structured")
+    if kind is None:
+        return None
+    if kind == "json_object":
+        return StructuredOutput(StructuredKind.JSON_OBJECT)
+    if kind == "choice":
+        return StructuredOutput(StructuredKind.CHOICE, choices=tuple(message.choice.choices))
+    spec = getattr(message, kind)
+    kinds = {
+        "json_schema": StructuredKind.JSON_SCHEMA,
+        "regex": StructuredKind.REGEX,
+        "grammar": StructuredKind.GRAMMAR,
+    }
+    return StructuredOutput(kinds[kind], spec)
+
+
+def field_name(err: RequestError, message: pb.GenerateRequest) -> str:
+    """The request field the engine's verdict is about, as this API names it."""
+    if err.field == "structured":
+        return message.WhichOneof("structured") or err.field
+    return _FIELD_NAMES.get(err.field, err.field)
 
 
 def request_from_proto(message: pb.GenerateRequest) -> GenerationRequest:
@@ -58,7 +88,31 @@ def request_from_proto(message: pb.GenerateRequest) -> GenerationRequest:
         # engine's validation (INVALID_ARGUMENT naming the field).
         brownout=message.brownout or BrownoutClass.ALLOWED,
         detokenize=not message.token_ids_only,
+        top_logprobs=message.top_logprobs,
+        prompt_logprobs=(message.prompt_logprobs if message.HasField("prompt_logprobs") else None),
+        presence_penalty=message.presence_penalty,
+        frequency_penalty=message.frequency_penalty,
+        repetition_penalty=(
+            message.repetition_penalty if message.HasField("repetition_penalty") else 1.0
+        ),
+        logit_bias=tuple(sorted(message.logit_bias.items())),  # a map has no order
+        min_p=message.min_p,
+        min_tokens=message.min_tokens,
+        structured=_structured(message),
     )
+
+
+def _alternatives(top) -> pb.Alternatives:
+    return pb.Alternatives(token_ids=[t for t, _ in top], logprobs=[v for _, v in top])
+
+
+def _prompt_logprobs(prompt) -> list[pb.PromptLogprob]:
+    """The prompt's logprobs from its second token (the first has none)."""
+    return [
+        pb.PromptLogprob(token_id=e.token_id, logprob=e.logprob, top=_alternatives(e.top))
+        for e in prompt
+        if e is not None
+    ]
 
 
 def _timing(metrics: RequestMetrics) -> pb.Timing:
@@ -86,7 +140,9 @@ class GenerationService(pb_grpc.GenerationServicer):
         try:
             handle = engine.submit(request_from_proto(request))
         except RequestError as err:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{field_name(err, request)}: {err.message}"
+            )
         except EngineOverloadedError as err:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{err}; retry later")
         except EngineClosedError as err:
@@ -114,7 +170,10 @@ class GenerationService(pb_grpc.GenerationServicer):
         self.state.set_serving(False)
 
     @staticmethod
-    def _response(handle, event: TokenEvent, text: str, ids, logprobs) -> pb.GenerateResponse:
+    def _response(
+        handle, event: TokenEvent, text: str, ids, logprobs, tops=(), prompt=None
+    ) -> pb.GenerateResponse:
+        """``tops``: each token's alternatives; ``prompt``: the prompt's logprobs (first)."""
         response = pb.GenerateResponse(
             request_id=handle.request_id,
             text=text,
@@ -124,6 +183,10 @@ class GenerationService(pb_grpc.GenerationServicer):
                 prefill=event.thresholds.prefill, decode=event.thresholds.decode
             ),
         )
+        if handle.request.top_logprobs:
+            response.top_logprobs.extend(_alternatives(top) for top in tops)
+        if prompt is not None:
+            response.prompt_logprobs.extend(_prompt_logprobs(prompt))
         if event.finish_reason is not None:
             metrics = handle.metrics
             response.finish_reason = event.finish_reason.value
@@ -140,20 +203,27 @@ class GenerationService(pb_grpc.GenerationServicer):
     def Generate(self, request, context):
         handle = self._submit(request, context)
         for event in self._events(handle, context):
-            ids = [event.token_id] if event.token_id is not None else []
+            token = event.token_id is not None
+            ids = [event.token_id] if token else []
             logprobs = [event.logprob] if event.logprob is not None else []
-            yield self._response(handle, event, event.text, ids, logprobs)
+            tops = [event.top_logprobs] if token else []
+            yield self._response(
+                handle, event, event.text, ids, logprobs, tops, event.prompt_logprobs
+            )
 
     def GenerateUnary(self, request, context):
         handle = self._submit(request, context)
-        ids, logprobs, text, last = [], [], [], None
+        ids, logprobs, tops, text, last, prompt = [], [], [], [], None, None
         for event in self._events(handle, context):
             if event.token_id is not None:
                 ids.append(event.token_id)
                 logprobs.append(event.logprob)
+                tops.append(event.top_logprobs)
+            if event.prompt_logprobs is not None:
+                prompt = event.prompt_logprobs
             text.append(event.text)
             last = event
-        return self._response(handle, last, "".join(text), ids, logprobs)
+        return self._response(handle, last, "".join(text), ids, logprobs, tops, prompt)
 
     def GetStatus(self, request, context):
         engine = self._engine_or_abort(context)

@@ -1,13 +1,13 @@
 """The OpenAI-compatible HTTP front (FastAPI on uvicorn), on the same engine as gRPC.
 
 Routes: POST /v1/completions and /v1/chat/completions (streamed as server-sent events or
-whole), GET /v1/models, and, open without the API key, /health (503 while warming up,
-draining or failed), /metrics (the engine's Prometheus registry) and /version.
+whole), GET /v1/models, POST /tokenize and /detokenize (vLLM's), and, open without the API
+key, /health (503 while warming up, draining or failed), /metrics (the engine's Prometheus
+registry) and /version.
 
-The engine hands each request's token events to a thread-safe queue; an event loop must not
-block on it, so a handle wakes its stream through ``loop.call_soon_threadsafe`` (no thread per
-stream; one wake-up in flight per stream, however many tokens arrive meanwhile). A client
-that disconnects cancels its generation, which frees its KV blocks.
+One OpenAI request is one or more engine requests (its prompts × best_of samples), submitted
+all or none and gathered or streamed together (serve/http_events.py: no thread per stream). A
+client that disconnects cancels them all, which frees their KV blocks.
 
 Bounds (serve/request_limits.py, serve/http_request.py): a body over ``--max-request-bytes``
 is 413 before it is read; tokenizing and chat templates run on a bounded pool (429 when full).
@@ -18,7 +18,7 @@ server serves on; only a dead engine turns it not serving.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 import json
 import socket
 import sys
@@ -31,7 +31,7 @@ from importlib import metadata
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from brownout_jax.engine.requests import (
@@ -39,17 +39,27 @@ from brownout_jax.engine.requests import (
     EngineDeadError,
     EngineOverloadedError,
     FinishReason,
+    GenerationRequest,
     RequestError,
     RequestHandle,
     TokenEvent,
+)
+from brownout_jax.serve import http_tokenize
+from brownout_jax.serve.http_events import (
+    EventStreamResponse,
+    cancel_all,
+    engine_events,
+    gather_events,
 )
 from brownout_jax.serve.http_request import PreparePool, parse_body, validation_error
 from brownout_jax.serve.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     ModelCard,
     ModelList,
     OpenAIError,
+    TokenizeRequest,
     error_body,
 )
 from brownout_jax.serve.openai_requests import (
@@ -68,70 +78,6 @@ from brownout_jax.serve.openai_responses import (
 )
 from brownout_jax.serve.request_limits import RequestLimits
 from brownout_jax.serve.serving_state import ServingState
-
-_ENGINE_CHECK_S = 1.0  # how often a waiting stream checks that the engine is still alive
-
-
-async def engine_events(handle: RequestHandle, engine) -> AsyncIterator[TokenEvent]:
-    """The handle's events, awaited on the running loop, up to the finishing one."""
-    loop = asyncio.get_running_loop()
-    wake = asyncio.Event()
-    # At most one wake-up in flight: call_soon_threadsafe is a write to the loop's self-pipe,
-    # a system call on the engine thread for every token of every stream otherwise. Only the
-    # engine thread sets the flag and only the loop clears it, before the events are read:
-    # an event pushed after that read finds it clear and schedules a new wake-up.
-    scheduled = False
-
-    def woken() -> None:  # event loop
-        nonlocal scheduled
-        scheduled = False
-        wake.set()
-
-    def on_event() -> None:  # engine thread
-        nonlocal scheduled
-        if scheduled:
-            return
-        scheduled = True
-        # A closed loop (server stopping) has nobody waiting for this event.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(woken)
-
-    handle.notify(on_event)
-    engine_gone = False
-    while True:
-        wake.clear()
-        ready = handle.ready_events()
-        for event in ready:
-            yield event
-            if event.finish_reason is not None:
-                return
-        if ready:
-            continue
-        if engine_gone:  # and its last events were read: none will come
-            raise EngineDeadError("the engine loop stopped before this request finished")
-        try:
-            await asyncio.wait_for(wake.wait(), _ENGINE_CHECK_S)
-        except TimeoutError:
-            engine_gone = not engine.alive
-
-
-class EventStreamResponse(StreamingResponse):
-    """Server-sent events that run ``on_close`` however the response ends (a client that
-    disconnects mid-stream included: starlette then cancels the stream)."""
-
-    def __init__(self, content, on_close: Callable[[], None]):
-        super().__init__(
-            content,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-        self._on_close = on_close
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._on_close()
 
 
 def _sse(data: dict | str) -> str:
@@ -183,18 +129,28 @@ class HttpApi:
             )
 
     async def submit(self, engine, prepare: Callable[[], PreparedRequest]):
-        """Prepares (chat template, tokenizer) and submits off the event loop, on the bounded
-        pool; a client gone meanwhile cancels what was submitted."""
+        """Prepares (chat template, tokenizer) and submits every sample off the event loop,
+        on the bounded pool; all or none: a sample refused cancels those submitted before it,
+        and a client gone meanwhile cancels them all."""
 
         def run():
             prepared = prepare()
+            handles: list[RequestHandle] = []
             try:
-                return prepared, engine.submit(prepared.generation)
+                for sample, generation in enumerate(prepared.samples):
+                    handles.append(
+                        engine.submit(_tokenized_once(generation, sample, prepared, handles))
+                    )
             except RequestError as err:
-                raise client_error(err, prepared) from None
+                cancel_all(handles)
+                raise client_error(err, prepared, len(handles)) from None
+            except BaseException:
+                cancel_all(handles)
+                raise
+            return prepared, handles
 
         try:
-            return await self.pool.run(run, on_abandoned=lambda done: done[1].cancel())
+            return await self.pool.run(run, on_abandoned=lambda done: cancel_all(done[1]))
         except EngineOverloadedError as err:
             raise OpenAIError(
                 429,
@@ -230,88 +186,91 @@ class HttpApi:
             return step_error(event.error, event.step_failure)
         return self.engine_failed(event.error)
 
+    async def tokenizing(self, request: Request, model_type, work):
+        """/tokenize or /detokenize: ``work(engine, body)`` on the preparing pool."""
+        engine = self.engine()
+        body = await parse_body(request, model_type, self.limits.max_request_bytes)
+        self.check_model(body.model)
+        return await self.pool.run(lambda: work(engine, body), on_abandoned=lambda _: None)
+
     async def generate(self, request: Request, model_type, chat: bool):
         engine = self.engine()  # warming up: 503 before the body is read
         body = await parse_body(request, model_type, self.limits.max_request_bytes)
         model = self.check_model(body.model)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        max_samples = engine.config.max_queue
         if chat:
 
             def prepare():
                 return prepare_chat(
-                    body, engine.tokenizer, engine.max_model_len, request_id, engine.longest_token
+                    body,
+                    engine.tokenizer,
+                    engine.max_model_len,
+                    request_id,
+                    engine.longest_token,
+                    max_samples,
                 )
         else:
 
             def prepare():
-                return prepare_completion(body, request_id)
+                return prepare_completion(body, request_id, max_samples)
 
-        prepared, handle = await self.submit(engine, prepare)
+        prepared, handles = await self.submit(engine, prepare)
         writer = ChunkWriter(chat, request_id, model, prepared, engine.tokenizer)
         if prepared.stream:
             return EventStreamResponse(
-                self._stream(handle, engine, writer), on_close=_canceller(handle)
+                self._stream(handles, engine, writer), on_close=lambda: cancel_all(handles)
             )
-        events = await self._collect(request, handle, engine)
-        if events[-1].finish_reason is FinishReason.ERROR:
-            raise self.failed(events[-1])
-        done = Collected.from_events(events)
-        build = chat_response if chat else completion_response
-        return JSONResponse(
-            to_json(build(request_id, model, prepared, done, handle.metrics, engine.tokenizer))
-        )
-
-    async def _stream(self, handle, engine, writer: ChunkWriter) -> AsyncIterator[str]:
         try:
-            async for event in engine_events(handle, engine):
-                if event.finish_reason is FinishReason.ERROR:
-                    yield _sse(self.failed(event).body())
-                    break
-                yield _sse(to_json(writer.event(event, handle.metrics)))
-            else:
-                if writer.prepared.include_usage:
-                    yield _sse(to_json(writer.usage(handle.metrics)))
-        except EngineDeadError:
-            yield _sse(self.engine_failed().body())
-        yield _sse("[DONE]")
-
-    async def _collect(self, request: Request, handle, engine) -> list[TokenEvent]:
-        """All events; a client gone before the end cancels the generation."""
-        events: list[TokenEvent] = []
-
-        async def gather():
-            async for event in engine_events(handle, engine):
-                events.append(event)
-
-        gathering = asyncio.ensure_future(gather())
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait({gathering, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not gathering.done():
-                handle.cancel()
-                gathering.cancel()
-            gone.cancel()
-        try:
-            gathering.result()
+            events = await gather_events(request, handles, engine)
         except EngineDeadError:
             raise self.engine_failed() from None
         except asyncio.CancelledError:
             raise OpenAIError(499, "the client disconnected") from None
-        return events
+        for sample in events:
+            if sample[-1].finish_reason is FinishReason.ERROR:
+                cancel_all(handles)
+                raise self.failed(sample[-1])
+        samples = [
+            Collected.from_events(
+                sample, handle.metrics, handle.request.prompt_token_ids, prepared.echo_only
+            )
+            for sample, handle in zip(events, handles, strict=True)
+        ]
+        build = chat_response if chat else completion_response
+        return JSONResponse(to_json(build(request_id, model, prepared, samples, engine.tokenizer)))
+
+    async def _stream(self, handles, engine, writer: ChunkWriter) -> AsyncIterator[str]:
+        try:
+            async for sample, event in engine_events(handles, engine):
+                if event.finish_reason is FinishReason.ERROR:
+                    yield _sse(self.failed(event).body())
+                    break
+                handle = handles[sample]
+                chunk = writer.event(sample, event, handle.metrics, handle.request.prompt_token_ids)
+                yield _sse(to_json(chunk))
+            else:
+                if writer.prepared.include_usage:
+                    yield _sse(to_json(writer.usage([h.metrics for h in handles])))
+        except EngineDeadError:
+            yield _sse(self.engine_failed().body())
+        except OpenAIError as err:  # a response the engine's events cannot make (logprobs)
+            yield _sse(err.body())
+        yield _sse("[DONE]")
 
 
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def _canceller(handle: RequestHandle) -> Callable[[], None]:
-    def cancel() -> None:
-        if not handle.done:
-            handle.cancel()
-
-    return cancel
+def _tokenized_once(
+    generation: GenerationRequest, sample: int, prepared: PreparedRequest, handles
+) -> GenerationRequest:
+    """A later sample of a text prompt takes the ids the engine made of it for the first
+    sample, rather than tokenizing the same text again."""
+    first = sample - sample % prepared.best_of
+    if generation.prompt is None or first == sample:
+        return generation
+    ids = handles[first].request.prompt_token_ids
+    if not ids:
+        return generation
+    return dataclasses.replace(generation, prompt=None, prompt_token_ids=ids)
 
 
 def _version() -> str:
@@ -367,6 +326,19 @@ def create_app(state: ServingState, limits: RequestLimits, pool: PreparePool) ->
     @app.get("/version")
     async def version():
         return {"version": _version()}
+
+    # vLLM serves these beside /v1; they take the API key like /v1 (they run the tokenizer).
+    keyed = APIRouter(dependencies=[Depends(api.require_key)])
+
+    @keyed.post("/tokenize")
+    async def tokenize(request: Request):
+        return await api.tokenizing(request, TokenizeRequest, http_tokenize.tokenize)
+
+    @keyed.post("/detokenize")
+    async def detokenize(request: Request):
+        return await api.tokenizing(request, DetokenizeRequest, http_tokenize.detokenize)
+
+    app.include_router(keyed)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(api.require_key)])
 

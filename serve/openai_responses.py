@@ -1,11 +1,28 @@
 """The engine's token events → OpenAI response bodies and stream chunks, with brownout-jax's
-extensions (timing and the brownout thresholds a request ran at)."""
+extensions (timing and the brownout thresholds a request ran at).
+
+A request is one or more samples (engine requests, ``PreparedRequest.samples``): whole, each
+prompt's best ``n`` of its ``best_of`` samples become its choices; streamed, every sample is a
+choice (best_of > n is not streamed) and its chunks carry its index."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
-from brownout_jax.engine.requests import FinishReason, RequestMetrics, TokenEvent
+from brownout_jax.engine.requests import (
+    FinishReason,
+    RequestMetrics,
+    TokenEvent,
+)
+from brownout_jax.engine.requests import (
+    TokenLogprob as EngineTokenLogprob,
+)
+from brownout_jax.serve.openai_logprobs import (
+    CompletionLogprobsBuilder,
+    chat_logprobs,
+    prompt_logprobs,
+)
 from brownout_jax.serve.openai_protocol import (
     AssistantMessage,
     ChatChoice,
@@ -13,117 +30,183 @@ from brownout_jax.serve.openai_protocol import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     ChatDelta,
-    ChatLogprobs,
     CompletionChoice,
     CompletionChunk,
-    CompletionLogprobs,
     CompletionResponse,
     Thresholds,
     Timing,
-    TokenLogprob,
     Usage,
 )
 from brownout_jax.serve.openai_requests import PreparedRequest, finish_reason
 
 
-def usage(metrics: RequestMetrics) -> Usage:
+@dataclasses.dataclass
+class Collected:
+    """One sample's generation, gathered from its events."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[tuple[tuple[int, float], ...]]
+    finish: FinishReason
+    metrics: RequestMetrics
+    prompt_ids: tuple[int, ...] = ()  # as the engine tokenized the prompt
+    prompt_logprobs: tuple[EngineTokenLogprob | None, ...] | None = None
+
+    @classmethod
+    def from_events(
+        cls,
+        events: list[TokenEvent],
+        metrics: RequestMetrics,
+        prompt_ids: Sequence[int] = (),
+        echo_only: bool = False,
+    ) -> Collected:
+        """``echo_only``: the token generated to score the prompt is dropped (max_tokens = 0)."""
+        tokens = [] if echo_only else [e for e in events if e.token_id is not None]
+        prompt = next((e.prompt_logprobs for e in events if e.prompt_logprobs is not None), None)
+        finish = events[-1].finish_reason
+        return cls(
+            text="" if echo_only else "".join(e.text for e in events),
+            token_ids=[e.token_id for e in tokens],
+            logprobs=[e.logprob for e in tokens],
+            top_logprobs=[e.top_logprobs for e in tokens],
+            finish=FinishReason.LENGTH if echo_only and finish is FinishReason.STOP else finish,
+            metrics=metrics,
+            prompt_ids=tuple(prompt_ids),
+            prompt_logprobs=prompt,
+        )
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return float(sum(self.logprobs))
+
+
+# ----------------------------------------------------------------------------- extensions
+
+
+def usage(prepared: PreparedRequest, metrics: Sequence[RequestMetrics]) -> Usage:
+    """Every prompt once, every generated sample's tokens (best_of's discarded ones too: they
+    were generated; OpenAI counts them as well); none for max_tokens = 0."""
+    prompt = sum(
+        metrics[i * prepared.best_of].prompt_tokens for i in range(len(metrics) // prepared.best_of)
+    )
+    completion = 0 if prepared.echo_only else sum(m.completion_tokens for m in metrics)
     return Usage(
-        prompt_tokens=metrics.prompt_tokens,
-        completion_tokens=metrics.completion_tokens,
-        total_tokens=metrics.prompt_tokens + metrics.completion_tokens,
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
     )
 
 
-def timing(metrics: RequestMetrics) -> Timing:
+def timing(metrics: Sequence[RequestMetrics]) -> Timing:
+    """One sample's latencies; over several, from the first arrival to the first token and to
+    the last finish, the longest queueing, and the mean of the samples' TPOTs."""
+    if len(metrics) == 1:
+        (one,) = metrics
+        return Timing(ttft_s=one.ttft, tpot_s=one.tpot_mean, queue_s=one.queue_time, e2e_s=one.e2e)
+    arrival = min(m.arrival for m in metrics)
+    firsts = [m.first_token for m in metrics if m.first_token is not None]
+    finishes = [m.finished for m in metrics]
+    queues = [m.queue_time for m in metrics if m.queue_time is not None]
+    tpots = [m.tpot_mean for m in metrics if m.tpot_mean is not None]
     return Timing(
-        ttft_s=metrics.ttft, tpot_s=metrics.tpot_mean, queue_s=metrics.queue_time, e2e_s=metrics.e2e
+        ttft_s=min(firsts) - arrival if firsts else None,
+        tpot_s=sum(tpots) / len(tpots) if tpots else None,
+        queue_s=max(queues) if queues else None,
+        e2e_s=None if None in finishes else max(finishes) - arrival,
     )
 
 
-def thresholds(metrics: RequestMetrics) -> list[Thresholds]:
-    return [Thresholds(prefill=t.prefill, decode=t.decode) for t in sorted(metrics.thresholds_used)]
-
-
-def token_text(tokenizer, token_id: int) -> str:
-    """How a token reads on its own (vLLM's convention without a tokenizer: token_id:N)."""
-    if tokenizer is None:
-        return f"token_id:{token_id}"
-    return tokenizer.decode([token_id])
+def thresholds(metrics: Sequence[RequestMetrics]) -> list[Thresholds]:
+    used = set().union(*(m.thresholds_used for m in metrics))
+    return [Thresholds(prefill=t.prefill, decode=t.decode) for t in sorted(used)]
 
 
 def to_json(model) -> dict:
     """A response as JSON; the extension fields only where set."""
     data = model.model_dump(mode="json")
-    for optional in ("timing", "thresholds", "usage"):
+    for optional in ("timing", "thresholds", "usage", "prompt_logprobs"):
         if data.get(optional) is None:
             data.pop(optional, None)
     for choice in data.get("choices", ()):
+        if choice.get("prompt_logprobs", ()) is None:
+            del choice["prompt_logprobs"]
         if "delta" in choice:  # a stream's delta carries only what changed
             choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
     return data
 
 
-@dataclasses.dataclass
-class Collected:
-    """A whole generation, gathered from its events."""
-
-    text: str
-    token_ids: list[int]
-    logprobs: list[float]
-    finish: FinishReason
-
-    @classmethod
-    def from_events(cls, events: list[TokenEvent]) -> Collected:
-        tokens = [e for e in events if e.token_id is not None]
-        return cls(
-            text="".join(e.text for e in events),
-            token_ids=[e.token_id for e in tokens],
-            logprobs=[e.logprob for e in tokens],
-            finish=events[-1].finish_reason,
-        )
+# ----------------------------------------------------------------------------- whole
 
 
-def _completion_logprobs(tokenizer, ids, logprobs, start_offset: int) -> CompletionLogprobs:
-    texts = [token_text(tokenizer, t) for t in ids]
-    offsets, position = [], start_offset
-    for text in texts:
-        offsets.append(position)
-        position += len(text)
-    return CompletionLogprobs(
-        tokens=texts, token_logprobs=list(logprobs), top_logprobs=None, text_offset=offsets
-    )
+def _best(prepared: PreparedRequest, samples: list[Collected]) -> list[list[Collected]]:
+    """Per prompt, its choices: all its samples in order (best_of = n), else the n with the
+    highest cumulative logprob, best first."""
+    per_prompt = [
+        samples[i : i + prepared.best_of] for i in range(0, len(samples), prepared.best_of)
+    ]
+    if prepared.best_of == prepared.n:
+        return per_prompt
+    return [
+        sorted(group, key=lambda s: s.cumulative_logprob, reverse=True)[: prepared.n]
+        for group in per_prompt
+    ]
 
 
-def _chat_logprobs(tokenizer, ids, logprobs) -> ChatLogprobs:
-    content = []
-    for token, logprob in zip(ids, logprobs, strict=True):
-        text = token_text(tokenizer, token)
-        content.append(TokenLogprob(token=text, logprob=logprob, bytes=list(text.encode())))
-    return ChatLogprobs(content=content)
+def echo_text(prepared: PreparedRequest, prompt: int, prompt_ids: Sequence[int], tokenizer):
+    """The prompt as sent; token ids decoded (nothing without a tokenizer, like any text)."""
+    text = prepared.prompt_texts[prompt]
+    if text is not None:
+        return text
+    return "" if tokenizer is None else tokenizer.decode(list(prompt_ids))
 
 
 def completion_response(
     request_id: str,
     model: str,
     prepared: PreparedRequest,
-    done: Collected,
-    metrics: RequestMetrics,
+    samples: list[Collected],
     tokenizer,
 ) -> CompletionResponse:
-    logprobs = None
-    if prepared.logprobs:
-        logprobs = _completion_logprobs(tokenizer, done.token_ids, done.logprobs, 0)
+    choices = []
+    for prompt, group in enumerate(_best(prepared, samples)):
+        for j, sample in enumerate(group):
+            text = sample.text
+            logprobs = None
+            if prepared.logprobs is not None:
+                builder = CompletionLogprobsBuilder(tokenizer, prepared.logprobs)
+                if prepared.echo:
+                    builder.add_prompt(sample.prompt_ids, sample.prompt_logprobs)
+                for token, lp, top in zip(
+                    sample.token_ids, sample.logprobs, sample.top_logprobs, strict=True
+                ):
+                    builder.add(token, lp, top)
+                logprobs = builder.take()
+            if prepared.echo:
+                text = echo_text(prepared, prompt, sample.prompt_ids, tokenizer) + text
+            choices.append(
+                CompletionChoice(
+                    index=prompt * prepared.n + j,
+                    text=text,
+                    logprobs=logprobs,
+                    finish_reason=finish_reason(sample.finish),
+                    prompt_logprobs=_prompt_logprobs(prepared, sample, tokenizer),
+                )
+            )
+    metrics = [s.metrics for s in samples]
     return CompletionResponse(
         id=request_id,
         model=model,
-        choices=[
-            CompletionChoice(
-                text=done.text, logprobs=logprobs, finish_reason=finish_reason(done.finish)
-            )
-        ],
-        usage=usage(metrics),
+        choices=choices,
+        usage=usage(prepared, metrics),
         timing=timing(metrics),
         thresholds=thresholds(metrics),
+    )
+
+
+def _prompt_logprobs(prepared: PreparedRequest, sample: Collected, tokenizer):
+    if prepared.prompt_logprobs is None:
+        return None
+    return prompt_logprobs(
+        tokenizer, prepared.prompt_logprobs, sample.prompt_ids, sample.prompt_logprobs
     )
 
 
@@ -131,32 +214,48 @@ def chat_response(
     request_id: str,
     model: str,
     prepared: PreparedRequest,
-    done: Collected,
-    metrics: RequestMetrics,
+    samples: list[Collected],
     tokenizer,
 ) -> ChatCompletionResponse:
-    logprobs = (
-        _chat_logprobs(tokenizer, done.token_ids, done.logprobs) if prepared.logprobs else None
-    )
+    choices = []
+    for j, sample in enumerate(samples):
+        logprobs = None
+        if prepared.logprobs is not None:
+            logprobs = chat_logprobs(
+                tokenizer, prepared.logprobs, sample.token_ids, sample.logprobs, sample.top_logprobs
+            )
+        choices.append(
+            ChatChoice(
+                index=j,
+                message=AssistantMessage(content=sample.text),
+                logprobs=logprobs,
+                finish_reason=finish_reason(sample.finish),
+            )
+        )
+    metrics = [s.metrics for s in samples]
     return ChatCompletionResponse(
         id=request_id,
         model=model,
-        choices=[
-            ChatChoice(
-                message=AssistantMessage(content=done.text),
-                logprobs=logprobs,
-                finish_reason=finish_reason(done.finish),
-            )
-        ],
-        usage=usage(metrics),
+        choices=choices,
+        usage=usage(prepared, metrics),
         timing=timing(metrics),
         thresholds=thresholds(metrics),
+        prompt_logprobs=_prompt_logprobs(prepared, samples[0], tokenizer),
     )
 
 
+# ----------------------------------------------------------------------------- streamed
+
+
+@dataclasses.dataclass
+class _ChoiceState:
+    first: bool = True
+    logprobs: CompletionLogprobsBuilder | None = None
+
+
 class ChunkWriter:
-    """One stream's chunks: one per token event (so a client times every token), the
-    finishing one with timing and thresholds, then usage when the client asked for it."""
+    """One stream's chunks: one per token event of each choice (so a client times every
+    token), its finishing one with timing and thresholds, then usage when asked for."""
 
     def __init__(
         self, chat: bool, request_id: str, model: str, prepared: PreparedRequest, tokenizer
@@ -166,36 +265,85 @@ class ChunkWriter:
         self.model = model
         self.prepared = prepared
         self.tokenizer = tokenizer
-        self._first = True
-        self._offset = 0
+        k = prepared.logprobs
+        self._choices = [
+            _ChoiceState(
+                logprobs=None if chat or k is None else CompletionLogprobsBuilder(tokenizer, k)
+            )
+            for _ in prepared.samples
+        ]
 
-    def event(self, event: TokenEvent, metrics: RequestMetrics):
-        ids = [] if event.token_id is None else [event.token_id]
-        lps = [] if event.logprob is None else [event.logprob]
-        finish = None if event.finish_reason is None else finish_reason(event.finish_reason)
+    def event(
+        self,
+        sample: int,
+        event: TokenEvent,
+        metrics: RequestMetrics,
+        prompt_ids: Sequence[int] = (),
+    ):
+        """The chunk of ``sample``'s event (``prompt_ids``: its prompt as the engine
+        tokenized it, for echo)."""
+        state = self._choices[sample]
+        prepared = self.prepared
+        keep = not prepared.echo_only
+        ids = [event.token_id] if keep and event.token_id is not None else []
+        lps = [event.logprob] if ids else []
+        tops = [event.top_logprobs] if ids else []
+        reason = event.finish_reason
+        if prepared.echo_only and reason is FinishReason.STOP:
+            reason = FinishReason.LENGTH
+        finish = None if reason is None else finish_reason(reason)
         extras = {}
-        if event.finish_reason is not None:
-            extras = {"timing": timing(metrics), "thresholds": thresholds(metrics)}
+        if reason is not None:
+            extras = {"timing": timing([metrics]), "thresholds": thresholds([metrics])}
+        index = prepared.choice_index(sample)
+        text = event.text if keep else ""
         if self.chat:
             # The role rides on the first token's chunk, so a client's first chunk is a token.
-            delta = ChatDelta(role="assistant" if self._first else None, content=event.text)
-            logprobs = _chat_logprobs(self.tokenizer, ids, lps) if self.prepared.logprobs else None
-            choice = ChatChunkChoice(delta=delta, logprobs=logprobs, finish_reason=finish)
+            delta = ChatDelta(role="assistant" if state.first else None, content=text)
+            logprobs = None
+            if prepared.logprobs is not None:
+                logprobs = chat_logprobs(self.tokenizer, prepared.logprobs, ids, lps, tops)
+            choice = ChatChunkChoice(
+                index=index, delta=delta, logprobs=logprobs, finish_reason=finish
+            )
             chunk = ChatCompletionChunk(
                 id=self.request_id, model=self.model, choices=[choice], **extras
             )
+            if state.first and prepared.prompt_logprobs is not None:
+                chunk.prompt_logprobs = prompt_logprobs(
+                    self.tokenizer, prepared.prompt_logprobs, prompt_ids, event.prompt_logprobs
+                )
         else:
+            prompt_part = None
+            if state.first and prepared.echo:
+                prompt = prepared.prompt_of(sample)
+                text = echo_text(prepared, prompt, prompt_ids, self.tokenizer) + text
+                if state.logprobs is not None:
+                    state.logprobs.add_prompt(prompt_ids, event.prompt_logprobs)
+            if state.first and prepared.prompt_logprobs is not None:
+                prompt_part = prompt_logprobs(
+                    self.tokenizer, prepared.prompt_logprobs, prompt_ids, event.prompt_logprobs
+                )
             logprobs = None
-            if self.prepared.logprobs:
-                logprobs = _completion_logprobs(self.tokenizer, ids, lps, self._offset)
-            choice = CompletionChoice(text=event.text, logprobs=logprobs, finish_reason=finish)
+            if state.logprobs is not None:
+                for token, lp, top in zip(ids, lps, tops, strict=True):
+                    state.logprobs.add(token, lp, top)
+                logprobs = state.logprobs.take()
+            choice = CompletionChoice(
+                index=index,
+                text=text,
+                logprobs=logprobs,
+                finish_reason=finish,
+                prompt_logprobs=prompt_part,
+            )
             chunk = CompletionChunk(
                 id=self.request_id, model=self.model, choices=[choice], **extras
             )
-        self._first = False
-        self._offset += len(event.text)
+        state.first = False
         return chunk
 
-    def usage(self, metrics: RequestMetrics):
+    def usage(self, metrics: Sequence[RequestMetrics]):
         kind = ChatCompletionChunk if self.chat else CompletionChunk
-        return kind(id=self.request_id, model=self.model, choices=[], usage=usage(metrics))
+        return kind(
+            id=self.request_id, model=self.model, choices=[], usage=usage(self.prepared, metrics)
+        )

@@ -37,6 +37,11 @@ os.environ.setdefault(
 import numpy as np
 import pytest
 
+# Whether the engine computes top-K alternatives and prompt logprobs (the device side of issue
+# 22). The fronts' tests check the shapes either way, strictly: empty while False, filled when
+# True. Set it True with the engine work that fills them.
+ENGINE_COMPUTES_LOGPROBS = False
+
 
 @dataclasses.dataclass(frozen=True)
 class TinySpec:
@@ -249,8 +254,17 @@ class ServerProcess:
     ports; ``target`` is the gRPC HOST:PORT and ``http`` the HTTP base URL (None when off).
     Its output is read on a thread (a full pipe would stall the server) into ``lines``."""
 
-    def __init__(self, model, *args, env: dict | None = None, timeout: float = 600):
-        command = [sys.executable, "-m", "brownout_jax.cli", "serve", "--model", str(model)]
+    def __init__(
+        self,
+        model,
+        *args,
+        env: dict | None = None,
+        timeout: float = 600,
+        python: tuple[str, ...] = (sys.executable,),
+    ):
+        """``model`` None: the bundled demo; ``python``: the interpreter and its flags."""
+        command = [*python, "-m", "brownout_jax.cli", "serve"]
+        command += [] if model is None else ["--model", str(model)]
         self.process = subprocess.Popen(
             [*command, "--port", "0", "--http-port", "0", *SERVER_BASE_ARGS, *args],
             stdout=subprocess.PIPE,

@@ -223,11 +223,16 @@ def test_models_health_metrics_version(server):
         ("/v1/completions", {"prompt": [1, 10_000]}, "prompt"),
         ("/v1/completions", {"max_tokens": 0}, "max_tokens"),
         ("/v1/completions", {"stop": [""]}, "stop"),
-        ("/v1/completions", {"n": 2}, "n"),
+        ("/v1/completions", {"n": 0}, "n"),
+        ("/v1/completions", {"logprobs": 21}, "logprobs"),
+        ("/v1/completions", {"logit_bias": {"7": 101}}, "logit_bias"),
+        ("/v1/completions", {"guided_json": "[1]"}, "guided_json"),
         ("/v1/completions", {"brownout": "sometimes"}, "brownout"),
         ("/v1/chat/completions", {"messages": []}, "messages"),
         ("/v1/chat/completions", {"max_completion_tokens": 0}, "max_completion_tokens"),
-        ("/v1/chat/completions", {"top_logprobs": 3}, "top_logprobs"),
+        ("/v1/chat/completions", {"top_logprobs": 3}, "top_logprobs"),  # without logprobs
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ("/v1/chat/completions", {"min_p": -0.5}, "min_p"),
         (
             "/v1/chat/completions",
             {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},

@@ -8,11 +8,12 @@ import time
 
 import grpc
 import pytest
+from conftest import ENGINE_COMPUTES_LOGPROBS
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from brownout_jax.checkpoints import load_model
 from brownout_jax.cli.main import build_parser, main
-from brownout_jax.engine.requests import BrownoutClass
+from brownout_jax.engine.requests import BrownoutClass, StructuredKind, StructuredOutput
 from brownout_jax.offline.generate import generate
 from brownout_jax.serve import brownout_pb2 as pb
 from brownout_jax.serve.cli_client import request_from_args
@@ -101,6 +102,23 @@ def test_64_concurrent_streams_complete(server):
         ({"prompt_token_ids": [1], "max_tokens": 4, "top_p": 1.5}, "top_p"),
         ({"prompt_token_ids": [1], "max_tokens": 4, "top_k": -2}, "top_k"),
         ({"prompt_token_ids": [1], "max_tokens": 4, "brownout": "Never"}, "brownout"),
+        ({"prompt_token_ids": [1], "max_tokens": 4, "top_logprobs": 21}, "top_logprobs"),
+        ({"prompt_token_ids": [1], "max_tokens": 4, "prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"prompt_token_ids": [1], "max_tokens": 4, "presence_penalty": 2.5}, "presence_penalty"),
+        ({"prompt_token_ids": [1], "max_tokens": 4, "frequency_penalty": -3}, "frequency_penalty"),
+        (
+            {"prompt_token_ids": [1], "max_tokens": 4, "repetition_penalty": 0.0},
+            "repetition_penalty",
+        ),
+        ({"prompt_token_ids": [1], "max_tokens": 4, "logit_bias": {500: 1.0}}, "logit_bias"),
+        ({"prompt_token_ids": [1], "max_tokens": 4, "logit_bias": {5: 101.0}}, "logit_bias"),
+        ({"prompt_token_ids": [1], "max_tokens": 4, "min_p": 1.5}, "min_p"),
+        ({"prompt_token_ids": [1], "max_tokens": 4, "min_tokens": 5}, "min_tokens"),
+        ({"prompt_token_ids": [1], "max_tokens": 4, "json_schema": "[1, 2]"}, "json_schema"),
+        ({"prompt_token_ids": [1], "max_tokens": 4, "json_schema": "{oops"}, "json_schema"),
+        ({"prompt_token_ids": [1], "max_tokens": 4, "regex": ""}, "regex"),
+        ({"prompt_token_ids": [1], "max_tokens": 4, "grammar": ""}, "grammar"),
+        ({"prompt_token_ids": [1], "max_tokens": 4, "choice": pb.Choices()}, "choice"),
     ],
 )
 def test_bad_input_is_invalid_argument_naming_the_field(client, request_fields, field):
@@ -121,6 +139,57 @@ def test_bad_input_is_invalid_argument_naming_the_field(client, request_fields, 
 )
 def test_brownout_field_maps_to_the_request_class(name, expected):
     assert request_from_proto(_ids_request(brownout=name)).brownout is expected
+
+
+def test_sampling_fields_map_to_the_engine_request():
+    request = request_from_proto(
+        _ids_request(
+            top_logprobs=3,
+            prompt_logprobs=0,
+            presence_penalty=0.5,
+            frequency_penalty=-0.25,
+            repetition_penalty=1.5,
+            logit_bias={9: -1.0, 4: 2.0},
+            min_p=0.1,
+            min_tokens=2,
+            json_schema='{"type": "object"}',
+        )
+    )
+    assert (request.top_logprobs, request.prompt_logprobs) == (3, 0)
+    assert (request.presence_penalty, request.frequency_penalty) == (0.5, -0.25)
+    assert request.repetition_penalty == 1.5 and request.min_tokens == 2
+    assert request.logit_bias == ((4, 2.0), (9, -1.0)) and request.min_p == pytest.approx(0.1)
+    assert request.structured == StructuredOutput(StructuredKind.JSON_SCHEMA, '{"type": "object"}')
+    unset = request_from_proto(_ids_request())
+    assert unset.prompt_logprobs is None and unset.repetition_penalty == 1.0
+    assert unset.structured is None and unset.top_logprobs == 0
+    kinds = {
+        "json_object": (pb.JsonObject(), StructuredOutput(StructuredKind.JSON_OBJECT)),
+        "regex": ("a+", StructuredOutput(StructuredKind.REGEX, "a+")),
+        "grammar": ('root ::= "a"', StructuredOutput(StructuredKind.GRAMMAR, 'root ::= "a"')),
+        "choice": (
+            pb.Choices(choices=["yes", "no"]),
+            StructuredOutput(StructuredKind.CHOICE, choices=("yes", "no")),
+        ),
+    }
+    for name, (value, expected) in kinds.items():
+        assert request_from_proto(_ids_request(**{name: value})).structured == expected
+
+
+def test_alternatives_and_prompt_logprobs_travel_in_the_responses(client):
+    """Shapes: one alternatives entry per token, the prompt's logprobs (tokens 1 … of 4) on the
+    first response only; empty until the engine computes them (ENGINE_COMPUTES_LOGPROBS)."""
+    request = _ids_request(top_logprobs=2, prompt_logprobs=1, max_tokens=3, ignore_eos=True)
+    k, prompt = (2, 3) if ENGINE_COMPUTES_LOGPROBS else (0, 0)
+    unary = client.generate(request, timeout=60)
+    assert len(unary.top_logprobs) == len(unary.token_ids) == 3
+    assert [len(t.token_ids) for t in unary.top_logprobs] == [k] * 3
+    assert all(len(t.logprobs) == len(t.token_ids) for t in unary.top_logprobs)
+    assert len(unary.prompt_logprobs) == prompt
+    assert [e.token_id for e in unary.prompt_logprobs] == [6, 7, 8][:prompt]
+    streamed = list(client.stream(request, timeout=60))
+    assert [len(r.top_logprobs) for r in streamed] == [len(r.token_ids) for r in streamed]
+    assert [len(r.prompt_logprobs) for r in streamed] == [prompt] + [0] * (len(streamed) - 1)
 
 
 def test_token_ids_only_asks_the_engine_for_no_text():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import queue
 import time
 from collections.abc import Callable
@@ -259,6 +260,26 @@ def _validate_logit_processing(request: GenerationRequest, vocab_size: int) -> N
             raise RequestError("logit_bias", f"token id {token} outside [0, {vocab_size})")
         if not -100 <= value <= 100:
             raise RequestError("logit_bias", f"bias of token {token} must lie in [-100, 100]")
+    if request.structured is not None:
+        _validate_structured(request.structured)
+
+
+def _validate_structured(structured: StructuredOutput) -> None:
+    """Its form only (both fronts build one); whether the grammar compiles is the engine's."""
+    kind = structured.kind
+    if not isinstance(kind, StructuredKind):
+        raise RequestError("structured", f"unknown kind {kind!r}")
+    if kind is StructuredKind.JSON_SCHEMA:
+        try:
+            schema = json.loads(structured.spec)
+        except json.JSONDecodeError as err:
+            raise RequestError("structured", f"the JSON schema is not valid JSON: {err}") from None
+        if not isinstance(schema, dict):
+            raise RequestError("structured", "a JSON schema must be a JSON object")
+    elif kind in (StructuredKind.REGEX, StructuredKind.GRAMMAR) and not structured.spec:
+        raise RequestError("structured", f"an empty {kind.value}")
+    elif kind is StructuredKind.CHOICE and not structured.choices:
+        raise RequestError("structured", "give at least one choice")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
