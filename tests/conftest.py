@@ -37,11 +37,6 @@ os.environ.setdefault(
 import numpy as np
 import pytest
 
-# Whether the engine computes top-K alternatives and prompt logprobs (the device side of issue
-# 22). The fronts' tests check the shapes either way, strictly: empty while False, filled when
-# True. Set it True with the engine work that fills them.
-ENGINE_COMPUTES_LOGPROBS = False
-
 
 @dataclasses.dataclass(frozen=True)
 class TinySpec:

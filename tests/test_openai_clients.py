@@ -1,9 +1,8 @@
 """What OpenAI clients send, against a real `brownout-jax serve` process (tiny random model,
 word-level tokenizer) through the official `openai` SDK and raw HTTP: batched prompts, n and
 best_of, echo (lm-eval's loglikelihood request), logprob shapes, chat n / logprobs / usage,
-vLLM's /tokenize and /detokenize. Values that need the engine's alternatives and prompt
-logprobs are checked when it computes them (conftest.ENGINE_COMPUTES_LOGPROBS); their numbers
-against a NumPy reference are the engine's tests."""
+vLLM's /tokenize and /detokenize; echo's prompt logprobs against the model's own teacher-forced
+ones."""
 
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ import urllib.parse
 
 import openai
 import pytest
-from conftest import ENGINE_COMPUTES_LOGPROBS
 
 from brownout_jax.checkpoints import load_model
 
@@ -108,9 +106,6 @@ def test_lm_eval_loglikelihood_request(server, client):
     status, data = _post(
         server.http, "/v1/completions", {**body, "logprobs": 1, "echo": True, "seed": 1234}
     )
-    if not ENGINE_COMPUTES_LOGPROBS:  # no prompt logprobs: refused, never made up
-        assert status == 500 and data["error"]["code"] == "prompt_logprobs_unavailable"
-        return
     assert status == 200, data
     generated = _post(server.http, "/v1/completions", {**body, "logprobs": 0})[1]
     for prompt, choice, alone in zip(prompts, data["choices"], generated["choices"], strict=True):
@@ -142,7 +137,7 @@ def test_completion_logprobs_in_openais_shape(client):
     ):
         assert top[token] == pytest.approx(value)  # the chosen token is always listed
         # Greedy: the chosen token is the best of the 3 alternatives, so they are 3 in all.
-        assert len(top) == (3 if ENGINE_COMPUTES_LOGPROBS else 1)
+        assert len(top) == 3
         assert max(top.values()) == pytest.approx(value)
 
 
@@ -162,9 +157,7 @@ def test_chat_n_logprobs_stop_and_include_usage(client):
         content = choice.logprobs.content
         assert len(content) == 4
         assert all(item.bytes == list(item.token.encode()) for item in content)
-        assert all(
-            len(item.top_logprobs) == (2 if ENGINE_COMPUTES_LOGPROBS else 0) for item in content
-        )
+        assert all(len(item.top_logprobs) == 2 for item in content)
     assert whole.usage.completion_tokens == 8
     stream = client.chat.completions.create(
         n=2,
@@ -234,3 +227,32 @@ def test_tokenize_detokenize_round_trip_and_what_completions_read(server, client
     assert status == 200 and chat["tokens"] == expected
     status, error = _post(server.http, "/detokenize", {"tokens": [5, 96]})
     assert status == 400 and error["error"]["param"] == "tokens"
+
+
+def test_echo_logprobs_equal_the_models_teacher_forced_ones(server, tiny_with_tokenizer, tokenizer):
+    """The server's float32 echo against the same checkpoint's full forward pass."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from brownout_jax.model.transformer import forward_logits
+
+    model = load_model(tiny_with_tokenizer, "float32", progress=False)
+    prompt = [5, 6, 7, 8, 9, 10, 11, 12, 13]
+    body = {"model": "model", "prompt": prompt, "temperature": 0, "max_tokens": 1}
+    status, data = _post(server.http, "/v1/completions", {**body, "logprobs": 2, "echo": True})
+    assert status == 200, data
+    logprobs = data["choices"][0]["logprobs"]
+    logits = forward_logits(
+        model.params, model.config, jnp.asarray([prompt]), jnp.asarray([len(prompt)])
+    )
+    logits = np.asarray(logits[0], np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    reference = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    got = np.asarray(logprobs["token_logprobs"][1 : len(prompt)])
+    expected = reference[np.arange(len(prompt) - 1), prompt[1:]]
+    assert np.max(np.abs(got - expected)) < 1e-4
+    for i, top in enumerate(logprobs["top_logprobs"][1 : len(prompt)]):
+        best = np.argsort(-reference[i])[:2]
+        want = {tokenizer.decode([int(t)]): reference[i, t] for t in best}
+        for text, value in want.items():
+            assert top[text] == pytest.approx(value, abs=1e-4)

@@ -8,7 +8,6 @@ import time
 
 import grpc
 import pytest
-from conftest import ENGINE_COMPUTES_LOGPROBS
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from brownout_jax.checkpoints import load_model
@@ -178,9 +177,9 @@ def test_sampling_fields_map_to_the_engine_request():
 
 def test_alternatives_and_prompt_logprobs_travel_in_the_responses(client):
     """Shapes: one alternatives entry per token, the prompt's logprobs (tokens 1 … of 4) on the
-    first response only; empty until the engine computes them (ENGINE_COMPUTES_LOGPROBS)."""
+    first response only."""
     request = _ids_request(top_logprobs=2, prompt_logprobs=1, max_tokens=3, ignore_eos=True)
-    k, prompt = (2, 3) if ENGINE_COMPUTES_LOGPROBS else (0, 0)
+    k, prompt = 2, 3
     unary = client.generate(request, timeout=60)
     assert len(unary.top_logprobs) == len(unary.token_ids) == 3
     assert [len(t.token_ids) for t in unary.top_logprobs] == [k] * 3

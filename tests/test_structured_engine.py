@@ -100,4 +100,4 @@ def test_a_refused_spec_names_the_field(engine):
                 prompt="x", structured=StructuredOutput(StructuredKind.REGEX, "(unclosed")
             )
         )
-    assert err.value.field == "response_format"
+    assert err.value.field == "structured"

@@ -285,7 +285,7 @@ def test_apply_token_bitmask_refuses_a_mask_too_narrow():
 def test_refused_spec_names_the_field(compiler, structured, says):
     with pytest.raises(RequestError) as caught:
         compiler.compile(structured)
-    assert caught.value.field == FIELD == "response_format"
+    assert caught.value.field == FIELD == "structured"
     message = caught.value.message
     assert says in message and "\n" not in message
     assert ".cc:" not in message and "Check failed" not in message  # xgrammar's log noise

@@ -224,7 +224,7 @@ class Engine:
         if request.structured is not None:
             if self.structured is None:
                 raise RequestError(
-                    "response_format",
+                    "structured",
                     "this server runs without structured output (--no-structured-output)",
                 )
             self.structured.compile(request.structured)  # a refused spec: RequestError

@@ -33,7 +33,7 @@ import numpy as np
 from brownout_jax.engine.requests import RequestError, StructuredKind, StructuredOutput
 from brownout_jax.model.dims import Array, Float, Int
 
-FIELD = "response_format"  # the fronts rename it to what the client sent (guided_json, ...)
+FIELD = "structured"  # GenerationRequest's; the fronts rename it to what the client sent
 INSTALL_HINT = "pip install 'brownout-jax[structured]'"
 _MESSAGE_CHARS = 300
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: " and may carry a
