@@ -6,6 +6,7 @@ request in the same batch is unaffected, and refused specs name the field."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -101,3 +102,40 @@ def test_a_refused_spec_names_the_field(engine):
             )
         )
     assert err.value.field == "structured"
+
+
+def test_openai_sdk_json_schema_request_validates(start_server):
+    """The whole path a client takes: the openai SDK's ``response_format`` json_schema against
+    ``serve`` on the demo, and a regex through vLLM's ``guided_regex``."""
+    import openai
+
+    proc = start_server(None, "--max-model-len", "512")
+    try:
+        client = openai.OpenAI(base_url=f"{proc.http}/v1", api_key="-", max_retries=0, timeout=300)
+        chat = client.chat.completions.create(
+            model="demo",
+            messages=[{"role": "user", "content": "A person and their pets, as JSON."}],
+            max_completion_tokens=400,
+            temperature=0,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "person", "schema": SCHEMA},
+            },
+        )
+        assert chat.choices[0].finish_reason == "stop"
+        validate(json.loads(chat.choices[0].message.content), SCHEMA)
+        regex = client.completions.create(
+            model="demo",
+            prompt="A date:",
+            max_tokens=20,
+            temperature=0,
+            extra_body={"guided_regex": r"20[0-9]{2}-[01][0-9]-[0-3][0-9]"},
+        )
+        assert re.fullmatch(r"20[0-9]{2}-[01][0-9]-[0-3][0-9]", regex.choices[0].text)
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(
+                model="demo", prompt="x", extra_body={"guided_regex": "(unclosed"}
+            )
+        assert err.value.body["param"] == "guided_regex"
+    finally:
+        assert proc.stop() == 0
