@@ -138,8 +138,12 @@ class HttpApi:
             handles: list[RequestHandle] = []
             try:
                 for sample, generation in enumerate(prepared.samples):
+                    first = sample - sample % prepared.best_of  # this prompt's first sample
                     handles.append(
-                        engine.submit(_tokenized_once(generation, sample, prepared, handles))
+                        engine.submit(
+                            _tokenized_once(generation, sample, prepared, handles),
+                            share_prefix_with=handles[first] if first != sample else None,
+                        )
                     )
             except RequestError as err:
                 cancel_all(handles)

@@ -76,13 +76,14 @@ class ScriptedEngine:
         self.cancelled = threading.Event()
         self.release = threading.Event()
         self.submitted = []  # every request that passed validation
+        self.shared_with = []  # per submit: the handle of the sample whose prefix it shares
         self.logprob_shift = None  # request → added to each token's logprob (best_of tests)
         self.gives_prompt_logprobs = True
 
     def stats(self):
         return None
 
-    def submit(self, request):
+    def submit(self, request, share_prefix_with=None):
         if self.mode == "block":
             assert self.release.wait(60)
         if request.prompt is not None and self.tokenizer is not None:
@@ -97,6 +98,7 @@ class ScriptedEngine:
         if self.mode in errors:
             raise errors[self.mode]
         self.submitted.append(request)
+        self.shared_with.append(share_prefix_with)
         handle = RequestHandle(f"scripted-{len(self.submitted) - 1}", request, self)
         handle.metrics.prompt_tokens = len(request.prompt_token_ids)
         threading.Thread(target=self._play, args=(handle, self.mode), daemon=True).start()

@@ -116,6 +116,7 @@ def test_history_counts_generated_tokens_and_marks_the_prompt():
         jnp.asarray([0, 4]),
         jnp.asarray([3, 2]),
         jnp.asarray([2, 5]),
+        jnp.asarray([-1, -1]),
     )
     counts, seen = np.asarray(history.output_counts), np.asarray(history.prompt_seen)
     assert counts[1, 4] == 0  # slot 1 started afresh
@@ -316,3 +317,40 @@ def test_bad_processing_fields_are_refused_by_name(engine, fields, field):
     with pytest.raises(RequestError) as err:
         engine.submit(GenerationRequest(prompt_token_ids=(1, 2), max_new_tokens=8, **fields))
     assert err.value.field == field
+
+
+def test_samples_sharing_prompt_blocks_sample_what_they_would_alone(engine):
+    """n samples of one 21-token prompt (blocks of 8): the later ones start on the first's
+    two full blocks (its token history copied for the repetition penalty) and compute the
+    last 5 tokens themselves; each samples exactly what it samples submitted alone (f32)."""
+    prompt = _prompt(4, 21)
+
+    # Two tokens of the shared blocks pushed up, then the repetition penalty (prompt tokens
+    # too) pushes them down: a sample missing the first's prompt marks would emit them.
+    bias = ((prompt[0], 8.0), (prompt[1], 8.0))
+
+    def request(seed):
+        return GenerationRequest(
+            prompt_token_ids=prompt,
+            max_new_tokens=6,
+            temperature=0.0 if seed == 11 else 1.0,
+            seed=seed,
+            repetition_penalty=10.0,
+            logit_bias=bias,
+            top_logprobs=2,
+        )
+
+    alone = [engine.submit(request(s)).result(timeout=120) for s in (11, 12, 13)]
+    before = engine.stats().shared_prompt_tokens
+    first = engine.submit(request(11))
+    later = [engine.submit(request(s), share_prefix_with=first) for s in (12, 13)]
+    together = [h.result(timeout=120) for h in (first, *later)]
+    for a, b in zip(alone, together, strict=True):
+        assert a.token_ids == b.token_ids
+        assert not {prompt[0], prompt[1]} & set(b.token_ids)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    shared = engine.stats().shared_prompt_tokens - before
+    if engine.config.chunked_prefill:
+        assert shared == 2 * 16  # two later samples, two full blocks of 8 each
+    else:  # no prefill past position 0: each computes its whole prompt
+        assert shared == 0

@@ -69,6 +69,9 @@ def test_batched_prompts_with_n_2_are_4_choices_in_openai_order(front, engine):
     assert prompts == [(1, 2, 3), (1, 2, 3), (4, 5), (4, 5)]  # index i * n + j
     # Distinct seeds per sample, derived from the request's: reproducible, sample 0 unchanged.
     assert [r.seed for r in engine.submitted] == [7, 7 + STRIDE, 7, 7 + STRIDE]
+    # A prompt's later samples share the first one's prompt blocks.
+    shared = [None if h is None else h.request_id for h in engine.shared_with]
+    assert shared == [None, "scripted-0", None, "scripted-2"]
     usage = response["usage"]
     assert usage["prompt_tokens"] == 5  # each prompt once
     assert usage["completion_tokens"] == 4 * 3 and usage["total_tokens"] == 17

@@ -189,3 +189,57 @@ def test_next_bucket_looks_ahead_without_booking_anything():
     used = scheduler.allocator.used
     assert ahead == Bucket(4, 4) and scheduler.next_step(_all, now=0.0).bucket == ahead
     assert scheduler.allocator.used == used
+
+
+def test_blocks_shared_by_samples_return_when_their_last_holder_leaves():
+    from brownout_jax.engine.blocks import BlockAllocator
+
+    allocator = BlockAllocator(6)
+    blocks = allocator.allocate(3)
+    assert allocator.share(blocks[:2]) == blocks[:2] and allocator.free == 2
+    allocator.release(blocks)  # the first holder leaves: the shared two stay taken
+    assert allocator.free == 3 and [allocator.holders(b) for b in blocks] == [1, 1, 0]
+    allocator.release(blocks[:2])
+    assert allocator.free == 5 and allocator.used == 0
+    with pytest.raises(ValueError, match="not held"):
+        allocator.share(blocks[:1])
+
+
+def test_a_later_sample_shares_the_full_prompt_blocks_once_they_are_computed():
+    """Prompt of 20 tokens, blocks of 8: two full blocks are shared, the last 4 tokens are
+    computed again by the second sample (its first token is sampled from them); with a
+    chunked prefill only, and only once the first sample's prompt is wholly dispatched."""
+    scheduler = Scheduler(_limits(prefill_chunk=16))
+    first, second = _seq(20, name="a"), _seq(20, name="b")
+    second.shares_with = first
+    scheduler.add(first)
+    scheduler.add(second)
+    step = scheduler.next_step(_all, now=0.0)  # a's first chunk; b waits for its blocks
+    assert step.sequences == (first,) and [len(r.tokens) for r in step.rows] == [16]
+    step = scheduler.next_step(_all, now=0.0)  # a's last chunk: still pending for b
+    assert step.sequences == (first,) and step.rows[0].position == 16
+    step = scheduler.next_step(_all, now=0.0)  # a decodes (alternation) …
+    assert step.phase == Phase.DECODE
+    step = scheduler.next_step(_all, now=0.0)  # … then b starts on a's two full blocks
+    (row,) = step.rows
+    assert step.sequences == (second,) and row.position == 16 and len(row.tokens) == 4
+    assert second.blocks[:2] == first.blocks[:2] and second.blocks[2] != first.blocks[2]
+    assert row.history_from == first.slot
+    assert scheduler.allocator.used == 4  # 3 for a, 1 of b's own
+    scheduler.remove(first)
+    assert scheduler.allocator.used == 3  # the shared two stay with b
+    scheduler.remove(second)
+    assert scheduler.allocator.used == 0
+
+
+def test_without_chunked_prefill_a_sample_computes_its_whole_prompt():
+    scheduler = Scheduler(_limits())
+    first, second = _seq(20, name="a"), _seq(20, name="b")
+    second.shares_with = first
+    scheduler.add(first)
+    scheduler.add(second)
+    scheduler.next_step(_all, now=0.0)
+    scheduler.next_step(_all, now=0.0)
+    step = scheduler.next_step(_all, now=0.0)
+    (row,) = step.rows
+    assert row.position == 0 and len(row.tokens) == 20 and row.history_from == -1

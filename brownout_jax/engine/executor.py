@@ -326,6 +326,7 @@ class Executor:
                 host.slots[i] = row.slot
                 host.exact[i] = row.request.brownout == BrownoutClass.NEVER
                 host.prompt_lengths[i] = row.prompt_length
+                host.history_from[i] = row.history_from
                 if row.scores_prompt:
                     host.scoring[i] = True
                     host.next_tokens[i] = row.next_token

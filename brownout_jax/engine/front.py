@@ -104,6 +104,7 @@ class Engine:
                 prefill_chunk=config.prefill_chunk if config.chunked_prefill else None,
             ),
             on_preempt=lambda _: self.metrics.record_preemption(),
+            on_share=self.metrics.record_shared_prefix,
         )
         self._loop = EngineLoop(
             self._executor,
@@ -202,9 +203,13 @@ class Engine:
 
     # ------------------------------------------------------------------------- any thread
 
-    def submit(self, request: GenerationRequest) -> RequestHandle:
+    def submit(
+        self, request: GenerationRequest, share_prefix_with: RequestHandle | None = None
+    ) -> RequestHandle:
         """Validates and queues a request. Raises RequestError (bad field),
-        EngineOverloadedError (queue full), EngineClosedError (draining), EngineDeadError."""
+        EngineOverloadedError (queue full), EngineClosedError (draining), EngineDeadError.
+        ``share_prefix_with``: another sample of the same prompt (n / best_of), submitted
+        before this one; this one shares its full prompt blocks of KV where it can."""
         self._raise_if_dead()
         if self._loop.closing:
             raise EngineClosedError("the engine is shutting down and takes no new requests")
@@ -230,6 +235,7 @@ class Engine:
             self.structured.compile(request.structured)  # a refused spec: RequestError
         request_id = request.request_id or f"req-{next(self._ids)}"
         handle = RequestHandle(request_id, request, self)
+        handle.share_prefix_with = share_prefix_with
         handle.metrics.arrival = self.clock()
         handle.metrics.prompt_tokens = len(request.prompt_token_ids)
         # The bound covers every request not yet admitted (new and queued alike).

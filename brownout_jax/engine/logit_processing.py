@@ -88,14 +88,20 @@ class TokenHistory:
         starts: Int[Array, " B"],
         lengths: Int[Array, " B"],
         prompt_lengths: Int[Array, " B"],
+        history_from: Int[Array, " B"],
     ) -> TokenHistory:
-        """A prefill step: rows starting at position 0 begin their slot's history afresh;
-        then each chunk token is marked as prompt, or counted as generated when it lies past
-        the prompt (a preempted sequence's context, recomputed)."""
+        """A prefill step: rows starting at position 0 begin their slot's history afresh, and
+        so do rows starting on blocks shared with another sample (``history_from`` ≥ 0: that
+        slot's prompt marks are copied, its prompt being this one's); then each chunk token
+        is marked as prompt, or counted as generated when it lies past the prompt (a
+        preempted sequence's context, recomputed)."""
         num_slots, vocab = self.output_counts.shape
-        fresh = jnp.where((starts == 0) & (lengths > 0), slots, num_slots)
+        copied = history_from >= 0
+        starting = ((starts == 0) | copied) & (lengths > 0)
+        fresh = jnp.where(starting, slots, num_slots)
         counts = self.output_counts.at[fresh].set(0, mode="drop")
-        seen = self.prompt_seen.at[fresh].set(False, mode="drop")
+        marks = self.prompt_seen[jnp.clip(history_from, 0, num_slots - 1)] & copied[:, None]
+        seen = self.prompt_seen.at[fresh].set(marks, mode="drop")
         offsets = jnp.arange(tokens.shape[1], dtype=jnp.int32)
         real = offsets < lengths[:, None]
         in_prompt = starts[:, None] + offsets < prompt_lengths[:, None]

@@ -182,6 +182,8 @@ class EngineLoop:
             seq = Sequence(handle, self.make_stream(handle), list(request.prompt_token_ids))
             if request.structured is not None and self.make_grammar is not None:
                 seq.grammar = self.make_grammar(request.structured)  # compiled at submit
+            if handle.share_prefix_with is not None:  # None once that sample has left
+                seq.shares_with = self._by_handle.get(handle.share_prefix_with)
             self._by_handle[handle] = seq
             self.scheduler.add(seq)
 

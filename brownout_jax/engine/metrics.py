@@ -115,6 +115,7 @@ class EngineStats:
     decode_slo_attainment: float | None
     steps: dict[str, int]
     preemptions: int
+    shared_prompt_tokens: int  # prompt tokens samples took from another's KV blocks (n > 1)
     finished: dict[str, int]
     controller_updates: int
     compile_seconds: float  # compiling the step grid (so far, while steps_compiling > 0)
@@ -198,6 +199,11 @@ class EngineMetrics:
             "brownout_requests_finished", "Finished requests", ["reason"], registry=r
         )
         self.c_preempt = Counter("brownout_preemptions", "Sequences preempted", registry=r)
+        self.c_shared = Counter(
+            "brownout_shared_prompt_tokens",
+            "Prompt tokens a sample read from another sample's KV blocks instead of computing",
+            registry=r,
+        )
         self.c_step_failures = Counter(
             "brownout_step_failures",
             "Steps failed on the device (their requests failed; the engine served on)",
@@ -207,6 +213,7 @@ class EngineMetrics:
         self.steps: collections.Counter[str] = collections.Counter()
         self.finished: collections.Counter[str] = collections.Counter()
         self.preemptions = 0
+        self.shared_prompt_tokens = 0
         self._recent: collections.deque[RequestMetrics] = collections.deque(maxlen=recent)
         # Every step of the last hours, for offline SLO evaluation (bounded).
         self.step_log: collections.deque[StepRecord] = collections.deque(maxlen=1 << 20)
@@ -238,6 +245,10 @@ class EngineMetrics:
     def record_preemption(self) -> None:
         self.preemptions += 1
         self.c_preempt.inc()
+
+    def record_shared_prefix(self, tokens: int) -> None:
+        self.shared_prompt_tokens += tokens
+        self.c_shared.inc(tokens)
 
     def record_step_failure(
         self, phase: Phase | None, kind: StepFailureKind, state_lost: bool
@@ -290,6 +301,7 @@ class EngineMetrics:
             decode_slo_attainment=controller.attainment(Phase.DECODE),
             steps=dict(self.steps),
             preemptions=self.preemptions,
+            shared_prompt_tokens=self.shared_prompt_tokens,
             finished=dict(self.finished),
             controller_updates=controller.updates,
             compile_seconds=grid.compile_seconds,

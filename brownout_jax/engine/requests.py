@@ -365,6 +365,7 @@ class RequestHandle:
         self._engine = engine
         self._on_event: Callable[[], None] | None = None
         self.done = False
+        self.share_prefix_with: RequestHandle | None = None  # see Engine.submit
 
     def _push(self, event: TokenEvent) -> None:
         self._events.put(event)

@@ -61,6 +61,9 @@ class Sequence:
     # Scores of the prompt's tokens so far (prompt logprobs), position 1 onwards.
     prompt_scores: list[TokenLogprob] = dataclasses.field(default_factory=list)
     grammar: TokenMaskSource | None = None  # structured output: what may come next
+    # Another sample of the same request and prompt (n / best_of), whose full prompt blocks
+    # this one may share instead of computing them again (``Scheduler._shared_prefix``).
+    shares_with: Sequence | None = None
 
     @property
     def request(self) -> GenerationRequest:
@@ -104,6 +107,9 @@ class StepRow:
     scores_prompt: bool = False
     next_token: int = -1
     grammar: TokenMaskSource | None = None  # a structured-output request's matcher
+    # A sample starting on blocks shared with another: the slot whose prompt marks its token
+    # history copies (−1: none).
+    history_from: int = -1
 
     @property
     def generated_before(self) -> int:
@@ -126,10 +132,15 @@ UsableBuckets = Callable[[Phase], Collection[Bucket]]
 
 class Scheduler:
     def __init__(
-        self, limits: SchedulerLimits, on_preempt: Callable[[Sequence], None] | None = None
+        self,
+        limits: SchedulerLimits,
+        on_preempt: Callable[[Sequence], None] | None = None,
+        on_share: Callable[[int], None] | None = None,
     ):
+        """``on_share(tokens)``: a sample was admitted on another's prompt blocks."""
         self.limits = limits
         self._on_preempt = on_preempt
+        self._on_share = on_share
         self.allocator = BlockAllocator(limits.num_blocks)
         self._free_slots = list(range(limits.max_batch - 1, -1, -1))
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -216,12 +227,45 @@ class Scheduler:
         for seq in self.waiting:
             if len(rows) == limits.max_prefill_batch or free_slots == 0:
                 break
-            need = blocks_needed(len(seq.context), limits.block_size)
-            if need > free_blocks or not add(seq, 0):
+            if seq.shares_with is not None and self._source_pending(seq.shares_with):
+                break  # FIFO: its blocks are a step away; computing them again costs more
+            shared = len(self._shared_prefix(seq))
+            need = blocks_needed(len(seq.context), limits.block_size) - shared
+            if need > free_blocks or not add(seq, shared * limits.block_size):
                 break  # FIFO: nobody overtakes the head of the queue
             free_blocks -= need
             free_slots -= 1
         return rows, bucket
+
+    def _source_pending(self, source: Sequence) -> bool:
+        """The sample whose blocks a waiting one would share is still being prefilled (or
+        waits itself): not yet in the pool when this step runs."""
+        if source.finished or source.preempted:
+            return False
+        return source.prefilling or source in self.waiting
+
+    def _shared_prefix(self, seq: Sequence) -> list[int]:
+        """The blocks a new admission shares with another sample of its request: those its
+        prompt fills completely, at least one token left to compute (its first token is
+        sampled from it). Only from a sample whose prompt is wholly in the pool, on the first
+        computation (a recomputation owns all it computes), and with chunked prefill (a
+        prefill that starts past position 0 reads the cache). None when it scores its
+        prompt (prompt logprobs need every position)."""
+        source = seq.shares_with
+        if (
+            source is None
+            or self.limits.prefill_chunk is None
+            or seq.generated
+            or seq.request.prompt_logprobs is not None
+            or source.finished
+            or source.preempted
+            or source.prefilling
+            or source.slot is None
+            or source.prompt != seq.prompt
+        ):
+            return []
+        full = (len(seq.prompt) - 1) // self.limits.block_size
+        return source.blocks[:full]
 
     def _plan_prefill(self, usable: Collection[Bucket], now: float) -> StepPlan | None:
         planned, bucket = self._prefill_rows(usable)
@@ -229,12 +273,19 @@ class Scheduler:
             return None
         rows, sequences = [], []
         for seq, start, take in planned:
+            history_from = -1
             if not seq.prefilling:  # a new admission: its slot and all its blocks
                 self.waiting.popleft()
+                shared = self._shared_prefix(seq)
+                if shared:
+                    history_from = seq.shares_with.slot
+                    if self._on_share is not None:
+                        self._on_share(len(shared) * self.limits.block_size)
                 seq.slot = self._free_slots.pop()
-                seq.blocks = self.allocator.allocate(
-                    blocks_needed(len(seq.context), self.limits.block_size)
+                fresh = self.allocator.allocate(
+                    blocks_needed(len(seq.context), self.limits.block_size) - len(shared)
                 )
+                seq.blocks = self.allocator.share(shared) + fresh
                 seq.admitted_order = next(self._admissions)
                 if seq.handle.metrics.admitted is None:
                     seq.handle.metrics.admitted = now
@@ -258,6 +309,7 @@ class Scheduler:
                     scores_prompt=scores,
                     next_token=context[start + take] if scores and not last else -1,
                     grammar=seq.grammar,
+                    history_from=history_from,
                 )
             )
             sequences.append(seq)

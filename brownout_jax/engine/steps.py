@@ -63,6 +63,7 @@ class PrefillBatch:
     prompt_lengths: Int[Array, " B"]  # positions below are prompt, the rest were generated
     scoring: Bool[Array, " B"]  # rows whose chunk tokens are scored (prompt logprobs)
     next_tokens: Int[Array, " B"]  # the token after the chunk (scored rows; −1: none)
+    history_from: Int[Array, " B"]  # a sample on shared prompt blocks: whose history it copies
 
 
 @struct.dataclass
@@ -90,7 +91,7 @@ def _sample(
     processing: LogitProcessing,
     slots: Int[Array, " B"],
     positions: Int[Array, " B"],
-) -> tuple[Int[Array, " B"], Int[Array, "B C"]]:
+) -> tuple[Int[Array, " B"], Int[Array, "B PACK"]]:
     """The step's tokens and their packed rows (``PACK_WIDTH``)."""
     logits = out.logits
     adjusted = jax.lax.cond(
@@ -107,7 +108,7 @@ def _sample(
     return tokens, packed
 
 
-def _with_load(packed: Int[Array, "R C"], load: DeviceLoad | None) -> Int[Array, "R C"]:
+def _with_load(packed: Int[Array, "ROWS PACK"], load: DeviceLoad | None) -> Int[Array, "ROWS PACK"]:
     """On a mesh, DEV rows follow, one per device of the expert axis: (tokens it received,
     distinct experts it ran), each summed over the MoE layers of the step."""
     if load is None:
@@ -164,7 +165,7 @@ def engine_prefill_step(
     moe_options: MoeOptions,
     attention: AttentionPath,
     layout: InputLayout,
-) -> tuple[EngineState, Int[Array, "R 2"]]:
+) -> tuple[EngineState, Int[Array, "ROWS PACK"]]:
     """``words``: a ``PrefillBatch`` laid out by ``layout``. A chunk that is not a prompt's
     last samples a token nobody reads; the last chunk's overwrites it before the sequence
     decodes."""
@@ -181,7 +182,12 @@ def engine_prefill_step(
         batch.exact,
     )
     history = state.history.start_and_record(
-        batch.slots, batch.tokens, batch.starts, batch.lengths, batch.prompt_lengths
+        batch.slots,
+        batch.tokens,
+        batch.starts,
+        batch.lengths,
+        batch.prompt_lengths,
+        batch.history_from,
     )
     tokens, packed = _sample(
         out,
@@ -215,7 +221,7 @@ def engine_decode_step(
     moe_options: MoeOptions,
     attention: AttentionPath,
     layout: InputLayout,
-) -> tuple[EngineState, Int[Array, "R 2"]]:
+) -> tuple[EngineState, Int[Array, "ROWS PACK"]]:
     """``words``: a ``DecodeBatch`` laid out by ``layout``."""
     batch: DecodeBatch = layout.unpack(words)
     num_slots = state.last_tokens.shape[0]
@@ -256,6 +262,7 @@ def host_prefill_batch(
         prompt_lengths=np.zeros(batch, np.int32),
         scoring=np.zeros(batch, bool),
         next_tokens=np.full(batch, -1, np.int32),
+        history_from=np.full(batch, -1, np.int32),
     )
 
 

@@ -10,6 +10,9 @@
     P  padded rows of expert-sorted assignments (tiles * rows per tile)
     L  decoder layers                     W  KV blocks in a row's block table
     M  words of a token bitmask (⌈V/32⌉)  SLOTS  the engine's sequence slots
+    PACK  a step's packed output row (token, logprob, 20 alternatives and their logprobs)
+    ROWS  a step's output rows (B; + B·T prompt scores in prefill; + DEV on a mesh)
+    ALT  top alternatives per token (20)      BIAS  logit-bias entries per row (64)
 
 Arrays are annotated with jaxtyping, e.g. ``Float[Array, "B T D"]``; einsum subscripts use the
 same letters in lower case.
