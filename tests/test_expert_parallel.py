@@ -27,6 +27,7 @@ from brownout_jax.engine.input_words import InputLayout
 from brownout_jax.engine.requests import GenerationRequest
 from brownout_jax.engine.step_grid import StepGrid, abstract_tree
 from brownout_jax.engine.steps import (
+    PACK_WIDTH,
     engine_decode_step,
     engine_prefill_step,
     host_decode_batch,
@@ -362,17 +363,18 @@ def test_mesh_config_is_hashable_static():
 
 
 def test_packed_step_output_gains_one_load_row_per_device_only_on_a_mesh(models):
-    """The engine's one host sync per step: (B, 2) sampled on one device, (B + DEV, 2) on a
-    mesh (shapes only: nothing is compiled)."""
+    """The engine's one host sync per step: B sampled rows (+ B·T prompt-score rows in a
+    prefill step) on one device, DEV more rows of load on a mesh (shapes only: nothing is
+    compiled)."""
     params = models["contiguous"]
     buckets = EngineBuckets((2,), (16,), (2,), (2,), 8)
     for mesh in (None, _mesh(4)):
         placed = params if mesh is None else shard_params(params, CONFIG, mesh)
         options = MoeOptions(mesh=mesh)
         grid = StepGrid(placed, CONFIG, ThresholdLadder((1.0,)), buckets, 8, 2, options)
-        for step, batch in (
-            (engine_prefill_step, host_prefill_batch(2, 16, 2, 2)),
-            (engine_decode_step, host_decode_batch(2, 2, 2)),
+        for step, batch, rows in (
+            (engine_prefill_step, host_prefill_batch(2, 16, 2, 2), 2 + 2 * 16),
+            (engine_decode_step, host_decode_batch(2, 2, 2), 2),
         ):
             layout = InputLayout.of(batch)
             _, packed = jax.eval_shape(
@@ -387,7 +389,8 @@ def test_packed_step_output_gains_one_load_row_per_device_only_on_a_mesh(models)
                 grid._state,
                 abstract_tree(layout.pack(batch), grid.input_sharding),
             )
-            assert packed.shape == (2 if mesh is None else 2 + 4, 2), (mesh, step)
+            devices = 0 if mesh is None else 4
+            assert packed.shape == (rows + devices, PACK_WIDTH), (mesh, step)
 
 
 def test_engine_stats_report_device_load_and_brownout_shrinks_the_busiest_device(models):
