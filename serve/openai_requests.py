@@ -39,7 +39,8 @@ _SEED_STRIDE = 0x9E3779B9
 @dataclasses.dataclass(frozen=True, slots=True)
 class PreparedRequest:
     """One OpenAI request as engine requests: ``best_of`` samples per prompt, each its own
-    ``GenerationRequest`` (the engine shares no KV blocks between them)."""
+    ``GenerationRequest`` (a prompt's later samples share its first sample's full prompt
+    blocks: ``Engine.submit``'s ``share_prefix_with``)."""
 
     samples: tuple[GenerationRequest, ...]  # prompt i's sample j at i * best_of + j
     prompt_texts: tuple[str | None, ...]  # per prompt: the text sent (echo), None for ids
