@@ -41,6 +41,9 @@ class Comparison:
     choice_disagreements: int  # docs whose argmax choice differs (multiple choice)
     generations: int
     identical_generations: int
+    # Identical empty or one-word generations say little: how much text was compared.
+    mean_generation_chars: float  # of A's generations; nan when there are none
+    empty_generations: int  # of A's
     generation_mismatches: tuple[int, ...]  # doc_ids
     metrics_a: dict[str, float]  # per-sample metrics averaged over the paired docs
     metrics_b: dict[str, float]
@@ -100,6 +103,7 @@ def compare(a: list[dict], b: list[dict]) -> Comparison:
     greedy_disagreements = choice_disagreements = 0
     generations = identical = 0
     generation_mismatches = []
+    generation_chars: list[int] = []
     for doc_id in common:
         sa, sb = by_a[doc_id], by_b[doc_id]
         # Same requests on both sides, else the pairing is meaningless (a different task file
@@ -122,6 +126,7 @@ def compare(a: list[dict], b: list[dict]) -> Comparison:
         elif all(x is None for x in lls_a + lls_b):
             for ta, tb in zip(ra, rb, strict=True):
                 generations += 1
+                generation_chars.append(len(ta))
                 if ta == tb:
                     identical += 1
                 elif doc_id not in generation_mismatches:
@@ -145,6 +150,8 @@ def compare(a: list[dict], b: list[dict]) -> Comparison:
         choice_disagreements=int(choice_disagreements),
         generations=generations,
         identical_generations=identical,
+        mean_generation_chars=float(np.mean(generation_chars)) if generations else float("nan"),
+        empty_generations=sum(n == 0 for n in generation_chars),
         generation_mismatches=tuple(generation_mismatches),
         metrics_a=_numeric_metrics(paired_a),
         metrics_b=_numeric_metrics(paired_b),
@@ -166,7 +173,10 @@ def report(c: Comparison, tol: float = DEFAULT_TOL) -> str:
         lines.append(f"is_greedy disagreements: {c.greedy_disagreements}/{c.loglikelihoods}")
         lines.append(f"argmax choice disagreements: {c.choice_disagreements}/{c.docs}")
     if c.generations:
-        lines.append(f"identical generations: {c.identical_generations}/{c.generations}")
+        lines.append(
+            f"identical generations: {c.identical_generations}/{c.generations} (A's: "
+            f"{c.mean_generation_chars:.1f} characters on average, {c.empty_generations} empty)"
+        )
         if c.generation_mismatches:
             shown = list(c.generation_mismatches[:SHOWN_MISMATCHES])
             lines.append(f"generations differ in docs {shown}")

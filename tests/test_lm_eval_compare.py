@@ -89,13 +89,15 @@ def test_generations_compare_exactly(tmp_path, capsys):
     a = [gen_sample(0, " b"), gen_sample(1, " c d"), gen_sample(2, " e")]
     same = compare(a, [gen_sample(2, " e"), gen_sample(0, " b"), gen_sample(1, " c d")])
     assert (same.generations, same.identical_generations) == (3, 3) and same.agrees()
+    assert same.mean_generation_chars == pytest.approx(8 / 3) and same.empty_generations == 0
     assert same.metrics_a == {"exact_match": pytest.approx(1 / 3)}  # chrf pairs left out
     # A trailing space is a different generation: the fronts must return the same text.
     b = [gen_sample(0, " b"), gen_sample(1, " c d "), gen_sample(2, " e")]
     rc = main([write(tmp_path / "a.jsonl", a), write(tmp_path / "b.jsonl", b)])
     out = capsys.readouterr().out
     assert rc == 1
-    assert "identical generations: 2/3" in out and "generations differ in docs [1]" in out
+    assert "identical generations: 2/3 (A's: 2.7 characters" in out
+    assert "generations differ in docs [1]" in out
 
 
 def test_unpaired_documents_and_different_requests_disagree():

@@ -1,24 +1,28 @@
 """Prompt/target pairs of ``demo_docstring_gen`` (docstring_gen.yaml), loaded by lm-eval
 through ``!function``; lm-eval's dataset objects come in, nothing of the project is imported."""
 
-# Shorter first lines leave a prompt or a target of one or two words, which says little about
-# a completion; the docstring_mc task's sentences use the same kind of floor.
+import re
+
+# Shorter paragraphs leave a prompt or a target of one or two words, which says little about a
+# completion; the docstring_mc task's sentences use the same kind of floor.
 MIN_WORDS = 6
+_WORD = re.compile(r"\S+")
 
 
-def split_line(text: str) -> tuple[str, str] | None:
-    """(first half, second half) of the words of ``text``'s first line, or None when the line
-    is too short. Whitespace inside the line collapses to single spaces."""
-    words = text.split("\n", 1)[0].split()
-    if len(words) < MIN_WORDS:
+def split_paragraph(text: str) -> tuple[str, str] | None:
+    """(prompt, target) of ``text``'s first paragraph cut before its middle word, or None when
+    it is too short. The paragraph keeps its line breaks: the model saw docstrings wrapped."""
+    paragraph = text.split("\n\n", 1)[0]
+    starts = [m.start() for m in _WORD.finditer(paragraph)]
+    if len(starts) < MIN_WORDS:
         return None
-    cut = len(words) // 2
-    return " ".join(words[:cut]), " ".join(words[cut:])
+    cut = starts[len(starts) // 2]
+    return paragraph[:cut].rstrip(), paragraph[cut:].rstrip()
 
 
 def process_docs(dataset):
     def add_fields(doc):
-        context, target = split_line(doc["text"])
+        context, target = split_paragraph(doc["text"])
         return {"context": context, "target": target}
 
-    return dataset.filter(lambda doc: split_line(doc["text"]) is not None).map(add_fields)
+    return dataset.filter(lambda doc: split_paragraph(doc["text"]) is not None).map(add_fields)
