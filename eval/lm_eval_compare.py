@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -38,7 +39,9 @@ class Comparison:
     mean_abs_diff: float
     worst_doc: int | None  # doc_id of the largest |diff|
     greedy_disagreements: int
-    choice_disagreements: int  # docs whose argmax choice differs (multiple choice)
+    greedy_a: int  # A's loglikelihoods flagged greedy (all-false flags agree trivially)
+    choice_docs: int  # paired docs with more than one loglikelihood request (multiple choice)
+    choice_disagreements: int  # of those, docs whose argmax choice differs
     generations: int
     identical_generations: int
     # Identical empty or one-word generations say little: how much text was compared.
@@ -83,13 +86,15 @@ def _responses(sample: dict) -> list:
 
 
 def _numeric_metrics(samples: list[dict]) -> dict[str, float]:
-    """Means of the per-sample metrics that are numbers (acc, exact_match, …); corpus-level
+    """The per-sample metrics that are numbers aggregated as lm-eval does: perplexity from
+    its per-sample loglikelihoods, the others (acc, exact_match, …) as means. Corpus-level
     metrics such as chrf store (reference, prediction) pairs and are left out."""
     out = {}
     for name in samples[0].get("metrics", []) if samples else []:
         values = [s.get(name) for s in samples]
         if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-            out[name] = float(np.mean(values))
+            mean = float(np.mean(values))
+            out[name] = math.exp(-mean) if name == "perplexity" else mean
     return out
 
 
@@ -100,7 +105,7 @@ def compare(a: list[dict], b: list[dict]) -> Comparison:
     prompt_mismatches = []
     diffs: list[float] = []
     diff_docs: list[int] = []
-    greedy_disagreements = choice_disagreements = 0
+    greedy_disagreements = greedy_a = choice_docs = choice_disagreements = 0
     generations = identical = 0
     generation_mismatches = []
     generation_chars: list[int] = []
@@ -119,7 +124,9 @@ def compare(a: list[dict], b: list[dict]) -> Comparison:
                 diffs.append(abs(la - lb))
                 diff_docs.append(doc_id)
                 greedy_disagreements += ga != gb
+                greedy_a += ga
             if len(lls_a) > 1:
+                choice_docs += 1
                 pick_a = int(np.argmax([x[0] for x in lls_a]))
                 pick_b = int(np.argmax([x[0] for x in lls_b]))
                 choice_disagreements += pick_a != pick_b
@@ -147,6 +154,8 @@ def compare(a: list[dict], b: list[dict]) -> Comparison:
         mean_abs_diff=float(d.mean()) if d.size else float("nan"),
         worst_doc=None if worst is None else diff_docs[worst],
         greedy_disagreements=int(greedy_disagreements),
+        greedy_a=int(greedy_a),
+        choice_docs=choice_docs,
         choice_disagreements=int(choice_disagreements),
         generations=generations,
         identical_generations=identical,
@@ -170,8 +179,12 @@ def report(c: Comparison, tol: float = DEFAULT_TOL) -> str:
             f"loglikelihoods: {c.loglikelihoods}, max |A-B| {c.max_abs_diff:.3g} "
             f"(doc {c.worst_doc}), mean |A-B| {c.mean_abs_diff:.3g}, tolerance {tol:g}"
         )
-        lines.append(f"is_greedy disagreements: {c.greedy_disagreements}/{c.loglikelihoods}")
-        lines.append(f"argmax choice disagreements: {c.choice_disagreements}/{c.docs}")
+        lines.append(
+            f"is_greedy disagreements: {c.greedy_disagreements}/{c.loglikelihoods} "
+            f"(A: {c.greedy_a} greedy)"
+        )
+    if c.choice_docs:
+        lines.append(f"argmax choice disagreements: {c.choice_disagreements}/{c.choice_docs}")
     if c.generations:
         lines.append(
             f"identical generations: {c.identical_generations}/{c.generations} (A's: "

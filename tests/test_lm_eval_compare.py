@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
-from brownout_jax.eval.lm_eval_compare import compare, main, read_samples
+from brownout_jax.eval.lm_eval_compare import compare, main, read_samples, report
 
 
 def mc_sample(doc_id: int, logprobs, greedy=None, prompt="p") -> dict:
@@ -67,9 +68,11 @@ def test_multiple_choice_within_tolerance_agrees(tmp_path, capsys):
     c = compare(read_samples(tmp_path / "a.jsonl"), read_samples(tmp_path / "b.jsonl"))
     assert c.docs == 2 and c.loglikelihoods == 6
     assert c.max_abs_diff == pytest.approx(9e-4) and c.worst_doc == 0
-    assert c.greedy_disagreements == 0 and c.choice_disagreements == 0
+    assert c.greedy_disagreements == 0 and c.greedy_a == 1
+    assert (c.choice_docs, c.choice_disagreements) == (2, 0)
     assert c.metrics_a == {"acc": 0.5, "acc_norm": 0.0}
-    assert "loglikelihoods: 6" in out and out.rstrip().endswith("AGREE")
+    assert "loglikelihoods: 6" in out and "is_greedy disagreements: 0/6 (A: 1 greedy)" in out
+    assert out.rstrip().endswith("AGREE")
 
 
 def test_multiple_choice_beyond_tolerance_or_greedy_flag_disagrees(tmp_path, capsys):
@@ -107,6 +110,19 @@ def test_unpaired_documents_and_different_requests_disagree():
     other_prompt = mc_sample(0, [-1.0, -2.0], prompt="q")
     c = compare([mc_sample(0, [-1.0, -2.0])], [other_prompt])
     assert c.prompt_mismatches == (0,) and c.loglikelihoods == 0 and not c.agrees()
+
+
+def test_single_continuation_tasks_report_perplexity_as_lm_eval_aggregates_it():
+    # LAMBADA-style: one loglikelihood per doc, acc = is_greedy, per-sample perplexity = ll.
+    a = []
+    for doc_id, (ll, greedy) in enumerate([(-1.0, True), (-3.0, False)]):
+        sample = mc_sample(doc_id, [ll], [greedy])
+        sample.update(metrics=["perplexity", "acc"], perplexity=ll, acc=float(greedy))
+        a.append(sample)
+    c = compare(a, a)
+    assert c.choice_docs == 0 and c.greedy_a == 1 and c.agrees()
+    assert c.metrics_a == {"perplexity": pytest.approx(math.exp(2.0)), "acc": 0.5}
+    assert "argmax choice" not in report(c)
 
 
 def test_numeric_responses_of_older_lm_eval_versions():
