@@ -149,3 +149,25 @@ class ScriptedEngine:
     def cancel(self, handle):
         self.cancelled.set()
         handle._push(TokenEvent(None, None, "", FinishReason.CANCELLED))
+
+
+def running_front(key: str):
+    """An HTTP front on an ephemeral port with API key ``key`` (a fixture's body: yields
+    (state, port), stops the front after)."""
+    from brownout_jax.serve.http_server import HttpFront
+    from brownout_jax.serve.serving_state import ApiKey, ServingState
+
+    state = ServingState(ApiKey(key))
+    http_front = HttpFront(state, "127.0.0.1", 0)
+    http_front.start()
+    yield state, http_front.port
+    http_front.stop()
+
+
+def serving(state, engine):
+    """``engine`` behind ``state`` while the fixture lasts (a fixture's body: yields it)."""
+    state.engine = engine
+    state.set_serving(True)
+    yield engine
+    state.engine = None
+    state.set_serving(False)

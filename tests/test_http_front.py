@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from scripted_engine import ScriptedEngine
+from scripted_engine import ScriptedEngine, running_front, serving
 
 from brownout_jax.engine.requests import BrownoutClass
 from brownout_jax.serve.http_server import HttpFront
@@ -24,21 +24,12 @@ KEY = "test-key-7f3a"
 
 @pytest.fixture(scope="module")
 def front():
-    state = ServingState(ApiKey(KEY))
-    http_front = HttpFront(state, "127.0.0.1", 0)
-    http_front.start()
-    yield state, http_front.port
-    http_front.stop()
+    yield from running_front(KEY)
 
 
 @pytest.fixture()
 def engine(front):
-    state, _ = front
-    state.engine = ScriptedEngine()
-    state.set_serving(True)
-    yield state.engine
-    state.engine = None
-    state.set_serving(False)
+    yield from serving(front[0], ScriptedEngine())
 
 
 LIMIT = 2048  # the bounded front's --max-request-bytes

@@ -9,11 +9,9 @@ import http.client
 import json
 
 import pytest
-from scripted_engine import ScriptedEngine, WordTokenizer, scripted_top
+from scripted_engine import ScriptedEngine, WordTokenizer, running_front, scripted_top, serving
 
 from brownout_jax.engine.requests import StructuredKind, StructuredOutput
-from brownout_jax.serve.http_server import HttpFront
-from brownout_jax.serve.serving_state import ApiKey, ServingState
 
 KEY = "surface-key-1b2c"
 STRIDE = 0x9E3779B9  # openai_requests._SEED_STRIDE
@@ -21,21 +19,12 @@ STRIDE = 0x9E3779B9  # openai_requests._SEED_STRIDE
 
 @pytest.fixture(scope="module")
 def front():
-    state = ServingState(ApiKey(KEY))
-    http_front = HttpFront(state, "127.0.0.1", 0)
-    http_front.start()
-    yield state, http_front.port
-    http_front.stop()
+    yield from running_front(KEY)
 
 
 @pytest.fixture()
 def engine(front):
-    state, _ = front
-    state.engine = ScriptedEngine(max_queue=8)
-    state.set_serving(True)
-    yield state.engine
-    state.engine = None
-    state.set_serving(False)
+    yield from serving(front[0], ScriptedEngine(max_queue=8))
 
 
 def call(port, path, body, key=KEY):
