@@ -87,13 +87,11 @@ def _bits(x: Array) -> Array:
 def _sample(
     out: StepOutput,
     history: TokenHistory,
-    sampling: SamplingParams,
-    processing: LogitProcessing,
-    slots: Int[Array, " B"],
+    batch: PrefillBatch | DecodeBatch,
     positions: Int[Array, " B"],
 ) -> tuple[Int[Array, " B"], Int[Array, "B PACK"]]:
     """The step's tokens and their packed rows (``PACK_WIDTH``)."""
-    logits = out.logits
+    logits, sampling, processing, slots = out.logits, batch.sampling, batch.processing, batch.slots
     adjusted = jax.lax.cond(
         needs_processing(processing),
         lambda: process_logits(logits, processing, history, slots),
@@ -189,14 +187,7 @@ def engine_prefill_step(
         batch.prompt_lengths,
         batch.history_from,
     )
-    tokens, packed = _sample(
-        out,
-        history,
-        batch.sampling,
-        batch.processing,
-        batch.slots,
-        batch.starts + batch.lengths,
-    )
+    tokens, packed = _sample(out, history, batch, batch.starts + batch.lengths)
     scores = score_prompts(
         lambda h: lm_logits(params, h),
         out.hidden,
@@ -231,14 +222,7 @@ def engine_decode_step(
         params, config, cache, inputs, batch.positions, batch.active, moe_options, batch.exact
     )
     history = state.history.record_generated(batch.slots, inputs, batch.active)
-    tokens, packed = _sample(
-        out,
-        history,
-        batch.sampling,
-        batch.processing,
-        batch.slots,
-        batch.positions + 1,
-    )
+    tokens, packed = _sample(out, history, batch, batch.positions + 1)
     targets = jnp.where(batch.active, batch.slots, num_slots)
     last = state.last_tokens.at[targets].set(tokens, mode="drop")
     packed = _with_load(packed, out.device_load)
