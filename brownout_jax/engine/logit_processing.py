@@ -155,17 +155,32 @@ def process_logits(
     return apply_token_bitmask(logits, proc.token_mask)
 
 
+PACK_WIDTH = 2 + 2 * ALTERNATIVES  # a packed row: id, logprob bits, K ids, K logprob bits
+
+
+def pack_rows(
+    first: Int[Array, "..."],
+    logprob: Float[Array, "..."],
+    ids: Int[Array, "... ALT"],
+    values: Float[Array, "... ALT"],
+) -> Int[Array, "... PACK"]:
+    """(token or target id, its logprob, the alternatives' ids and logprobs) as int32 words:
+    the layout of every row the host reads back (``steps.split_packed``)."""
+    return jnp.concatenate(
+        [first[..., None], _bits(logprob)[..., None], ids, _bits(values)], axis=-1
+    )
+
+
 def top_alternatives(
-    logits: Float[Array, "B V"], normaliser: Float[Array, " B"], wanted: Bool[Array, " B"]
-) -> tuple[Int[Array, "B K"], Float[Array, "B K"]]:
+    logits: Float[Array, "B V"], wanted: Bool[Array, " B"]
+) -> tuple[Int[Array, "B ALT"], Float[Array, "B ALT"]]:
     """The K most likely tokens of each row and their log-probabilities, best first;
     computed only when some row asked (zeros otherwise)."""
     batch = logits.shape[0]
-    k = min(ALTERNATIVES, logits.shape[-1])
 
     def compute():
-        values, ids = jax.lax.top_k(logits.astype(jnp.float32), k)
-        return _pad_k(ids.astype(jnp.int32)), _pad_k(values - normaliser[:, None])
+        logits32 = logits.astype(jnp.float32)
+        return _top_k(logits32, jax.nn.logsumexp(logits32, axis=-1))
 
     def skip():
         return (
@@ -174,6 +189,14 @@ def top_alternatives(
         )
 
     return jax.lax.cond(jnp.any(wanted), compute, skip)
+
+
+def _top_k(
+    logits: Float[Array, "N V"], normaliser: Float[Array, " N"]
+) -> tuple[Int[Array, "N ALT"], Float[Array, "N ALT"]]:
+    k = min(ALTERNATIVES, logits.shape[-1])
+    values, ids = jax.lax.top_k(logits, k)
+    return _pad_k(ids.astype(jnp.int32)), _pad_k(values - normaliser[:, None])
 
 
 def _pad_k(x: Array) -> Array:
@@ -188,43 +211,36 @@ def score_prompts(
     lengths: Int[Array, " B"],
     next_tokens: Int[Array, " B"],
     scoring: Bool[Array, " B"],
-) -> Int[Array, "B T C"]:
+) -> Int[Array, "B T PACK"]:
     """Teacher-forced scores of a prefill chunk's tokens: at offset t the token that follows
     it (the chunk's next token, or ``next_tokens`` after its last: the next chunk's first;
-    < 0 when none), its log-probability and the top-K alternatives there, packed as
-    (target id, logprob bits, K ids, K logprob bits). Rows not ``scoring`` are zeros, and
-    when no row scores nothing is computed: a (T, V) logits block per row otherwise, one row
-    at a time (at Qwen's vocabulary a whole batch's would not fit)."""
+    < 0 when none), its log-probability and the top-K alternatives there (``pack_rows``).
+    Rows not ``scoring`` are zeros and compute nothing: a scoring row's (T, V) logits are
+    made one row at a time (at Qwen's vocabulary a whole batch's would not fit)."""
     batch, length = tokens.shape
     offsets = jnp.arange(length, dtype=jnp.int32)
     following = jnp.concatenate([tokens[:, 1:], jnp.full((batch, 1), -1, jnp.int32)], axis=1)
     last = offsets == (lengths - 1)[:, None]
     targets = jnp.where(last, next_tokens[:, None], following)
     targets = jnp.where(offsets < lengths[:, None], targets, -1)
-    width = 2 + 2 * ALTERNATIVES
+    zeros = jnp.zeros((length, PACK_WIDTH), jnp.int32)
 
-    def row(args):
-        h, target = args
+    def score(h, target):
         logits = logits_of(h).astype(jnp.float32)
         normaliser = jax.nn.logsumexp(logits, axis=-1)
         chosen = jnp.take_along_axis(logits, jnp.maximum(target, 0)[:, None], axis=-1)[:, 0]
-        ids, values = top_alternatives(logits, normaliser, jnp.ones((length,), bool))
-        return jnp.concatenate(
-            [
-                target[:, None],
-                _bits(chosen - normaliser)[:, None],
-                ids,
-                _bits(values),
-            ],
-            axis=-1,
-        )
+        ids, values = _top_k(logits, normaliser)
+        return pack_rows(target, chosen - normaliser, ids, values)
+
+    def row(args):
+        h, target, scored = args
+        return jax.lax.cond(scored, score, lambda *_: zeros, h, target)
 
     def compute():
-        packed = jax.lax.map(row, (hidden, targets))
-        return jnp.where(scoring[:, None, None], packed, 0)
+        return jax.lax.map(row, (hidden, targets, scoring))
 
     return jax.lax.cond(
-        jnp.any(scoring), compute, lambda: jnp.zeros((batch, length, width), jnp.int32)
+        jnp.any(scoring), compute, lambda: jnp.zeros((batch, length, PACK_WIDTH), jnp.int32)
     )
 
 

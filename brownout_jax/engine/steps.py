@@ -24,9 +24,11 @@ from brownout_jax.engine.attention_path import AttentionPath
 from brownout_jax.engine.input_words import InputLayout
 from brownout_jax.engine.logit_processing import (
     ALTERNATIVES,
+    PACK_WIDTH,
     LogitProcessing,
     TokenHistory,
     needs_processing,
+    pack_rows,
     process_logits,
     score_prompts,
     top_alternatives,
@@ -77,13 +79,6 @@ class DecodeBatch:
     processing: LogitProcessing
 
 
-PACK_WIDTH = 2 + 2 * ALTERNATIVES  # token, logprob bits, K alternative ids, K logprob bits
-
-
-def _bits(x: Array) -> Array:
-    return jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
-
-
 def _sample(
     out: StepOutput,
     history: TokenHistory,
@@ -98,12 +93,8 @@ def _sample(
         lambda: logits.astype(jnp.float32),
     )
     tokens, logprobs = sample_tokens(logits, sampling, positions, adjusted, processing.min_p)
-    normaliser = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
-    ids, values = top_alternatives(logits, normaliser, processing.alternatives)
-    packed = jnp.concatenate(
-        [tokens[:, None], _bits(logprobs)[:, None], ids, _bits(values)], axis=-1
-    )
-    return tokens, packed
+    ids, values = top_alternatives(logits, processing.alternatives)
+    return tokens, pack_rows(tokens, logprobs, ids, values)
 
 
 def _with_load(packed: Int[Array, "ROWS PACK"], load: DeviceLoad | None) -> Int[Array, "ROWS PACK"]:
