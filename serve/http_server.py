@@ -139,11 +139,9 @@ class HttpApi:
             try:
                 for sample, generation in enumerate(prepared.samples):
                     first = sample - sample % prepared.best_of  # this prompt's first sample
+                    source = handles[first] if first != sample else None
                     handles.append(
-                        engine.submit(
-                            _tokenized_once(generation, sample, prepared, handles),
-                            share_prefix_with=handles[first] if first != sample else None,
-                        )
+                        engine.submit(_tokenized_once(generation, source), share_prefix_with=source)
                     )
             except RequestError as err:
                 cancel_all(handles)
@@ -264,16 +262,13 @@ class HttpApi:
 
 
 def _tokenized_once(
-    generation: GenerationRequest, sample: int, prepared: PreparedRequest, handles
+    generation: GenerationRequest, source: RequestHandle | None
 ) -> GenerationRequest:
-    """A later sample of a text prompt takes the ids the engine made of it for the first
-    sample, rather than tokenizing the same text again."""
-    first = sample - sample % prepared.best_of
-    if generation.prompt is None or first == sample:
+    """A later sample of a text prompt takes the ids the engine made of it for the prompt's
+    first sample (``source``), rather than tokenizing the same text again."""
+    if generation.prompt is None or source is None or not source.request.prompt_token_ids:
         return generation
-    ids = handles[first].request.prompt_token_ids
-    if not ids:
-        return generation
+    ids = source.request.prompt_token_ids
     return dataclasses.replace(generation, prompt=None, prompt_token_ids=ids)
 
 

@@ -92,7 +92,7 @@ class Engine:
             progress,
             grid,
             self.latency,
-            eos_token_ids=frozenset(eos_token_ids),
+            eos_token_ids=self.eos_token_ids,
         )
         scheduler = Scheduler(
             SchedulerLimits(

@@ -276,7 +276,8 @@ class Scheduler:
             history_from = -1
             if not seq.prefilling:  # a new admission: its slot and all its blocks
                 self.waiting.popleft()
-                shared = self._shared_prefix(seq)
+                # _prefill_rows started it past the blocks it shares (_shared_prefix).
+                shared = seq.shares_with.blocks[: start // self.limits.block_size] if start else []
                 if shared:
                     history_from = seq.shares_with.slot
                     if self._on_share is not None:
