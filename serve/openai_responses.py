@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from brownout_jax.engine.requests import (
     FinishReason,
+    GenerationOutput,
     RequestMetrics,
     TokenEvent,
 )
@@ -62,18 +63,17 @@ class Collected:
         echo_only: bool = False,
     ) -> Collected:
         """``echo_only``: the token generated to score the prompt is dropped (max_tokens = 0)."""
-        tokens = [] if echo_only else [e for e in events if e.token_id is not None]
-        prompt = next((e.prompt_logprobs for e in events if e.prompt_logprobs is not None), None)
-        finish = events[-1].finish_reason
+        out = GenerationOutput.from_events("", events, metrics)
+        finish = out.finish_reason
         return cls(
-            text="" if echo_only else "".join(e.text for e in events),
-            token_ids=[e.token_id for e in tokens],
-            logprobs=[e.logprob for e in tokens],
-            top_logprobs=[e.top_logprobs for e in tokens],
+            text="" if echo_only else out.text,
+            token_ids=[] if echo_only else out.token_ids,
+            logprobs=[] if echo_only else out.logprobs,
+            top_logprobs=[] if echo_only else out.top_logprobs,
             finish=FinishReason.LENGTH if echo_only and finish is FinishReason.STOP else finish,
             metrics=metrics,
             prompt_ids=tuple(prompt_ids),
-            prompt_logprobs=prompt,
+            prompt_logprobs=out.prompt_logprobs,
         )
 
     @property

@@ -352,6 +352,26 @@ class GenerationOutput:
     top_logprobs: list[tuple[tuple[int, float], ...]] = dataclasses.field(default_factory=list)
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
+    @classmethod
+    def from_events(
+        cls, request_id: str, events: list[TokenEvent], metrics: RequestMetrics
+    ) -> GenerationOutput:
+        """A request's output from its events, the finishing one last."""
+        tokens = [e for e in events if e.token_id is not None]
+        prompt = next((e.prompt_logprobs for e in events if e.prompt_logprobs is not None), None)
+        last = events[-1] if events else None
+        return cls(
+            request_id=request_id,
+            token_ids=[e.token_id for e in tokens],
+            logprobs=[e.logprob for e in tokens],
+            text="".join(e.text for e in events),
+            finish_reason=FinishReason.ERROR if last is None else last.finish_reason,
+            error=None if last is None else last.error,
+            metrics=metrics,
+            top_logprobs=[e.top_logprobs for e in tokens],
+            prompt_logprobs=prompt,
+        )
+
 
 class RequestHandle:
     """What ``Engine.submit`` returns: iterate it for token events, or wait for the result."""
@@ -406,26 +426,6 @@ class RequestHandle:
         return self.events()
 
     def result(self, timeout: float | None = None) -> GenerationOutput:
-        tokens, logprobs, text, top = [], [], [], []
-        finish, error, prompt = FinishReason.ERROR, None, None
-        for event in self.events(timeout):
-            if event.prompt_logprobs is not None:
-                prompt = event.prompt_logprobs
-            if event.token_id is not None:
-                tokens.append(event.token_id)
-                logprobs.append(event.logprob)
-                top.append(event.top_logprobs)
-            text.append(event.text)
-            if event.finish_reason is not None:
-                finish, error = event.finish_reason, event.error
-        return GenerationOutput(
-            request_id=self.request_id,
-            token_ids=tokens,
-            logprobs=logprobs,
-            text="".join(text),
-            finish_reason=finish,
-            error=error,
-            metrics=self.metrics,
-            top_logprobs=top,
-            prompt_logprobs=prompt,
+        return GenerationOutput.from_events(
+            self.request_id, list(self.events(timeout)), self.metrics
         )
