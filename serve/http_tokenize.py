@@ -8,9 +8,7 @@ from __future__ import annotations
 from brownout_jax.serve.openai_protocol import DetokenizeRequest, OpenAIError, TokenizeRequest
 from brownout_jax.serve.openai_requests import chat_prompt_ids
 
-
-def _bad(field: str, message: str) -> OpenAIError:
-    return OpenAIError(400, f"{field}: {message}", param=field)
+_bad = OpenAIError.bad_field
 
 
 def _tokenizer(engine, field: str):

@@ -36,6 +36,11 @@ class OpenAIError(Exception):
         self.error_type = error_type
         self.retry_after_s = retry_after_s
 
+    @classmethod
+    def bad_field(cls, field: str, message: str) -> OpenAIError:
+        """A 400 naming the request field it is about."""
+        return cls(400, f"{field}: {message}", param=field)
+
     def body(self) -> dict:
         return error_body(self.message, self.error_type, self.param, self.code)
 

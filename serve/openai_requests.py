@@ -98,8 +98,7 @@ def step_error(message: str | None, kind: StepFailureKind) -> OpenAIError:
     )
 
 
-def _bad(field: str, message: str) -> OpenAIError:
-    return OpenAIError(400, f"{field}: {message}", param=field)
+_bad = OpenAIError.bad_field
 
 
 def _logit_bias(given: dict[str, float] | None) -> tuple[tuple[int, float], ...]:

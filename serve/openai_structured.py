@@ -20,9 +20,7 @@ from brownout_jax.serve.openai_protocol import (
     StructuredOutputs,
 )
 
-
-def _bad(field: str, message: str) -> OpenAIError:
-    return OpenAIError(400, f"{field}: {message}", param=field)
+_bad = OpenAIError.bad_field
 
 
 def _schema_text(field: str, schema) -> str:
