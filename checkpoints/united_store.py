@@ -130,6 +130,12 @@ def load_united(
     if tuple(manifest["moe_layers"]) != config.moe_layers:
         raise CheckpointError(f"{directory}: MoE layers {manifest['moe_layers']} do not match")
     target = abstract_united(manifest, config, jnp.dtype(manifest["dtype"]))
+    # Onto this process's first device, whatever the topology it was saved from: each process
+    # of a multi-process engine restores its own whole copy (and shards it itself).
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here), target
+    )
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             united = checkpointer.restore(directory / WEIGHTS_DIR, target)

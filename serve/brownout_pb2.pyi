@@ -154,7 +154,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("model", "prefill_threshold", "decode_threshold", "controller_mode", "slo_ttft_s", "slo_tpot_s", "queue_depth", "running", "kv_blocks_used", "kv_blocks_total", "prefill_slo_attainment", "decode_slo_attainment", "preemptions", "warmup_s", "compiled_steps", "steps_compiling", "step_latency", "dense_paths")
+    __slots__ = ("model", "prefill_threshold", "decode_threshold", "controller_mode", "slo_ttft_s", "slo_tpot_s", "queue_depth", "running", "kv_blocks_used", "kv_blocks_total", "prefill_slo_attainment", "decode_slo_attainment", "preemptions", "warmup_s", "compiled_steps", "steps_compiling", "step_latency", "dense_paths", "processes", "local_devices", "plan_broadcast_s")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PREFILL_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     DECODE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,9 @@ class StatusResponse(_message.Message):
     STEPS_COMPILING_FIELD_NUMBER: _ClassVar[int]
     STEP_LATENCY_FIELD_NUMBER: _ClassVar[int]
     DENSE_PATHS_FIELD_NUMBER: _ClassVar[int]
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    PLAN_BROADCAST_S_FIELD_NUMBER: _ClassVar[int]
     model: str
     prefill_threshold: float
     decode_threshold: float
@@ -191,7 +194,10 @@ class StatusResponse(_message.Message):
     steps_compiling: int
     step_latency: _containers.RepeatedCompositeFieldContainer[StepLatency]
     dense_paths: _containers.RepeatedCompositeFieldContainer[DensePath]
-    def __init__(self, model: _Optional[str] = ..., prefill_threshold: _Optional[float] = ..., decode_threshold: _Optional[float] = ..., controller_mode: _Optional[str] = ..., slo_ttft_s: _Optional[float] = ..., slo_tpot_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., prefill_slo_attainment: _Optional[float] = ..., decode_slo_attainment: _Optional[float] = ..., preemptions: _Optional[int] = ..., warmup_s: _Optional[float] = ..., compiled_steps: _Optional[int] = ..., steps_compiling: _Optional[int] = ..., step_latency: _Optional[_Iterable[_Union[StepLatency, _Mapping]]] = ..., dense_paths: _Optional[_Iterable[_Union[DensePath, _Mapping]]] = ...) -> None: ...
+    processes: int
+    local_devices: int
+    plan_broadcast_s: float
+    def __init__(self, model: _Optional[str] = ..., prefill_threshold: _Optional[float] = ..., decode_threshold: _Optional[float] = ..., controller_mode: _Optional[str] = ..., slo_ttft_s: _Optional[float] = ..., slo_tpot_s: _Optional[float] = ..., queue_depth: _Optional[int] = ..., running: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., prefill_slo_attainment: _Optional[float] = ..., decode_slo_attainment: _Optional[float] = ..., preemptions: _Optional[int] = ..., warmup_s: _Optional[float] = ..., compiled_steps: _Optional[int] = ..., steps_compiling: _Optional[int] = ..., step_latency: _Optional[_Iterable[_Union[StepLatency, _Mapping]]] = ..., dense_paths: _Optional[_Iterable[_Union[DensePath, _Mapping]]] = ..., processes: _Optional[int] = ..., local_devices: _Optional[int] = ..., plan_broadcast_s: _Optional[float] = ...) -> None: ...
 
 class DensePath(_message.Message):
     __slots__ = ("k", "n", "packed", "max_rows", "path")

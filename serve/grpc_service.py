@@ -267,6 +267,9 @@ class GenerationService(pb_grpc.GenerationServicer):
                 )
                 for entry in stats.dense_paths
             ],
+            processes=stats.processes,
+            local_devices=stats.local_devices,
+            plan_broadcast_s=_or(stats.plan_broadcast_p50_s, -1.0),
         )
 
 

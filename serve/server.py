@@ -35,6 +35,9 @@ class ServerConfig:
     served_model_name: str | None = None  # default: the checkpoint directory's name
     # Request size and the HTTP tokenizing pool; `serve` derives the size from the context.
     limits: RequestLimits = dataclasses.field(default_factory=RequestLimits)
+    # Exit (non-zero) instead of staying up NOT_SERVING when the engine dies: across
+    # processes a dead engine means a lost process, and the service cannot come back.
+    exit_when_engine_dies: bool = False
 
     def __post_init__(self) -> None:
         if self.port is None and self.http_port is None:
@@ -83,7 +86,7 @@ def serve(make_engine, config: ServerConfig, log=print) -> int:
             http_front.start()
             fronts.append(f"HTTP http://{config.host}:{http_front.port}")
         log(f"brownout-jax: warming up; listening on {', '.join(fronts)}", flush=True)
-        _run(make_engine, config, state, stop, fronts, log)
+        code = _run(make_engine, config, state, stop, fronts, log)
     except BaseException:
         # Failed (e.g. in warm-up): the caller gets its signals back. After a drain they stay
         # caught, so a repeated SIGTERM while the process exits cannot turn exit 0 into a kill.
@@ -96,11 +99,11 @@ def serve(make_engine, config: ServerConfig, log=print) -> int:
         if grpc_server is not None:
             grpc_server.stop(grace=5).wait()
     log("brownout-jax: stopped", flush=True)
-    return 0
+    return code
 
 
-def _run(make_engine, config: ServerConfig, state, stop, fronts, log) -> None:
-    """Warm-up, serving until ``stop``, then the drain."""
+def _run(make_engine, config: ServerConfig, state, stop, fronts, log) -> int:
+    """Warm-up, serving until ``stop``, then the drain; the exit code."""
     start = time.perf_counter()
     engine = make_engine()
     # A dying engine turns both fronts not serving before its requests are failed.
@@ -120,6 +123,13 @@ def _run(make_engine, config: ServerConfig, state, stop, fronts, log) -> None:
     while not stop.wait(0.2):
         if not engine.alive:
             state.set_serving(False)
+            if config.exit_when_engine_dies:
+                log(
+                    f"brownout-jax: the engine died: {engine.failure!r}; exiting",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return 1
     log("brownout-jax: draining", flush=True)
     state.start_draining()
     try:
@@ -129,3 +139,5 @@ def _run(make_engine, config: ServerConfig, state, stop, fronts, log) -> None:
         engine.shutdown(drain=False, timeout=10)
     except EngineDeadError as err:
         log(f"brownout-jax: engine had failed: {err}", file=sys.stderr, flush=True)
+        return 1 if config.exit_when_engine_dies else 0
+    return 0

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+import traceback
+
 from brownout_jax.cli.options import (
     add_brownout_mode_arguments,
     add_engine_arguments,
@@ -9,6 +13,8 @@ from brownout_jax.cli.options import (
     controller_from_args,
     engine_config_from_args,
 )
+from brownout_jax.cli.processes import add_process_arguments, join_processes, leave_processes
+from brownout_jax.engine.requests import ProcessGroupError
 from brownout_jax.united.exemption import add_exempt_arguments, resolve_exempt_layers
 
 
@@ -31,34 +37,74 @@ def add_parser(sub) -> None:
     p.add_argument("--grace", type=float, default=30.0, help="drain seconds on SIGTERM")
     add_engine_arguments(p)
     add_exempt_arguments(p.add_argument_group("brownout"))
+    add_process_arguments(p)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
+    from brownout_jax.serve.cli_serve import server_config_from_args
+
+    server_config_from_args(args)  # flag errors before the model loads (and JAX starts)
+    processes = join_processes(args)
+    if not processes.enabled:
+        return _serve(args, processes)
+    try:
+        code = _serve(args, processes)
+    except (ProcessGroupError, ValueError) as err:  # a lost peer; a refused configuration
+        print(f"brownout-jax serve: process {processes.process_id}: {err}", file=sys.stderr)
+        code = 1 if isinstance(err, ProcessGroupError) else 2
+    except BaseException:
+        # Peers may be gone: report here and leave at once rather than wait on them.
+        traceback.print_exc()
+        code = 1
+    return leave_processes(processes, code)
+
+
+def _serve(args, processes) -> int:
     from brownout_jax.checkpoints.demo_model import default_model
     from brownout_jax.engine.front import Engine
     from brownout_jax.model.config import ModelConfig
     from brownout_jax.serve.cli_serve import server_config_from_args
     from brownout_jax.serve.server import serve
 
-    server_config_from_args(args)  # flag errors before the model loads
     check_mesh(args.mesh)
     model, united = default_model(args.model, args.united)
-    # Serve once the minimal step set is compiled; the rest compiles in the background.
+    # Serve once the minimal step set is compiled; the rest compiles in the background (in
+    # one process: across processes a step must be usable on all at once).
     config = engine_config_from_args(
         args,
         controller=controller_from_args(args),
         max_queue=args.max_queue,
         exempt_layers=_served_exempt_layers(args, model, united),
-        compile_in_background=True,
+        compile_in_background=not processes.enabled,
     )
+    channel = None
+    if processes.enabled:
+        from brownout_jax.engine.distributed import PlanChannel
+
+        channel = PlanChannel(processes.initialization_timeout_s)
+    if not processes.is_leader:
+        from brownout_jax.engine.follower import follow_checkpoint
+
+        print(
+            f"brownout-jax: process {processes.process_id} of {processes.num_processes} "
+            f"following process 0 on {args.mesh}",
+            flush=True,
+        )
+        steps = follow_checkpoint(model, united, config, channel, args.dtype)
+        print(f"brownout-jax: process {processes.process_id} stopped after {steps} steps")
+        return 0
     # The context limit the engine will settle on (its config.json alone): both fronts bound
     # requests by it from the start, while the engine still warms up.
     positions = ModelConfig.from_pretrained_dir(model).max_position_embeddings
     server_config = server_config_from_args(args, config.for_model(positions).max_model_len)
+    if processes.enabled:  # a follower lost is the end of this engine: exit, non-zero
+        server_config = dataclasses.replace(server_config, exit_when_engine_dies=True)
 
     def make_engine():
-        return Engine.from_checkpoint(model, united, config, args.dtype, progress=False)
+        return Engine.from_checkpoint(
+            model, united, config, args.dtype, progress=False, channel=channel
+        )
 
     return serve(make_engine, server_config)
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import logging
 import time
 
@@ -44,12 +45,14 @@ from tqdm.auto import tqdm
 
 from brownout_jax.engine.buckets import Bucket
 from brownout_jax.engine.config import EngineConfig
+from brownout_jax.engine.distributed import PlanChannel, check_same_everywhere
 from brownout_jax.engine.input_words import InputLayout, WordBuffers
 from brownout_jax.engine.latency_model import LatencyModel
 from brownout_jax.engine.logit_processing import TokenHistory
 from brownout_jax.engine.paged_cache import KVPool
 from brownout_jax.engine.phase import Phase, Thresholds
-from brownout_jax.engine.requests import BrownoutClass, StepFailedError
+from brownout_jax.engine.plan_wire import PlanOp
+from brownout_jax.engine.requests import BrownoutClass, ProcessGroupError, StepFailedError
 from brownout_jax.engine.scheduler import StepPlan, StepRow
 from brownout_jax.engine.step_grid import StepGrid, StepKey
 from brownout_jax.engine.steps import EngineState, SampledRows, split_packed
@@ -77,14 +80,20 @@ class InFlight:
 
 def _device_errors_fail_the_step(method):
     """``JaxRuntimeError`` out of ``method`` becomes ``StepFailedError`` (the whole message
-    goes to the log; the requests get its first line)."""
+    goes to the log; the requests get its first line); across processes,
+    ``ProcessGroupError``."""
 
     @functools.wraps(method)
-    def wrapper(*args, **kwargs):
+    def wrapper(self, *args, **kwargs):
         try:
-            return method(*args, **kwargs)
+            return method(self, *args, **kwargs)
         except jax.errors.JaxRuntimeError as err:
             logging.getLogger("brownout_jax").error("a step failed on the device: %s", err)
+            if self.channel is not None:
+                raise ProcessGroupError(
+                    f"a step across {self.channel.processes} processes failed (a peer died or "
+                    f"stalled?): {str(err).splitlines()[0]}"
+                ) from err
             raise StepFailedError(str(err)) from err
 
     return wrapper
@@ -141,15 +150,26 @@ class Executor:
         grid: StepGrid | None = None,
         latency: LatencyModel | None = None,
         eos_token_ids: frozenset[int] = frozenset(),
+        channel: PlanChannel | None = None,
     ):
         """``grid``: one already compiled (``make_grid``, e.g. while the weights loaded) for
         exactly these params' shapes; else the grid is made and compiled here. ``latency``:
-        the model the steps compiled before serving are timed into."""
+        the model the steps compiled before serving are timed into. ``channel``: the engine
+        spans several processes (``distributed``); the leader sends each step's plan through
+        it before running the step, and every process checks at start that it serves what
+        process 0 serves."""
         self.config = config
+        self.channel = channel
+        if channel is not None and config.compile_in_background:
+            raise ValueError(
+                "across processes every step is compiled before serving: background "
+                "compilation would make a step usable on one process before another"
+            )
         self.latency = LatencyModel() if latency is None else latency
         self._vocab_size = model_config.vocab_size
         self._eos_token_ids = tuple(sorted(eos_token_ids))  # banned until min_tokens
         mesh = None if config.mesh is None else make_mesh(config.mesh)
+        description = None if channel is None else _describe(params, model_config, config)
         if mesh is not None and not is_expert_parallel(params):
             params = shard_params(params, model_config, mesh)
         self.num_devices = 0 if config.mesh is None else config.mesh.num_devices
@@ -163,8 +183,14 @@ class Executor:
             grid = None
         if grid is None:
             grid = make_grid(params, model_config, config, ladder)
+            if channel is not None:
+                check_same_everywhere(description | _describe_grid(grid), channel.start_timeout_s)
+                channel.open(plan_capacity(grid))
             grid.compile(background=config.compile_in_background, progress=progress)
+        elif channel is not None:
+            raise ValueError("across processes the grid is compiled by the executor")
         self.grid = grid
+        self._key_index = {key: i for i, key in enumerate(grid.keys())}
         self._model_config, self._mesh = model_config, mesh
         self._state = self._new_state()
         self._layouts: dict[tuple[Phase, Bucket], InputLayout] = {}
@@ -298,14 +324,24 @@ class Executor:
     def dispatch(self, plan: StepPlan, thresholds: Thresholds, now: float) -> InFlight:
         """Launches the plan's step at its phase's level in ``thresholds``; does not wait."""
         key = StepKey(plan.phase, thresholds.of(plan.phase), plan.bucket)
+        # Without a mesh the executable takes the NumPy words itself (its C++ path: 8 µs
+        # against device_put's 40 µs, measured).
         inputs = self._host_words(plan)
+        if self.channel is not None:  # every process runs this step, in this order
+            self.channel.send(PlanOp.STEP, self._key_index[key], inputs)
         if self.grid.input_sharding is not None:
             inputs = jax.device_put(inputs, self.grid.input_sharding)
-        # else the executable takes the NumPy words itself (its C++ path: 8 µs against
-        # device_put's 40 µs, measured)
         self._state, packed = self.grid.executable(key)(self._params, self._state, inputs)
         packed.copy_to_host_async()
         return InFlight(plan, packed, now, thresholds)
+
+    @_device_errors_fail_the_step
+    def run_received(self, key_index: int, words: np.ndarray) -> None:
+        """A follower's step: the leader's plan run on this process's devices (its sampled
+        tokens, replicated, are the leader's to read)."""
+        key = self.grid.keys()[key_index]
+        inputs = jax.device_put(words, self.grid.input_sharding)
+        self._state, _ = self.grid.executable(key)(self._params, self._state, inputs)
 
     def _host_words(self, plan: StepPlan) -> np.ndarray:
         """The plan's batch, written straight into a reused buffer of its upload's words."""
@@ -375,10 +411,50 @@ class Executor:
         """The step's one host sync."""
         plan = step.plan
         chunk = plan.bucket.size if plan.phase == Phase.PREFILL else None
-        return split_packed(np.asarray(step.packed), plan.bucket.batch, chunk, self.num_devices)
+        # Replicated: this process's own copy is the whole value (across processes the
+        # others' copies are not addressable here).
+        packed = step.packed if self.channel is None else step.packed.addressable_data(0)
+        return split_packed(np.asarray(packed), plan.bucket.batch, chunk, self.num_devices)
 
     def close(self) -> None:
         self.grid.cancel()
+        if self.channel is not None and self.channel.is_leader:
+            self.channel.close()
+
+
+def _describe(params: ModelParams, model_config: ModelConfig, config: EngineConfig) -> dict:
+    """What must be equal on every process: the model (config, every parameter's shape and
+    dtype, and a fingerprint of its first values), the engine config, JAX and the devices."""
+    fields = {f"engine.{f.name}": repr(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    fields |= {
+        f"model.{f.name}": repr(getattr(model_config, f.name))
+        for f in dataclasses.fields(model_config)
+    }
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    digest = hashlib.sha256()
+    for path, leaf in leaves:
+        digest.update(f"{jax.tree_util.keystr(path)}{leaf.shape}{leaf.dtype}".encode())
+        if getattr(leaf, "is_fully_addressable", True):
+            head = np.asarray(jnp.ravel(leaf)[:16], np.float32)
+            digest.update(head.tobytes())
+    fields["params"] = digest.hexdigest()
+    fields["jax"] = jax.__version__
+    fields["backend"] = jax.default_backend()
+    fields["local_devices"] = str(jax.local_device_count())
+    return fields
+
+
+def _describe_grid(grid: StepGrid) -> dict:
+    keys = grid.keys()
+    sizes = [grid.layout(key.phase, key.bucket).size for key in keys]
+    text = repr([(str(key), size) for key, size in zip(keys, sizes, strict=True)])
+    return {"step_grid": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def plan_capacity(grid: StepGrid) -> int:
+    """The longest step upload of ``grid``: the plan buffer's payload."""
+    keys = grid.keys()
+    return max(grid.layout(key.phase, key.bucket).size for key in keys)
 
 
 def _processes_logits(request) -> bool:

@@ -16,8 +16,11 @@ import queue
 import threading
 import time
 
+import jax
+
 from brownout_jax.engine.config import EngineConfig
 from brownout_jax.engine.controller import ControllerConfig, SloController
+from brownout_jax.engine.distributed import PlanChannel
 from brownout_jax.engine.executor import Executor, ladder_for, make_grid
 from brownout_jax.engine.latency_model import LatencyModel
 from brownout_jax.engine.loop import EngineLoop
@@ -55,9 +58,12 @@ class Engine:
         clock=time.monotonic,
         progress: bool = True,
         grid: StepGrid | None = None,
+        channel: PlanChannel | None = None,
     ):
         """``grid``: the step grid, compiled already for these params' shapes
-        (``from_checkpoint`` compiles it while the weights load); else compiled here."""
+        (``from_checkpoint`` compiles it while the weights load); else compiled here.
+        ``channel``: this engine leads several processes (``distributed``): each step's plan
+        goes to the followers through it."""
         self.model_config = model_config
         config = config.for_model(model_config.max_position_embeddings, model_config.head_dim)
         self.config = config
@@ -71,7 +77,11 @@ class Engine:
         self.metrics = EngineMetrics(
             num_devices=0 if config.mesh is None else config.mesh.num_devices,
             num_moe_layers=len(model_config.moe_layers),
+            processes=1 if channel is None else channel.processes,
+            local_devices=jax.local_device_count(),
         )
+        if channel is not None:
+            channel.on_sent = self.metrics.record_plan_broadcast
         # Step latencies: timed before serving, corrected while serving; every controller
         # of this engine (set_controller) predicts from the same one.
         self.latency = LatencyModel()
@@ -93,6 +103,7 @@ class Engine:
             grid,
             self.latency,
             eos_token_ids=self.eos_token_ids,
+            channel=channel,
         )
         scheduler = Scheduler(
             SchedulerLimits(
@@ -119,6 +130,8 @@ class Engine:
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._loop.run, name="brownout-engine", daemon=True)
         self._thread.start()
+        if channel is not None:  # a follower lost kills this engine, even mid-step
+            channel.watch(self._loop.fail)
 
     @classmethod
     def from_checkpoint(
@@ -128,6 +141,7 @@ class Engine:
         config: EngineConfig = EngineConfig(),  # noqa: B008 (frozen)
         dtype: str = "auto",
         progress: bool = True,
+        channel: PlanChannel | None = None,
     ) -> Engine:
         """Loads a checkpoint (and united experts) and builds its engine. Compiling needs only
         the parameters' shapes, which the configs and manifests give: on one device the step
@@ -166,6 +180,7 @@ class Engine:
             model_name=str(model.directory.name),
             progress=progress,
             grid=None if compiling is None else compiling.result(),
+            channel=channel,
         )
 
     # ------------------------------------------------------------------------- properties
@@ -191,6 +206,11 @@ class Engine:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self._loop.error is None
+
+    @property
+    def failure(self) -> BaseException | None:
+        """What killed the engine loop (None while it lives or after a clean stop)."""
+        return self._loop.error
 
     @property
     def controller(self) -> SloController:

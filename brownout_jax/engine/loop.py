@@ -9,8 +9,10 @@ all of an iteration but the wait for the device (``executor.read``), is measured
 work the device step competes with on a small machine. Nothing accepted is lost: every
 request ends with exactly one finishing event, also when the loop dies (fail fast: every open
 request learns why). A device error in one step (``StepFailedError``, e.g. XLA out of memory)
-fails that step's requests only, and the engine serves on (``_step_failed``). No JAX here: the
-device is the executor's.
+fails that step's requests only, and the engine serves on (``_step_failed``); across processes
+any failed step is fatal (``ProcessGroupError``), and so is a peer found dead while the loop
+waits on the device (``fail``, from the watching thread). No JAX here: the device is the
+executor's.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ class EngineLoop:
         # Told the cause when the loop dies, before any request is: the server turns its
         # health NOT_SERVING first, so that no balancer sends more work to a dying engine.
         self.on_fatal: Callable[[BaseException], None] | None = None
+        self._failing = threading.Lock()
         self._by_handle: dict[RequestHandle, Sequence] = {}
         self._in_flight: InFlight | None = None
         self._last_read = 0.0  # when the last step's tokens arrived (engine clock)
@@ -133,6 +136,17 @@ class EngineLoop:
                     self.wake.wait(timeout=0.05)
                     self.wake.clear()
         except BaseException as err:  # fail fast: every open request learns why
+            self.fail(err)
+        finally:
+            self.executor.close()
+
+    def fail(self, err: BaseException) -> None:
+        """The engine is dead: health first, then every open request learns why. Also called
+        from another thread while this one is stuck waiting on the device (a peer process
+        lost): it never returns to touch the requests again, the process exits."""
+        with self._failing:
+            if self.error is not None:
+                return
             self.error = err
             if self.on_fatal is not None:
                 with contextlib.suppress(Exception):  # must not hide the cause from requests
@@ -143,8 +157,6 @@ class EngineLoop:
             while not self.incoming.empty():
                 handle = self.incoming.get_nowait()
                 handle._push(TokenEvent(None, None, "", FinishReason.ERROR, reason))
-        finally:
-            self.executor.close()
 
     def _raise_compile_failure(self) -> None:
         if self.executor.grid.error is not None:

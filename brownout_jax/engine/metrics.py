@@ -134,12 +134,38 @@ class EngineStats:
     # none): median and P90 of the last steps.
     host_step_p50_s: dict[str, float] = dataclasses.field(default_factory=dict)
     host_step_p90_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Across processes (``distributed``): how many, the devices of each, and the median time
+    # the leader spent sending a step's plan to the followers (None: one process).
+    processes: int = 1
+    local_devices: int = 1
+    plan_broadcast_p50_s: float | None = None
 
 
 class EngineMetrics:
-    def __init__(self, recent: int = 256, num_devices: int = 0, num_moe_layers: int = 0):
+    def __init__(
+        self,
+        recent: int = 256,
+        num_devices: int = 0,
+        num_moe_layers: int = 0,
+        processes: int = 1,
+        local_devices: int = 1,
+    ):
         self.registry = CollectorRegistry()
         r = self.registry
+        self.processes, self.local_devices = processes, local_devices
+        Gauge("brownout_processes", "Processes the engine spans", registry=r).set(processes)
+        Gauge("brownout_local_devices", "Devices of each process (the leader's)", registry=r).set(
+            local_devices
+        )
+        self.plan_broadcasts: collections.deque[float] = collections.deque(maxlen=_HOST_WINDOW)
+        self._plan_observe = None
+        if processes > 1:
+            self._plan_observe = Histogram(
+                "brownout_plan_broadcast_seconds",
+                "Time the leader spends sending a step's plan to the other processes",
+                buckets=_HOST_BUCKETS,
+                registry=r,
+            ).observe
         self.num_devices = num_devices  # of the expert axis; 0: no expert parallelism
         self.num_moe_layers = num_moe_layers
         self._loads: dict[tuple[Phase, float], _LoadAccumulator] = {}
@@ -232,6 +258,11 @@ class EngineMetrics:
         self.host_steps[phase].append(seconds)
         self._host_observe[phase](seconds)
 
+    def record_plan_broadcast(self, seconds: float) -> None:
+        self.plan_broadcasts.append(seconds)
+        if self._plan_observe is not None:
+            self._plan_observe(seconds)
+
     def record_device_load(self, phase: Phase, threshold: float, load: np.ndarray) -> None:
         """One step's (DEV, 2) load rows: (tokens received, distinct experts) per device."""
         acc = self._loads.get((phase, threshold))
@@ -316,4 +347,9 @@ class EngineMetrics:
             latency=latency,
             host_step_p50_s={phase: float(np.median(t)) for phase, t in host.items()},
             host_step_p90_s={phase: float(np.percentile(t, 90)) for phase, t in host.items()},
+            processes=self.processes,
+            local_devices=self.local_devices,
+            plan_broadcast_p50_s=(
+                float(np.median(list(self.plan_broadcasts))) if self.plan_broadcasts else None
+            ),
         )

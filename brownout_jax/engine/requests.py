@@ -113,6 +113,12 @@ class StepFailedError(RuntimeError):
         self.kind = StepFailureKind.OUT_OF_MEMORY if oom else StepFailureKind.DEVICE_ERROR
 
 
+class ProcessGroupError(RuntimeError):
+    """A step failed while the engine spans several processes: a peer died or its
+    collectives failed. Not recoverable (the other processes' state is unknown): the engine
+    stops, failing every request it holds."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class GenerationRequest:
     prompt_token_ids: tuple[int, ...] = ()

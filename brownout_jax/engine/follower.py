@@ -1,0 +1,75 @@
+"""A follower process of an engine that spans several processes (``distributed``).
+
+It loads the same checkpoint, builds the same ``Executor`` (same step grid, compiled and
+warmed up in the same order as the leader's, since each of those runs is a collective), then
+runs what the leader's plans say until told to stop. No port, no tokenizer, no scheduler:
+everything a step needs is in its plan.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+
+from brownout_jax.engine.config import EngineConfig
+from brownout_jax.engine.distributed import PlanChannel
+from brownout_jax.engine.executor import Executor, ladder_for
+from brownout_jax.engine.plan_wire import PlanOp
+from brownout_jax.engine.requests import ProcessGroupError
+
+
+class Follower:
+    def __init__(self, executor: Executor, channel: PlanChannel):
+        self.executor = executor
+        self.channel = channel
+        self.steps = 0
+
+    def run(self) -> None:
+        """Until the leader's SHUTDOWN. A dead leader (or any failed collective) raises
+        ``ProcessGroupError`` out of here; a malformed plan ``PlanWireError``."""
+        while True:
+            try:
+                message = self.channel.receive()
+            except jax.errors.JaxRuntimeError as err:
+                raise ProcessGroupError(
+                    f"the leader's plans stopped (process 0 died?): {str(err).splitlines()[0]}"
+                ) from err
+            if message.op == PlanOp.SHUTDOWN:
+                return
+            if message.op == PlanOp.STEP:
+                self.executor.run_received(message.key_index, message.words)
+                self.steps += 1
+
+
+def follow_checkpoint(
+    model_dir,
+    united_dir,
+    config: EngineConfig,
+    channel: PlanChannel,
+    dtype: str = "auto",
+    progress: bool = False,
+) -> int:
+    """Loads the checkpoint as the leader's ``Engine.from_checkpoint`` does and follows its
+    plans; returns the steps run."""
+    from brownout_jax.checkpoints import load_model
+
+    model = load_model(model_dir, dtype, progress=progress, united=united_dir, pack_experts=False)
+    config = config.for_model(model.config.max_position_embeddings, model.config.head_dim)
+    executor = Executor(
+        model.params,
+        model.config,
+        config,
+        ladder_for(model.params, config),
+        progress,
+        eos_token_ids=frozenset(model.eos_token_ids),
+        channel=channel,
+    )
+    follower = Follower(executor, channel)
+    log = logging.getLogger("brownout_jax")
+    log.info("following process 0's plans")
+    try:
+        follower.run()
+    finally:
+        executor.grid.cancel()
+    return follower.steps
