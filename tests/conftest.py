@@ -256,8 +256,10 @@ class ServerProcess:
         env: dict | None = None,
         timeout: float = 600,
         python: tuple[str, ...] = (sys.executable,),
+        wait: bool = True,
     ):
-        """``model`` None: the bundled demo; ``python``: the interpreter and its flags."""
+        """``model`` None: the bundled demo; ``python``: the interpreter and its flags;
+        ``wait`` False: return at once (a follower process, which never says "serving")."""
         command = [*python, "-m", "brownout_jax.cli", "serve"]
         command += [] if model is None else ["--model", str(model)]
         self.process = subprocess.Popen(
@@ -273,7 +275,7 @@ class ServerProcess:
         self._ready = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        if not self._ready.wait(timeout) or self.process.poll() is not None:
+        if wait and (not self._ready.wait(timeout) or self.process.poll() is not None):
             self.process.kill()
             raise RuntimeError("server did not become ready:\n" + self.output)
 
