@@ -80,6 +80,23 @@ def test_the_first_differing_field_is_named():
     assert "process 1" in text and "engine.max_batch" in text and "8 here, 4 on process 0" in text
 
 
+def test_the_load_benchmark_reads_histogram_means_over_its_run():
+    from brownout_jax.bench.serve_load import histogram_mean, parse_metrics
+
+    text = """# HELP brownout_plan_broadcast_seconds x
+brownout_plan_broadcast_seconds_count 10.0
+brownout_plan_broadcast_seconds_sum 0.002
+brownout_step_latency_seconds_count{phase="decode"} 4.0
+brownout_step_latency_seconds_sum{phase="decode"} 1.0
+"""
+    before = parse_metrics(text)
+    after = parse_metrics(text.replace("10.0", "30.0").replace("0.002", "0.012"))
+    assert before['brownout_step_latency_seconds_count{phase="decode"}'] == 4.0
+    mean, count = histogram_mean(after, before, "brownout_plan_broadcast_seconds")
+    assert count == 20 and mean == pytest.approx(0.0005)
+    assert histogram_mean(after, before, "absent") == (None, 0)
+
+
 # ----------------------------------------------------------------------- real processes
 
 # The demo at f32, a small grid (two levels, two slots), nothing timed: a short warm-up.

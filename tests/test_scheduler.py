@@ -44,7 +44,8 @@ def _all(phase: Phase):
 
 def test_the_scheduler_imports_no_jax():
     code = (
-        "import sys, brownout_jax.engine.scheduler, brownout_jax.engine.loop; "
+        "import sys, brownout_jax.engine.scheduler, brownout_jax.engine.loop, "
+        "brownout_jax.engine.plan_wire; "
         "print(sorted(m for m in sys.modules if m == 'jax' or m.startswith('jax.')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,6 +1,6 @@
-"""``brownout-jax bench moe-layer | burst | long-prompt | sampling | linear | attention |
-kernels | cold-start``: the measurement commands behind docs/BENCHMARKS.md (their code lives
-in ``brownout_jax.bench``)."""
+"""``brownout-jax bench moe-layer | burst | long-prompt | sampling | serve-load | linear |
+attention | kernels | cold-start``: the measurement commands behind docs/BENCHMARKS.md (their
+code lives in ``brownout_jax.bench``)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,17 @@ def add_parser(sub) -> None:
     _add_burst(kinds)
     _add_long_prompt(kinds)
     _add_sampling(kinds)
+    p = kinds.add_parser(
+        "serve-load",
+        help="a running server's decode step and plan-broadcast times under N concurrent "
+        "completions",
+    )
+    p.add_argument("--http", default="http://127.0.0.1:8000", help="the server's HTTP base URL")
+    p.add_argument("--grpc", default="127.0.0.1:50051", help="its gRPC HOST:PORT ('' for none)")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--output", choices=("table", "json"), default="table")
+    p.set_defaults(run=_run_serve_load)
     p = kinds.add_parser("linear", help="dense matmuls: packed CPU kernel vs XLA's dot")
     p.add_argument("--rows", default="1,8,16,32,64,512", help="row counts m")
     p.add_argument("--preset", default="qwen1.5-moe-a2.7b", help="model whose dense shapes to time")
@@ -233,6 +244,14 @@ def _experts_backends(text: str) -> tuple:
         choices = ", ".join(CLI_CHOICES)
         raise ValueError(f"--experts-backends: {unknown or text!r}; choose from {choices}")
     return tuple(CLI_CHOICES[name] for name in names)
+
+
+def _run_serve_load(args) -> int:
+    from brownout_jax.bench.serve_load import format_load, run_load
+
+    result = run_load(args.http, args.grpc or None, args.concurrency, args.max_tokens)
+    print(json.dumps(result, indent=1) if args.output == "json" else format_load(result))
+    return 0
 
 
 def _run_moe_layer(args) -> int:

@@ -29,7 +29,15 @@ def add_process_arguments(p) -> None:
         "--heartbeat-timeout",
         type=int,
         default=20,
-        help="seconds without a heartbeat after which a stalled process ends every process",
+        help="seconds without a heartbeat after which JAX's coordination service ends every "
+        "process",
+    )
+    group.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=5.0,
+        help="seconds without a follower's heartbeat after which the leader fails its requests "
+        "and exits",
     )
 
 
@@ -44,6 +52,7 @@ def join_processes(args):
         process_id=args.process_id,
         local_devices=args.local_devices,
         heartbeat_timeout_s=args.heartbeat_timeout,
+        peer_timeout_s=args.peer_timeout,
     )
     initialize(config)
     if config.enabled and args.mesh is None:

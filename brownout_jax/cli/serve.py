@@ -82,7 +82,7 @@ def _serve(args, processes) -> int:
     if processes.enabled:
         from brownout_jax.engine.distributed import PlanChannel
 
-        channel = PlanChannel(processes.initialization_timeout_s)
+        channel = PlanChannel(processes.initialization_timeout_s, processes.peer_timeout_s)
     if not processes.is_leader:
         from brownout_jax.engine.follower import follow_checkpoint
 

@@ -59,7 +59,8 @@ class DistributedConfig:
     num_processes: int = 1
     process_id: int = 0
     local_devices: int | None = None  # CPU devices per process (tests on one machine)
-    heartbeat_timeout_s: int = 20
+    heartbeat_timeout_s: int = 20  # the coordination service's: it ends every process
+    peer_timeout_s: float = 5.0  # the leader's watch of its followers' beats
     initialization_timeout_s: int = 300
 
     def __post_init__(self) -> None:
