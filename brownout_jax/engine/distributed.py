@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -37,8 +38,10 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from brownout_jax.engine.config import EngineConfig
 from brownout_jax.engine.plan_wire import (
     PlanMessage,
     PlanOp,
@@ -49,6 +52,9 @@ from brownout_jax.engine.plan_wire import (
     mismatch_message,
 )
 from brownout_jax.engine.requests import ProcessGroupError
+from brownout_jax.engine.step_grid import StepGrid
+from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.params import ModelParams
 
 _KV_PREFIX = "brownout_jax/description"
 
@@ -140,6 +146,37 @@ def check_same_everywhere(description: dict[str, str], timeout_s: float) -> None
         field = first_difference(leader, theirs)
         if field is not None:
             raise ValueError(mismatch_message(field, process, leader, theirs))
+
+
+def describe_engine(
+    params: ModelParams, model_config: ModelConfig, config: EngineConfig
+) -> dict[str, str]:
+    """What must be equal on every process: the model (config, every parameter's shape and
+    dtype, and a fingerprint of its first values), the engine config, JAX and the devices."""
+    fields = {f"engine.{f.name}": repr(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    fields |= {
+        f"model.{f.name}": repr(getattr(model_config, f.name))
+        for f in dataclasses.fields(model_config)
+    }
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    digest = hashlib.sha256()
+    for path, leaf in leaves:
+        digest.update(f"{jax.tree_util.keystr(path)}{leaf.shape}{leaf.dtype}".encode())
+        if getattr(leaf, "is_fully_addressable", True):
+            head = np.asarray(jnp.ravel(leaf)[:16], np.float32)
+            digest.update(head.tobytes())
+    fields["params"] = digest.hexdigest()
+    fields["jax"] = jax.__version__
+    fields["backend"] = jax.default_backend()
+    fields["local_devices"] = str(jax.local_device_count())
+    return fields
+
+
+def describe_grid(grid: StepGrid) -> dict[str, str]:
+    keys = grid.keys()
+    sizes = [grid.layout(key.phase, key.bucket).size for key in keys]
+    text = repr([(str(key), size) for key, size in zip(keys, sizes, strict=True)])
+    return {"step_grid": hashlib.sha256(text.encode()).hexdigest()}
 
 
 class PlanChannel:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import logging
 import time
 
@@ -45,7 +44,12 @@ from tqdm.auto import tqdm
 
 from brownout_jax.engine.buckets import Bucket
 from brownout_jax.engine.config import EngineConfig
-from brownout_jax.engine.distributed import PlanChannel, check_same_everywhere
+from brownout_jax.engine.distributed import (
+    PlanChannel,
+    check_same_everywhere,
+    describe_engine,
+    describe_grid,
+)
 from brownout_jax.engine.input_words import InputLayout, WordBuffers
 from brownout_jax.engine.latency_model import LatencyModel
 from brownout_jax.engine.logit_processing import TokenHistory
@@ -169,7 +173,7 @@ class Executor:
         self._vocab_size = model_config.vocab_size
         self._eos_token_ids = tuple(sorted(eos_token_ids))  # banned until min_tokens
         mesh = None if config.mesh is None else make_mesh(config.mesh)
-        description = None if channel is None else _describe(params, model_config, config)
+        description = None if channel is None else describe_engine(params, model_config, config)
         if mesh is not None and not is_expert_parallel(params):
             params = shard_params(params, model_config, mesh)
         self.num_devices = 0 if config.mesh is None else config.mesh.num_devices
@@ -184,7 +188,7 @@ class Executor:
         if grid is None:
             grid = make_grid(params, model_config, config, ladder)
             if channel is not None:
-                check_same_everywhere(description | _describe_grid(grid), channel.start_timeout_s)
+                check_same_everywhere(description | describe_grid(grid), channel.start_timeout_s)
                 channel.open(plan_capacity(grid))
             grid.compile(background=config.compile_in_background, progress=progress)
         elif channel is not None:
@@ -420,35 +424,6 @@ class Executor:
         self.grid.cancel()
         if self.channel is not None and self.channel.is_leader:
             self.channel.close()
-
-
-def _describe(params: ModelParams, model_config: ModelConfig, config: EngineConfig) -> dict:
-    """What must be equal on every process: the model (config, every parameter's shape and
-    dtype, and a fingerprint of its first values), the engine config, JAX and the devices."""
-    fields = {f"engine.{f.name}": repr(getattr(config, f.name)) for f in dataclasses.fields(config)}
-    fields |= {
-        f"model.{f.name}": repr(getattr(model_config, f.name))
-        for f in dataclasses.fields(model_config)
-    }
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    digest = hashlib.sha256()
-    for path, leaf in leaves:
-        digest.update(f"{jax.tree_util.keystr(path)}{leaf.shape}{leaf.dtype}".encode())
-        if getattr(leaf, "is_fully_addressable", True):
-            head = np.asarray(jnp.ravel(leaf)[:16], np.float32)
-            digest.update(head.tobytes())
-    fields["params"] = digest.hexdigest()
-    fields["jax"] = jax.__version__
-    fields["backend"] = jax.default_backend()
-    fields["local_devices"] = str(jax.local_device_count())
-    return fields
-
-
-def _describe_grid(grid: StepGrid) -> dict:
-    keys = grid.keys()
-    sizes = [grid.layout(key.phase, key.bucket).size for key in keys]
-    text = repr([(str(key), size) for key, size in zip(keys, sizes, strict=True)])
-    return {"step_grid": hashlib.sha256(text.encode()).hexdigest()}
 
 
 def plan_capacity(grid: StepGrid) -> int:
