@@ -95,6 +95,12 @@ brownout_step_latency_seconds_sum{phase="decode"} 1.0
     mean, count = histogram_mean(after, before, "brownout_plan_broadcast_seconds")
     assert count == 20 and mean == pytest.approx(0.0005)
     assert histogram_mean(after, before, "absent") == (None, 0)
+    step = histogram_mean(after, before, "brownout_step_latency_seconds", '{phase="decode"}')
+    assert step == (None, 0)  # no decode step in between
+    assert histogram_mean(after, {}, "brownout_step_latency_seconds", '{phase="decode"}') == (
+        0.25,
+        4,
+    )
 
 
 # ----------------------------------------------------------------------- real processes

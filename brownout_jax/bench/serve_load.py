@@ -29,10 +29,13 @@ def parse_metrics(text: str) -> dict[str, float]:
     return values
 
 
-def histogram_mean(after: dict, before: dict, name: str) -> tuple[float | None, int]:
-    """Mean of a histogram over the run (sum and count deltas) and the count."""
-    count = after.get(f"{name}_count", 0.0) - before.get(f"{name}_count", 0.0)
-    total = after.get(f"{name}_sum", 0.0) - before.get(f"{name}_sum", 0.0)
+def histogram_mean(
+    after: dict, before: dict, name: str, labels: str = ""
+) -> tuple[float | None, int]:
+    """Mean of a histogram (``labels`` as in the text, e.g. ``{phase="decode"}``) over the
+    run (its sum's and count's deltas), and the count."""
+    count = after.get(f"{name}_count{labels}", 0.0) - before.get(f"{name}_count{labels}", 0.0)
+    total = after.get(f"{name}_sum{labels}", 0.0) - before.get(f"{name}_sum{labels}", 0.0)
     return (total / count if count else None), int(count)
 
 
@@ -56,8 +59,9 @@ def run_load(http: str, grpc_target: str | None, concurrency: int, max_tokens: i
         tokens = sum(pool.map(one, range(concurrency)))
     wall = time.perf_counter() - start
     after = scrape(http)
-    decode = 'brownout_step_latency_seconds{phase="decode"}'
-    decode_s, decode_steps = histogram_mean(after, before, decode)
+    decode_s, decode_steps = histogram_mean(
+        after, before, "brownout_step_latency_seconds", '{phase="decode"}'
+    )
     plan_s, plans = histogram_mean(after, before, "brownout_plan_broadcast_seconds")
     result = {
         "processes": int(after.get("brownout_processes", 1)),
