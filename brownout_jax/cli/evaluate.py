@@ -13,6 +13,7 @@ from brownout_jax.cli.options import (  # no JAX: the parser stays cheap
     add_slo_margin_argument,
     predictive_from_args,
 )
+from brownout_jax.cli.processes import add_process_arguments, run_in_processes
 from brownout_jax.moe.mesh_config import add_mesh_argument
 from brownout_jax.united.exemption import add_exempt_arguments
 
@@ -130,6 +131,7 @@ def add_eval_parser(sub) -> None:
     add_engine_arguments(
         p, max_batch=32, kv_blocks=None, max_model_len=256, ladder=None, dtype=False
     )
+    add_process_arguments(p)
     p.set_defaults(run=run_throughput_cmd)
 
     p = kinds.add_parser("slo", help="replay a bursty trace per brownout mode")
@@ -171,6 +173,7 @@ def add_eval_parser(sub) -> None:
         ladder="0,0.2,0.4,0.6,0.8,1",
         dtype=False,
     )
+    add_process_arguments(p)
     p.set_defaults(run=run_slo_cmd)
     add_quality_parsers(kinds)
 
@@ -250,15 +253,28 @@ def run_accuracy(args) -> int:
     return 0
 
 
-def _engine(params, config, tokenizer, args, **fields):
-    """The engine of an eval run: the engine flags (``cli.options``), ``fields`` overriding."""
+def _engine(params, config, tokenizer, args, channel=None, **fields):
+    """The engine of an eval run: the engine flags (``cli.options``), ``fields`` overriding;
+    across processes (``channel``) a follower runs the leader's steps instead and gets None."""
     from brownout_jax.cli.options import engine_config_from_args
     from brownout_jax.engine.front import Engine
 
-    return Engine(params, config, engine_config_from_args(args, **fields), tokenizer)
+    engine_config = engine_config_from_args(args, **fields)
+    if channel is not None and not channel.is_leader:
+        from brownout_jax.engine.follower import follow
+
+        follow(params, config, engine_config, channel)
+        return None
+    return Engine(params, config, engine_config, tokenizer, channel=channel)
 
 
 def run_throughput_cmd(args) -> int:
+    return run_in_processes(
+        args, "eval throughput", lambda processes, channel: _throughput(args, channel)
+    )
+
+
+def _throughput(args, channel) -> int:
     import numpy as np
 
     from brownout_jax.checkpoints.loader import resolve_dtype
@@ -286,7 +302,9 @@ def run_throughput_cmd(args) -> int:
     prompts = tp.make_prompts(config.vocab_size, args.num_prompts, args.prompt_len, args.seed)
     # Compile only the levels measured (plus the exact one every ladder must hold).
     ladder = ThresholdLadder(tuple(sorted(set(thresholds) | {1.0})))
-    engine = _engine(params, config, tokenizer, args, ladder=ladder)
+    engine = _engine(params, config, tokenizer, args, channel, ladder=ladder)
+    if engine is None:  # a follower: the leader measures
+        return 0
     try:
         agree = tp.AGREEMENT_PROMPTS if peer is tp.Peer.VLLM else 0
         rows, exact_ids = tp.measure_engine(engine, prompts, args.max_new_tokens, thresholds, agree)
@@ -322,6 +340,10 @@ def _rate(value: float | None) -> str:
 
 
 def run_slo_cmd(args) -> int:
+    return run_in_processes(args, "eval slo", lambda processes, channel: _slo(args, channel))
+
+
+def _slo(args, channel) -> int:
     from brownout_jax.cli.options import check_mesh
     from brownout_jax.engine.controller import ControllerConfig
     from brownout_jax.eval.quality_report import quality_cost
@@ -370,7 +392,11 @@ def run_slo_cmd(args) -> int:
         window_s=args.window,
         check_interval_s=args.check_interval,
     )
-    engine = _engine(params, config, tokenizer, args, controller=controller, exempt_layers=exempt)
+    engine = _engine(
+        params, config, tokenizer, args, channel, controller=controller, exempt_layers=exempt
+    )
+    if engine is None:  # a follower: the leader replays the trace
+        return 0
     accuracy = json.loads(Path(args.accuracy_table).read_text()) if args.accuracy_table else None
     results = []
     try:

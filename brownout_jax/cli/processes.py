@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 
 def add_process_arguments(p) -> None:
@@ -33,7 +34,7 @@ def add_process_arguments(p) -> None:
         "process",
     )
     group.add_argument(
-        "--peer-timeout",
+        "--follower-timeout",
         type=float,
         default=5.0,
         help="seconds without a follower's heartbeat after which the leader fails its requests "
@@ -52,7 +53,7 @@ def join_processes(args):
         process_id=args.process_id,
         local_devices=args.local_devices,
         heartbeat_timeout_s=args.heartbeat_timeout,
-        peer_timeout_s=args.peer_timeout,
+        follower_timeout_s=args.follower_timeout,
     )
     initialize(config)
     if config.enabled and args.mesh is None:
@@ -78,3 +79,28 @@ def leave_processes(config, code: int) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def run_in_processes(args, command: str, body) -> int:
+    """``body(processes, channel)`` run as this process's part: ``channel`` None in one
+    process (nothing else changes), else the plan channel of the group joined here. Across
+    processes a failure is reported here and the process leaves at once (``leave_processes``):
+    a lost peer (``ProcessGroupError``) exits 1, a refused configuration (``ValueError``) 2."""
+    from brownout_jax.engine.requests import ProcessGroupError
+
+    processes = join_processes(args)
+    if not processes.enabled:
+        return body(processes, None)
+    try:
+        from brownout_jax.engine.distributed import PlanChannel
+
+        channel = PlanChannel(processes.initialization_timeout_s, processes.follower_timeout_s)
+        code = body(processes, channel)
+    except (ProcessGroupError, ValueError) as err:
+        print(f"brownout-jax {command}: process {processes.process_id}: {err}", file=sys.stderr)
+        code = 1 if isinstance(err, ProcessGroupError) else 2
+    except BaseException:
+        # Peers may be gone: report here and leave at once rather than wait on them.
+        traceback.print_exc()
+        code = 1
+    return leave_processes(processes, code)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
-import traceback
 
 from brownout_jax.cli.options import (
     add_brownout_mode_arguments,
@@ -13,8 +11,7 @@ from brownout_jax.cli.options import (
     controller_from_args,
     engine_config_from_args,
 )
-from brownout_jax.cli.processes import add_process_arguments, join_processes, leave_processes
-from brownout_jax.engine.requests import ProcessGroupError
+from brownout_jax.cli.processes import add_process_arguments, run_in_processes
 from brownout_jax.united.exemption import add_exempt_arguments, resolve_exempt_layers
 
 
@@ -45,22 +42,10 @@ def run(args) -> int:
     from brownout_jax.serve.cli_serve import server_config_from_args
 
     server_config_from_args(args)  # flag errors before the model loads (and JAX starts)
-    processes = join_processes(args)
-    if not processes.enabled:
-        return _serve(args, processes)
-    try:
-        code = _serve(args, processes)
-    except (ProcessGroupError, ValueError) as err:  # a lost peer; a refused configuration
-        print(f"brownout-jax serve: process {processes.process_id}: {err}", file=sys.stderr)
-        code = 1 if isinstance(err, ProcessGroupError) else 2
-    except BaseException:
-        # Peers may be gone: report here and leave at once rather than wait on them.
-        traceback.print_exc()
-        code = 1
-    return leave_processes(processes, code)
+    return run_in_processes(args, "serve", lambda processes, channel: _serve(args, channel))
 
 
-def _serve(args, processes) -> int:
+def _serve(args, channel) -> int:
     from brownout_jax.checkpoints.demo_model import default_model
     from brownout_jax.engine.front import Engine
     from brownout_jax.model.config import ModelConfig
@@ -76,29 +61,17 @@ def _serve(args, processes) -> int:
         controller=controller_from_args(args),
         max_queue=args.max_queue,
         exempt_layers=_served_exempt_layers(args, model, united),
-        compile_in_background=not processes.enabled,
+        compile_in_background=channel is None,
     )
-    channel = None
-    if processes.enabled:
-        from brownout_jax.engine.distributed import PlanChannel
-
-        channel = PlanChannel(processes.initialization_timeout_s, processes.peer_timeout_s)
-    if not processes.is_leader:
+    if channel is not None and not channel.is_leader:
         from brownout_jax.engine.follower import follow_checkpoint
 
-        print(
-            f"brownout-jax: process {processes.process_id} of {processes.num_processes} "
-            f"following process 0 on {args.mesh}",
-            flush=True,
-        )
-        steps = follow_checkpoint(model, united, config, channel, args.dtype)
-        print(f"brownout-jax: process {processes.process_id} stopped after {steps} steps")
-        return 0
+        return follow_checkpoint(model, united, config, channel, args.dtype)
     # The context limit the engine will settle on (its config.json alone): both fronts bound
     # requests by it from the start, while the engine still warms up.
     positions = ModelConfig.from_pretrained_dir(model).max_position_embeddings
     server_config = server_config_from_args(args, config.for_model(positions).max_model_len)
-    if processes.enabled:  # a follower lost is the end of this engine: exit, non-zero
+    if channel is not None:  # a follower lost is the end of this engine: exit, non-zero
         server_config = dataclasses.replace(server_config, exit_when_engine_dies=True)
 
     def make_engine():

@@ -18,7 +18,7 @@ its checkpoint, engine config and step grid in the coordination service's key-va
 compares it with process 0's; a difference is refused on both sides naming the field.
 
 Failure bounds. A follower that dies or stalls stops bumping its heartbeat key: within
-``peer_timeout_s`` the leader's watch fails the engine (health NOT_SERVING, every request an
+``follower_timeout_s`` the leader's watch fails the engine (health NOT_SERVING, every request an
 explicit error) and the leader exits non-zero. A dead leader takes the store with it: each
 follower's wait for the next plan raises, and it exits non-zero. Behind both, the
 coordination service's own heartbeats: after ``heartbeat_timeout_s`` without them it
@@ -66,7 +66,7 @@ class DistributedConfig:
     process_id: int = 0
     local_devices: int | None = None  # CPU devices per process (tests on one machine)
     heartbeat_timeout_s: int = 20  # the coordination service's: it ends every process
-    peer_timeout_s: float = 5.0  # the leader's watch of its followers' beats
+    follower_timeout_s: float = 5.0  # the leader's watch of its followers' beats
     initialization_timeout_s: int = 300
 
     def __post_init__(self) -> None:
@@ -191,17 +191,17 @@ class PlanChannel:
 
     Liveness. Each follower bumps its own counter in the store every ``BEAT_S``; the leader
     watches them (``watch``) and reports a follower whose counter stood still for
-    ``peer_timeout_s``: dead or stalled, whether the leader was idle or waiting on a step
+    ``follower_timeout_s``: dead or stalled, whether the leader was idle or waiting on a step
     (a killed peer does not always fail the step's collectives: seen hanging). Followers
     learn of a dead leader from the store itself, which lived in it."""
 
     KEEP = 64
     BEAT_S = 0.5
 
-    def __init__(self, start_timeout_s: float = 300.0, peer_timeout_s: float = 5.0):
+    def __init__(self, start_timeout_s: float = 300.0, follower_timeout_s: float = 5.0):
         """``start_timeout_s``: how long the start-up checks wait for the other processes."""
         self.start_timeout_s = start_timeout_s
-        self.peer_timeout_s = peer_timeout_s
+        self.follower_timeout_s = follower_timeout_s
         self.process = jax.process_index()
         self.is_leader = self.process == 0
         self.processes = jax.process_count()
@@ -271,7 +271,7 @@ class PlanChannel:
                     last, since = seen.get(process, (None, now))
                     if beat != last:
                         seen[process] = (beat, now)
-                    elif now - since > self.peer_timeout_s:
+                    elif now - since > self.follower_timeout_s:
                         on_lost(
                             ProcessGroupError(
                                 f"process {process} sent no heartbeat for "

@@ -8,8 +8,6 @@ everything a step needs is in its plan.
 
 from __future__ import annotations
 
-import logging
-
 import jax
 
 from brownout_jax.engine.config import EngineConfig
@@ -17,6 +15,8 @@ from brownout_jax.engine.distributed import PlanChannel
 from brownout_jax.engine.executor import Executor, ladder_for
 from brownout_jax.engine.plan_wire import PlanOp
 from brownout_jax.engine.requests import ProcessGroupError
+from brownout_jax.model.config import ModelConfig
+from brownout_jax.model.params import ModelParams
 
 
 class Follower:
@@ -42,6 +42,40 @@ class Follower:
                 self.steps += 1
 
 
+def follow(
+    params: ModelParams,
+    model_config: ModelConfig,
+    config: EngineConfig,
+    channel: PlanChannel,
+    eos_token_ids: frozenset[int] = frozenset(),
+    progress: bool = False,
+) -> int:
+    """Builds the executor the leader's ``Engine`` builds from the same arguments and follows
+    its plans until it stops; returns 0 (the process's exit code)."""
+    config = config.for_model(model_config.max_position_embeddings, model_config.head_dim)
+    print(
+        f"brownout-jax: process {channel.process} of {channel.processes} following process 0 "
+        f"on {config.mesh}",
+        flush=True,
+    )
+    executor = Executor(
+        params,
+        model_config,
+        config,
+        ladder_for(params, config),
+        progress,
+        eos_token_ids=eos_token_ids,
+        channel=channel,
+    )
+    follower = Follower(executor, channel)
+    try:
+        follower.run()
+    finally:
+        executor.grid.cancel()
+    print(f"brownout-jax: process {channel.process} stopped after {follower.steps} steps")
+    return 0
+
+
 def follow_checkpoint(
     model_dir,
     united_dir,
@@ -50,26 +84,9 @@ def follow_checkpoint(
     dtype: str = "auto",
     progress: bool = False,
 ) -> int:
-    """Loads the checkpoint as the leader's ``Engine.from_checkpoint`` does and follows its
-    plans; returns the steps run."""
+    """``follow`` on the checkpoint, loaded as the leader's ``Engine.from_checkpoint`` does."""
     from brownout_jax.checkpoints import load_model
 
     model = load_model(model_dir, dtype, progress=progress, united=united_dir, pack_experts=False)
-    config = config.for_model(model.config.max_position_embeddings, model.config.head_dim)
-    executor = Executor(
-        model.params,
-        model.config,
-        config,
-        ladder_for(model.params, config),
-        progress,
-        eos_token_ids=frozenset(model.eos_token_ids),
-        channel=channel,
-    )
-    follower = Follower(executor, channel)
-    log = logging.getLogger("brownout_jax")
-    log.info("following process 0's plans")
-    try:
-        follower.run()
-    finally:
-        executor.grid.cancel()
-    return follower.steps
+    eos = frozenset(model.eos_token_ids)
+    return follow(model.params, model.config, config, channel, eos, progress)
