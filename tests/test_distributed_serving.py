@@ -9,6 +9,7 @@ import json
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -306,3 +307,31 @@ def test_process_flags_are_checked_before_jax_starts():
     with pytest.raises(ValueError, match="--process-id"):
         DistributedConfig(coordinator="h:1", num_processes=2, process_id=2)
     assert not DistributedConfig().enabled and DistributedConfig().is_leader
+
+
+def test_eval_throughput_across_two_processes(tmp_path):
+    flags = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
+             "--local-devices", "2", "--peer", "none", "--num-prompts", "3",
+             "--max-new-tokens", "6", "--thresholds", "0,1", "--max-batch", "2",
+             "--max-model-len", "96", "--kv-blocks", "16", "--latency-samples", "0",
+             "--dtype", "float32"]  # fmt: skip
+    command = [sys.executable, "-m", "brownout_jax.cli", "eval", "throughput", *flags]
+    procs = [
+        subprocess.Popen(
+            [*command, "--process-id", str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in (1, 0)
+    ]
+    try:
+        follower, leader = (p.communicate(timeout=600)[0] for p in procs)
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], (follower, leader)
+    report = json.loads(leader[leader.index("{\n") :])
+    assert [row["threshold"] for row in report["engine"]] == [0.0, 1.0]
+    assert all(row["requests"] == 3 and row["output_tokens_per_s"] > 0 for row in report["engine"])
+    assert "stopped after" in follower and "{" not in follower  # the leader alone reports
