@@ -134,18 +134,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _group() -> tuple[str, ...]:
+    """Two processes × 2 CPU devices around a fresh loopback coordinator."""
+    return ("--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
+            "--local-devices", "2")  # fmt: skip
+
+
 def _pair(start_server, *extra, follower_extra=()):
     """A follower (not waited for) and its leader (ready)."""
-    flags = (
-        "--coordinator",
-        f"127.0.0.1:{_free_port()}",
-        "--num-processes",
-        "2",
-        "--local-devices",
-        "2",
-        *FLAGS,
-        *extra,
-    )
+    flags = (*_group(), *FLAGS, *extra)
     follower = start_server(None, *flags, "--process-id", "1", *follower_extra, wait=False)
     try:
         leader = start_server(None, *flags, "--process-id", "0")
@@ -279,16 +276,7 @@ def test_a_dead_leader_ends_the_follower(start_server):
 
 
 def test_a_mismatched_configuration_is_refused_naming_the_field(start_server):
-    leader, follower = None, None
-    flags = (
-        "--coordinator",
-        f"127.0.0.1:{_free_port()}",
-        "--num-processes",
-        "2",
-        "--local-devices",
-        "2",
-        *FLAGS,
-    )
+    flags = (*_group(), *FLAGS)
     follower = start_server(None, *flags, "--process-id", "1", "--max-batch", "3", wait=False)
     leader = start_server(None, *flags, "--process-id", "0", wait=False)
     codes = [_wait_exit(p, 120) for p in (follower, leader)]
@@ -310,8 +298,7 @@ def test_process_flags_are_checked_before_jax_starts():
 
 
 def test_eval_throughput_across_two_processes(tmp_path):
-    flags = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
-             "--local-devices", "2", "--peer", "none", "--num-prompts", "3",
+    flags = [*_group(), "--peer", "none", "--num-prompts", "3",
              "--max-new-tokens", "6", "--thresholds", "0,1", "--max-batch", "2",
              "--max-model-len", "96", "--kv-blocks", "16", "--latency-samples", "0",
              "--dtype", "float32"]  # fmt: skip
