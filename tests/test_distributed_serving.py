@@ -297,7 +297,7 @@ def test_process_flags_are_checked_before_jax_starts():
     assert not DistributedConfig().enabled and DistributedConfig().is_leader
 
 
-def test_eval_throughput_across_two_processes(tmp_path):
+def test_eval_throughput_across_two_processes():
     flags = [*_group(), "--peer", "none", "--num-prompts", "3",
              "--max-new-tokens", "6", "--thresholds", "0,1", "--max-batch", "2",
              "--max-model-len", "96", "--kv-blocks", "16", "--latency-samples", "0",

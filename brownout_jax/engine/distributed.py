@@ -56,7 +56,7 @@ from brownout_jax.engine.step_grid import StepGrid
 from brownout_jax.model.config import ModelConfig
 from brownout_jax.model.params import ModelParams
 
-_KV_PREFIX = "brownout_jax/description"
+_KV_PREFIX = "brownout_jax"  # keys in the coordination service's store
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -133,16 +133,17 @@ def check_same_everywhere(description: dict[str, str], timeout_s: float) -> None
     field that differs (raised on the process that differs and on process 0)."""
     client = _kv_client()
     me, count = jax.process_index(), jax.process_count()
-    client.key_value_set(f"{_KV_PREFIX}/{me}", json.dumps(description, sort_keys=True))
+    client.key_value_set(f"{_KV_PREFIX}/description/{me}", json.dumps(description, sort_keys=True))
     timeout_ms = int(timeout_s * 1000)
-    leader = json.loads(client.blocking_key_value_get(f"{_KV_PREFIX}/0", timeout_ms))
+    leader = json.loads(client.blocking_key_value_get(f"{_KV_PREFIX}/description/0", timeout_ms))
     if me != 0:
         field = first_difference(leader, description)
         if field is not None:
             raise ValueError(mismatch_message(field, me, leader, description))
         return
     for process in range(1, count):
-        theirs = json.loads(client.blocking_key_value_get(f"{_KV_PREFIX}/{process}", timeout_ms))
+        key = f"{_KV_PREFIX}/description/{process}"
+        theirs = json.loads(client.blocking_key_value_get(key, timeout_ms))
         field = first_difference(leader, theirs)
         if field is not None:
             raise ValueError(mismatch_message(field, process, leader, theirs))
@@ -215,7 +216,10 @@ class PlanChannel:
         self._thread: threading.Thread | None = None
 
     def open(self, capacity: int) -> None:
-        """Plans carry step uploads of up to ``capacity`` words (the grid's longest)."""
+        """Plans carry step uploads of up to ``capacity`` words (the grid's longest). Once:
+        a process group runs one engine (its keys in the store are not reused)."""
+        if self.capacity:
+            raise RuntimeError("a process group runs one engine: its channel is open already")
         self.capacity = capacity
         self._buffer = np.zeros(buffer_words(capacity), np.int32)
         if not self.is_leader:
@@ -268,7 +272,7 @@ class PlanChannel:
                         beat = self._client.key_value_try_get(self._beat_key(process))
                     except jax.errors.JaxRuntimeError:  # NOT_FOUND before its first beat
                         beat = None
-                    last, since = seen.get(process, (None, now))
+                    last, since = seen.setdefault(process, (beat, now))
                     if beat != last:
                         seen[process] = (beat, now)
                     elif now - since > self.follower_timeout_s:

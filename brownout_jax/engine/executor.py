@@ -188,8 +188,8 @@ class Executor:
         if grid is None:
             grid = make_grid(params, model_config, config, ladder)
             if channel is not None:
-                check_same_everywhere(description | describe_grid(grid), channel.start_timeout_s)
                 channel.open(plan_capacity(grid))
+                check_same_everywhere(description | describe_grid(grid), channel.start_timeout_s)
             grid.compile(background=config.compile_in_background, progress=progress)
         elif channel is not None:
             raise ValueError("across processes the grid is compiled by the executor")
