@@ -7,6 +7,8 @@ SIGTERM/SIGINT: both turn not serving, the engine stops admitting and drains the
 accepted (from either front) within the grace period, then the fronts close and the process
 exits 0. A dead engine loop turns both not serving (before its requests hear of it) and fails
 its requests (INTERNAL / 500); a step that fails on the device fails only its own requests.
+With ``exit_when_engine_dies`` (an engine across processes, which cannot recover a lost one)
+the server then closes both fronts, letting the failed requests' answers out, and returns 1.
 """
 
 from __future__ import annotations
