@@ -239,7 +239,8 @@ def test_two_processes_serve_what_one_process_with_their_devices_serves(start_se
     )
 
 
-def test_a_dead_follower_fails_requests_explicitly_and_the_leader_exits(start_server):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
+def test_a_dead_follower_fails_requests_explicitly_and_the_leader_exits(start_server, stop):
     leader, follower = _pair(start_server)
     try:
         answers = []
@@ -247,13 +248,15 @@ def test_a_dead_follower_fails_requests_explicitly_and_the_leader_exits(start_se
         streamer = threading.Thread(target=lambda: answers.append(_post(leader.http, body)))
         streamer.start()
         time.sleep(1.0)
-        follower.process.send_signal(signal.SIGKILL)
+        follower.process.send_signal(stop)
         code = _wait_exit(leader, 60)
+        follower_code = _wait_exit(follower, 30)
         streamer.join(60)
     finally:
         follower.process.kill()
         leader.process.kill()
     assert code not in (None, 0), leader.output
+    assert follower_code not in (None, 0), follower.output  # SIGTERM too: not swallowed
     assert answers and answers[0].get("status") == 500, answers
     assert "process" in answers[0]["error"]["message"], answers
 

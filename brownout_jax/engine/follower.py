@@ -8,6 +8,8 @@ everything a step needs is in its plan.
 
 from __future__ import annotations
 
+import signal
+
 import jax
 
 from brownout_jax.engine.config import EngineConfig
@@ -42,6 +44,10 @@ class Follower:
                 self.steps += 1
 
 
+def _stop_on_sigterm(signum, frame) -> None:
+    raise ProcessGroupError("stopped by SIGTERM (stop the leader to stop every process cleanly)")
+
+
 def follow(
     params: ModelParams,
     model_config: ModelConfig,
@@ -68,9 +74,14 @@ def follow(
         channel=channel,
     )
     follower = Follower(executor, channel)
+    # JAX's preemption notifier takes SIGTERM and carries on; a follower told to stop must
+    # stop (its leader then sees it gone and fails its requests explicitly). The handler runs
+    # between the waits for the next plan (each at most a second).
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         follower.run()
     finally:
+        signal.signal(signal.SIGTERM, previous)
         executor.grid.cancel()
     print(f"brownout-jax: process {channel.process} stopped after {follower.steps} steps")
     return 0
