@@ -268,6 +268,20 @@ def _engine(params, config, tokenizer, args, channel=None, **fields):
     return Engine(params, config, engine_config, tokenizer, channel=channel)
 
 
+def _stop(engine, channel) -> None:
+    """Stops an eval's engine. Across processes its thread may be stuck on a lost peer's
+    collective for good: bounded, and then the process group's failure."""
+    if channel is None:
+        engine.shutdown(drain=False)
+        return
+    from brownout_jax.engine.requests import EngineDeadError, ProcessGroupError
+
+    try:
+        engine.shutdown(drain=False, timeout=30)
+    except (TimeoutError, EngineDeadError) as err:
+        raise ProcessGroupError(f"the engine across processes failed: {err}") from err
+
+
 def run_throughput_cmd(args) -> int:
     return run_in_processes(
         args, "eval throughput", lambda processes, channel: _throughput(args, channel)
@@ -309,7 +323,7 @@ def _throughput(args, channel) -> int:
         agree = tp.AGREEMENT_PROMPTS if peer is tp.Peer.VLLM else 0
         rows, exact_ids = tp.measure_engine(engine, prompts, args.max_new_tokens, thresholds, agree)
     finally:
-        engine.shutdown(drain=False)
+        _stop(engine, channel)
     tp.add_decode_floor(rows, params, config, prompts, args.max_batch)
     cores = tp.engine_cores()
     del engine, params  # the peer loads its own copy: free ours first
@@ -409,7 +423,7 @@ def _slo(args, channel) -> int:
                 break
             time.sleep(1.0)  # let the previous mode's tail leave the step log window
     finally:
-        engine.shutdown(drain=False)
+        _stop(engine, channel)
         meta = {
             "workload": workload.__repr__(),
             "requests": len(trace),

@@ -34,6 +34,13 @@ def add_process_arguments(p) -> None:
         "process",
     )
     group.add_argument(
+        "--step-timeout",
+        type=float,
+        default=60.0,
+        help="seconds one step may wait on the devices before the leader takes a process for "
+        "hung, fails its requests and exits",
+    )
+    group.add_argument(
         "--follower-timeout",
         type=float,
         default=5.0,
@@ -54,6 +61,7 @@ def join_processes(args):
         local_devices=args.local_devices,
         heartbeat_timeout_s=args.heartbeat_timeout,
         follower_timeout_s=args.follower_timeout,
+        step_timeout_s=args.step_timeout,
     )
     initialize(config)
     if config.enabled and args.mesh is None:
@@ -65,17 +73,23 @@ def join_processes(args):
     return config
 
 
-def leave_processes(config, code: int) -> int:
-    """Ends this process's part: a clean exit leaves the group together (the coordination
-    service's shutdown barrier); a failed one exits at once, non-zero, since its peers may be
-    gone and the barrier would only wait for them."""
+def leave_processes(config, code: int, channel=None) -> int:
+    """Ends this process's part: a clean exit releases the followers (the leader) and leaves
+    the group together (the coordination service's shutdown barrier); a failed one exits at
+    once, non-zero, since its peers may be gone and the barrier would only wait for them."""
     if not config.enabled:
         return code
     if code == 0:
         import jax
 
-        jax.distributed.shutdown()
-        return 0
+        try:
+            if channel is not None and channel.is_leader:
+                channel.release_followers()
+            jax.distributed.shutdown()
+            return 0
+        except Exception as err:  # a peer gone before the barrier: nothing left to wait for
+            print(f"brownout-jax: leaving the process group failed: {err}", file=sys.stderr)
+            code = 1
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -91,10 +105,15 @@ def run_in_processes(args, command: str, body) -> int:
     processes = join_processes(args)
     if not processes.enabled:
         return body(processes, None)
+    channel = None
     try:
         from brownout_jax.engine.distributed import PlanChannel
 
-        channel = PlanChannel(processes.initialization_timeout_s, processes.follower_timeout_s)
+        channel = PlanChannel(
+            processes.initialization_timeout_s,
+            processes.follower_timeout_s,
+            processes.step_timeout_s,
+        )
         code = body(processes, channel)
     except (ProcessGroupError, ValueError) as err:
         print(f"brownout-jax {command}: process {processes.process_id}: {err}", file=sys.stderr)
@@ -103,4 +122,4 @@ def run_in_processes(args, command: str, body) -> int:
         # Peers may be gone: report here and leave at once rather than wait on them.
         traceback.print_exc()
         code = 1
-    return leave_processes(processes, code)
+    return leave_processes(processes, code, channel)

@@ -27,7 +27,6 @@ terminates every process still running (a non-zero exit, without the explicit er
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -67,6 +66,7 @@ class DistributedConfig:
     local_devices: int | None = None  # CPU devices per process (tests on one machine)
     heartbeat_timeout_s: int = 20  # the coordination service's: it ends every process
     follower_timeout_s: float = 5.0  # the leader's watch of its followers' beats
+    step_timeout_s: float = 60.0  # the leader's watch of one step's wait on the devices
     initialization_timeout_s: int = 300
 
     def __post_init__(self) -> None:
@@ -109,6 +109,9 @@ def initialize(config: DistributedConfig) -> None:
         return
     # CPU collectives across processes; GPU backends use NCCL whatever this says.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Its SIGTERM handler would swallow the signal (it waits for a sync point nothing here
+    # reaches): SIGTERM must stop a process, the leader's own handler drains first.
+    jax.config.update("jax_enable_preemption_service", False)
     jax.distributed.initialize(
         coordinator_address=config.coordinator,
         num_processes=config.num_processes,
@@ -120,7 +123,9 @@ def initialize(config: DistributedConfig) -> None:
 
 
 def _kv_client():
-    from jax._src import distributed  # the client of the coordination service joined above
+    # The client of the coordination service joined above: jax 0.10.2 exposes it only here
+    # (jax.distributed has no public key-value API).
+    from jax._src import distributed
 
     client = distributed.global_state.client
     if client is None:
@@ -130,23 +135,30 @@ def _kv_client():
 
 def check_same_everywhere(description: dict[str, str], timeout_s: float) -> None:
     """Every process's ``description`` equals process 0's, or ``ValueError`` naming the first
-    field that differs (raised on the process that differs and on process 0)."""
+    field that differs, on every process: process 0 compares them all and publishes its
+    verdict, which each follower waits for (a follower that matches must not go on to
+    compile while another is refused)."""
     client = _kv_client()
     me, count = jax.process_index(), jax.process_count()
     client.key_value_set(f"{_KV_PREFIX}/description/{me}", json.dumps(description, sort_keys=True))
     timeout_ms = int(timeout_s * 1000)
-    leader = json.loads(client.blocking_key_value_get(f"{_KV_PREFIX}/description/0", timeout_ms))
+    verdict_key = f"{_KV_PREFIX}/description/verdict"
     if me != 0:
-        field = first_difference(leader, description)
-        if field is not None:
-            raise ValueError(mismatch_message(field, me, leader, description))
+        verdict = client.blocking_key_value_get(verdict_key, timeout_ms)
+        if verdict:
+            raise ValueError(verdict)
         return
+    verdict = ""
     for process in range(1, count):
         key = f"{_KV_PREFIX}/description/{process}"
         theirs = json.loads(client.blocking_key_value_get(key, timeout_ms))
-        field = first_difference(leader, theirs)
+        field = first_difference(description, theirs)
         if field is not None:
-            raise ValueError(mismatch_message(field, process, leader, theirs))
+            verdict = mismatch_message(field, process, description, theirs)
+            break
+    client.key_value_set(verdict_key, verdict)
+    if verdict:
+        raise ValueError(verdict)
 
 
 def describe_engine(
@@ -199,9 +211,15 @@ class PlanChannel:
     KEEP = 64
     BEAT_S = 0.5
 
-    def __init__(self, start_timeout_s: float = 300.0, follower_timeout_s: float = 5.0):
+    def __init__(
+        self,
+        start_timeout_s: float = 300.0,
+        follower_timeout_s: float = 5.0,
+        step_timeout_s: float = 60.0,
+    ):
         """``start_timeout_s``: how long the start-up checks wait for the other processes."""
         self.start_timeout_s = start_timeout_s
+        self.step_timeout_s = step_timeout_s
         self.follower_timeout_s = follower_timeout_s
         self.process = jax.process_index()
         self.is_leader = self.process == 0
@@ -226,13 +244,15 @@ class PlanChannel:
             self._thread = threading.Thread(target=self._beat, name="brownout-beat", daemon=True)
             self._thread.start()
 
-    def close(self) -> None:
-        """The leader: stop watching, then tell the followers to leave (best effort: they
-        may be dead already)."""
+    def stop_watching(self) -> None:
         self._closed.set()
-        if self.is_leader:
-            with contextlib.suppress(jax.errors.JaxRuntimeError):
-                self.send(PlanOp.SHUTDOWN)
+
+    def release_followers(self) -> None:
+        """The leader, on a clean exit only: the followers leave their loop and join the
+        group's shutdown. Sent as the leader itself leaves (not when its engine stops: what
+        it does after, e.g. an evaluation's report, may outlast the shutdown's timeout)."""
+        self._closed.set()
+        self.send(PlanOp.SHUTDOWN)
 
     @staticmethod
     def _key(n: int) -> str:
@@ -250,22 +270,35 @@ class PlanChannel:
             self._step += 1
         payload = np.zeros(0, np.int32) if words is None else words
         message = PlanMessage(op, self._step, key_index, payload)
-        buffer = encode(message, self.capacity, self._buffer)
         self._sent += 1
-        self._client.key_value_set_bytes(
-            self._key(self._sent), buffer[: buffer_words(len(payload))].tobytes()
-        )
+        plan = encode(message, self.capacity, self._buffer)
+        self._client.key_value_set_bytes(self._key(self._sent), plan.tobytes())
         if self._sent > self.KEEP:
             self._client.key_value_delete(self._key(self._sent - self.KEEP))
         if op == PlanOp.STEP and self.on_sent is not None:
             self.on_sent(time.perf_counter() - start)
 
-    def watch(self, on_lost: Callable[[BaseException], None]) -> None:
-        """Calls ``on_lost`` (from its own thread, once) when a follower stops beating."""
+    def watch(
+        self,
+        on_lost: Callable[[BaseException], None],
+        waiting_for: Callable[[], float | None] = lambda: None,
+    ) -> None:
+        """Calls ``on_lost`` (from its own thread, once) when a follower stops beating, or when
+        the leader has waited ``step_timeout_s`` on the device for one step (``waiting_for``:
+        how long so far, None when not waiting): a follower that still beats but hangs in a
+        collective holds every process there."""
 
         def run() -> None:
             seen: dict[int, tuple[str | None, float]] = {}
             while not self._closed.wait(self.BEAT_S):
+                waited = waiting_for()
+                if waited is not None and waited > self.step_timeout_s:
+                    on_lost(
+                        ProcessGroupError(
+                            f"a step has waited {waited:.0f}s on the devices (a process hangs)"
+                        )
+                    )
+                    return
                 now = time.monotonic()
                 for process in range(1, self.processes):
                     try:

@@ -66,6 +66,7 @@ from brownout_jax.moe.expert_parallel import (
     is_expert_parallel,
     make_mesh,
     replicate,
+    replicate_across_processes,
     shard_params,
 )
 from brownout_jax.moe.ladder import ThresholdLadder
@@ -194,7 +195,8 @@ class Executor:
         elif channel is not None:
             raise ValueError("across processes the grid is compiled by the executor")
         self.grid = grid
-        self._key_index = {key: i for i, key in enumerate(grid.keys())}
+        self._keys = tuple(grid.keys())
+        self._key_index = {key: i for i, key in enumerate(self._keys)}
         self._model_config, self._mesh = model_config, mesh
         self._state = self._new_state()
         self._layouts: dict[tuple[Phase, Bucket], InputLayout] = {}
@@ -288,7 +290,7 @@ class Executor:
         rng = np.random.default_rng(0)
         last = self._state.last_tokens
         random_tokens = rng.integers(0, self._vocab_size, last.shape, dtype=np.int32)
-        self._state = self._state.replace(last_tokens=jax.device_put(random_tokens, last.sharding))
+        self._state = self._state.replace(last_tokens=self._place(random_tokens, last.sharding))
         for key in tqdm(keys, desc="timing steps", disable=not progress):
             times = []
             for _ in range(samples):
@@ -319,7 +321,7 @@ class Executor:
                 host.slots[:] = np.arange(batch) % slots
                 host.block_tables[:, 0] = 1 + np.arange(batch) % (self.config.num_blocks - 1)
         words = self.grid.layout(key.phase, key.bucket).pack(host)
-        inputs = jax.device_put(words, self.grid.input_sharding)
+        inputs = self._place(words, self.grid.input_sharding)
         return self.grid.executable(key)(self._params, self._state, inputs)
 
     # -------------------------------------------------------------------------- one step
@@ -334,7 +336,7 @@ class Executor:
         if self.channel is not None:  # every process runs this step, in this order
             self.channel.send(PlanOp.STEP, self._key_index[key], inputs)
         if self.grid.input_sharding is not None:
-            inputs = jax.device_put(inputs, self.grid.input_sharding)
+            inputs = self._place(inputs, self.grid.input_sharding)
         self._state, packed = self.grid.executable(key)(self._params, self._state, inputs)
         packed.copy_to_host_async()
         return InFlight(plan, packed, now, thresholds)
@@ -343,9 +345,17 @@ class Executor:
     def run_received(self, key_index: int, words: np.ndarray) -> None:
         """A follower's step: the leader's plan run on this process's devices (its sampled
         tokens, replicated, are the leader's to read)."""
-        key = self.grid.keys()[key_index]
-        inputs = jax.device_put(words, self.grid.input_sharding)
+        key = self._keys[key_index]
+        inputs = self._place(words, self.grid.input_sharding)
         self._state, _ = self.grid.executable(key)(self._params, self._state, inputs)
+
+    def _place(self, host: np.ndarray, sharding) -> jax.Array:
+        """Host values onto the mesh, replicated. Across processes each process places its
+        own copy (``device_put`` would first gather every process's value to compare them:
+        a collective and a host sync in every step)."""
+        if self.channel is None:
+            return jax.device_put(host, sharding)
+        return replicate_across_processes(host, sharding)
 
     def _host_words(self, plan: StepPlan) -> np.ndarray:
         """The plan's batch, written straight into a reused buffer of its upload's words."""
@@ -422,8 +432,8 @@ class Executor:
 
     def close(self) -> None:
         self.grid.cancel()
-        if self.channel is not None and self.channel.is_leader:
-            self.channel.close()
+        if self.channel is not None:
+            self.channel.stop_watching()
 
 
 def plan_capacity(grid: StepGrid) -> int:

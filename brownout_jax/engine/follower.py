@@ -8,14 +8,12 @@ everything a step needs is in its plan.
 
 from __future__ import annotations
 
-import signal
-
 import jax
 
 from brownout_jax.engine.config import EngineConfig
 from brownout_jax.engine.distributed import PlanChannel
 from brownout_jax.engine.executor import Executor, ladder_for
-from brownout_jax.engine.plan_wire import PlanOp
+from brownout_jax.engine.plan_wire import PlanOp, PlanWireError
 from brownout_jax.engine.requests import ProcessGroupError
 from brownout_jax.model.config import ModelConfig
 from brownout_jax.model.params import ModelParams
@@ -37,15 +35,16 @@ class Follower:
                 raise ProcessGroupError(
                     f"the leader's plans stopped (process 0 died?): {str(err).splitlines()[0]}"
                 ) from err
+            except PlanWireError as err:
+                raise ProcessGroupError(f"a plan from the leader is malformed: {err}") from err
             if message.op == PlanOp.SHUTDOWN:
                 return
-            if message.op == PlanOp.STEP:
-                self.executor.run_received(message.key_index, message.words)
-                self.steps += 1
-
-
-def _stop_on_sigterm(signum, frame) -> None:
-    raise ProcessGroupError("stopped by SIGTERM (stop the leader to stop every process cleanly)")
+            if message.step != self.steps + 1:  # free: a desynchronised follower stops here
+                raise ProcessGroupError(
+                    f"plan for step {message.step} after step {self.steps}: out of step"
+                )
+            self.executor.run_received(message.key_index, message.words)
+            self.steps += 1
 
 
 def follow(
@@ -74,14 +73,9 @@ def follow(
         channel=channel,
     )
     follower = Follower(executor, channel)
-    # JAX's preemption notifier takes SIGTERM and carries on; a follower told to stop must
-    # stop (its leader then sees it gone and fails its requests explicitly). The handler runs
-    # between the waits for the next plan (each at most a second).
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         follower.run()
     finally:
-        signal.signal(signal.SIGTERM, previous)
         executor.grid.cancel()
     print(f"brownout-jax: process {channel.process} stopped after {follower.steps} steps")
     return 0

@@ -131,7 +131,7 @@ class Engine:
         self._thread = threading.Thread(target=self._loop.run, name="brownout-engine", daemon=True)
         self._thread.start()
         if channel is not None:  # a follower lost kills this engine, even mid-step
-            channel.watch(self._loop.fail)
+            channel.watch(self._loop.fail, self._loop.reading_for)
 
     @classmethod
     def from_checkpoint(

@@ -83,7 +83,11 @@ class EngineLoop:
         # Told the cause when the loop dies, before any request is: the server turns its
         # health NOT_SERVING first, so that no balancer sends more work to a dying engine.
         self.on_fatal: Callable[[BaseException], None] | None = None
-        self._failing = threading.Lock()
+        self._failing = threading.Lock()  # error, _reading and _requests_failed
+        self._reading = False  # the engine thread waits on the device (executor.read)
+        self._reading_since = 0.0
+        self._requests_failed = False
+        self._engine_thread: threading.Thread | None = None
         self._by_handle: dict[RequestHandle, Sequence] = {}
         self._in_flight: InFlight | None = None
         self._last_read = 0.0  # when the last step's tokens arrived (engine clock)
@@ -99,8 +103,11 @@ class EngineLoop:
         self._usable: dict[tuple[Phase, float], frozenset] = {}
 
     def run(self) -> None:
+        self._engine_thread = threading.current_thread()
         try:
             while True:
+                if self.error is not None:  # failed from another thread (``fail``)
+                    raise self.error
                 started = time.perf_counter()
                 self._device_wait = 0.0
                 self._unusual = False
@@ -141,22 +148,49 @@ class EngineLoop:
             self.executor.close()
 
     def fail(self, err: BaseException) -> None:
-        """The engine is dead: health first, then every open request learns why. Also called
-        from another thread while this one is stuck waiting on the device (a peer process
-        lost): it never returns to touch the requests again, the process exits."""
+        """The engine is dead: health first, then every open request learns why (once).
+
+        From another thread (a lost peer process, seen by the distributed watch) the requests
+        are this thread's to touch: they are failed here only while the engine thread waits
+        on the device (it cannot leave that wait without seeing the error, see ``_read``);
+        otherwise the engine thread raises at its next check and fails them itself."""
         with self._failing:
-            if self.error is not None:
+            first = self.error is None
+            if first:
+                self.error = err
+                if self.on_fatal is not None:
+                    with contextlib.suppress(Exception):  # must not hide the cause
+                        self.on_fatal(err)
+            on_engine_thread = threading.current_thread() is self._engine_thread
+            if self._requests_failed or not (on_engine_thread or self._reading):
+                self.wake.set()
                 return
-            self.error = err
-            if self.on_fatal is not None:
-                with contextlib.suppress(Exception):  # must not hide the cause from requests
-                    self.on_fatal(err)
-            reason = f"engine failure: {err!r}"
+            self._requests_failed = True
+            reason = f"engine failure: {self.error!r}"
             for seq in list(self.scheduler.waiting) + self.scheduler.running:
                 self._finish(seq, FinishReason.ERROR, error=reason)
             while not self.incoming.empty():
                 handle = self.incoming.get_nowait()
                 handle._push(TokenEvent(None, None, "", FinishReason.ERROR, reason))
+
+    def reading_for(self) -> float | None:
+        """Seconds the engine thread has waited on the device for a step (None: not now)."""
+        return time.monotonic() - self._reading_since if self._reading else None
+
+    def _read(self, step: InFlight):
+        """The step's one sync, marked as a device wait for ``fail``."""
+        with self._failing:
+            if self.error is not None:
+                raise self.error
+            self._reading = True
+            self._reading_since = time.monotonic()
+        try:
+            return self.executor.read(step)
+        finally:
+            with self._failing:
+                self._reading = False
+                if self.error is not None:
+                    raise self.error
 
     def _raise_compile_failure(self) -> None:
         if self.executor.grid.error is not None:
@@ -286,7 +320,7 @@ class EngineLoop:
         and the engine state with it: the step dispatched after it ran on that state."""
         waiting = time.perf_counter()
         try:
-            result = self.executor.read(step)  # the step's one sync
+            result = self._read(step)  # the step's one sync
         except StepFailedError as err:
             return not self._step_failed(step.plan, err)
         finally:

@@ -1,12 +1,12 @@
 """What crosses between the processes of one engine: the per-step plan message, and each
 process's description checked against the leader's at start. Host-only (NumPy, no JAX).
 
-A step's plan reaches the followers as one fixed-shape int32 buffer, so the broadcast that
-carries it compiles once: a header, then the step's own input words (the ``InputLayout``
-upload every process feeds to the same executable), zero-padded to the longest upload of the
-grid. Everything a step computes from is in those words (tokens, positions, block tables,
-slots, sampling parameters and seeds, exact-row flags); the executable is named by its index
-in the grid's compilation order, which every process derives from the same config.
+A step's plan reaches the followers as one int32 buffer: a header, then the step's own input
+words (the ``InputLayout`` upload every process feeds to the same executable), at most the
+grid's longest upload (``capacity``). Everything a step computes from is in those words
+(tokens, positions, block tables, slots, sampling parameters and seeds, exact-row flags); the
+executable is named by its index in the grid's compilation order, which every process derives
+from the same config.
 """
 
 from __future__ import annotations
@@ -38,12 +38,13 @@ class PlanMessage:
 
 
 def buffer_words(capacity: int) -> int:
-    """The broadcast buffer's length for step uploads of at most ``capacity`` words."""
+    """The longest plan's length, for step uploads of at most ``capacity`` words."""
     return HEADER_WORDS + capacity
 
 
 def encode(message: PlanMessage, capacity: int, out: np.ndarray | None = None) -> np.ndarray:
-    """The message as ``buffer_words(capacity)`` int32 words (into ``out`` when given)."""
+    """The message as int32 words: its header and words, written into the front of ``out``
+    (``buffer_words(capacity)`` long) when given; what follows them there is left as is."""
     words = np.asarray(message.words, np.int32).reshape(-1)
     if len(words) > capacity:
         raise PlanWireError(f"a step upload of {len(words)} words exceeds the {capacity} sent")
@@ -54,8 +55,7 @@ def encode(message: PlanMessage, capacity: int, out: np.ndarray | None = None) -
     header = (MAGIC, int(message.op), step[0], step[1], message.key_index, len(words))
     buffer[:HEADER_WORDS] = header
     buffer[HEADER_WORDS : HEADER_WORDS + len(words)] = words
-    buffer[HEADER_WORDS + len(words) :] = 0
-    return buffer
+    return buffer[: HEADER_WORDS + len(words)]
 
 
 def decode(buffer: np.ndarray) -> PlanMessage:
@@ -91,6 +91,7 @@ def first_difference(leader: dict[str, str], mine: dict[str, str]) -> str | None
 def mismatch_message(field: str, process: int, leader: dict[str, str], mine: dict[str, str]):
     return (
         f"process {process} does not match process 0 in {field}: "
-        f"{mine.get(field, '(absent)')} here, {leader.get(field, '(absent)')} on process 0 "
+        f"{mine.get(field, '(absent)')} on process {process}, "
+        f"{leader.get(field, '(absent)')} on process 0 "
         "(every process must serve the same checkpoint with the same engine flags)"
     )

@@ -127,7 +127,13 @@ class ExpertLayout:
 def _replicate_leaf(x, sharding: NamedSharding) -> jax.Array:
     if jax.process_count() == 1:
         return jax.device_put(x, sharding)
-    # Across processes every process supplies its own (identical) copy to its own devices.
+    return replicate_across_processes(x, sharding)
+
+
+def replicate_across_processes(x, sharding: NamedSharding) -> jax.Array:
+    """``x`` replicated with ``sharding``, every process supplying its own (identical) copy to
+    its own devices. Not ``device_put``: across processes it first checks that every process
+    passed the same value, a gather and a host sync over every process (jax 0.10.2)."""
     shape = np.shape(x)
     arrays = [jax.device_put(x, d) for d in sharding.addressable_devices_indices_map(shape)]
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
