@@ -254,6 +254,11 @@ class PlanChannel:
         self._closed.set()
         self.send(PlanOp.SHUTDOWN)
 
+    def wait_for_all(self, name: str) -> None:
+        """Every process reaches here before any goes on: e.g. all compiled before the first
+        run, whose collectives (gloo) give a late peer only 30 s to join."""
+        self._client.wait_at_barrier(f"{_KV_PREFIX}/{name}", int(self.start_timeout_s * 1000))
+
     @staticmethod
     def _key(n: int) -> str:
         return f"{_KV_PREFIX}/plan/{n}"

@@ -192,6 +192,8 @@ class Executor:
                 channel.open(plan_capacity(grid))
                 check_same_everywhere(description | describe_grid(grid), channel.start_timeout_s)
             grid.compile(background=config.compile_in_background, progress=progress)
+            if channel is not None:  # one process may compile from its cache, another not
+                channel.wait_for_all("compiled")
         elif channel is not None:
             raise ValueError("across processes the grid is compiled by the executor")
         self.grid = grid
