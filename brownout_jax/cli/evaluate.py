@@ -283,9 +283,7 @@ def _stop(engine, channel) -> None:
 
 
 def run_throughput_cmd(args) -> int:
-    return run_in_processes(
-        args, "eval throughput", lambda processes, channel: _throughput(args, channel)
-    )
+    return run_in_processes(args, "eval throughput", lambda channel: _throughput(args, channel))
 
 
 def _throughput(args, channel) -> int:
@@ -354,7 +352,7 @@ def _rate(value: float | None) -> str:
 
 
 def run_slo_cmd(args) -> int:
-    return run_in_processes(args, "eval slo", lambda processes, channel: _slo(args, channel))
+    return run_in_processes(args, "eval slo", lambda channel: _slo(args, channel))
 
 
 def _slo(args, channel) -> int:

@@ -96,7 +96,7 @@ def leave_processes(config, code: int, channel=None) -> int:
 
 
 def run_in_processes(args, command: str, body) -> int:
-    """``body(processes, channel)`` run as this process's part: ``channel`` None in one
+    """``body(channel)`` run as this process's part: ``channel`` None in one
     process (nothing else changes), else the plan channel of the group joined here. Across
     processes a failure is reported here and the process leaves at once (``leave_processes``):
     a lost peer (``ProcessGroupError``) exits 1, a refused configuration (``ValueError``) 2."""
@@ -104,7 +104,7 @@ def run_in_processes(args, command: str, body) -> int:
 
     processes = join_processes(args)
     if not processes.enabled:
-        return body(processes, None)
+        return body(None)
     channel = None
     try:
         from brownout_jax.engine.distributed import PlanChannel
@@ -114,7 +114,7 @@ def run_in_processes(args, command: str, body) -> int:
             processes.follower_timeout_s,
             processes.step_timeout_s,
         )
-        code = body(processes, channel)
+        code = body(channel)
     except (ProcessGroupError, ValueError) as err:
         print(f"brownout-jax {command}: process {processes.process_id}: {err}", file=sys.stderr)
         code = 1 if isinstance(err, ProcessGroupError) else 2

@@ -42,7 +42,7 @@ def run(args) -> int:
     from brownout_jax.serve.cli_serve import server_config_from_args
 
     server_config_from_args(args)  # flag errors before the model loads (and JAX starts)
-    return run_in_processes(args, "serve", lambda processes, channel: _serve(args, channel))
+    return run_in_processes(args, "serve", lambda channel: _serve(args, channel))
 
 
 def _serve(args, channel) -> int:

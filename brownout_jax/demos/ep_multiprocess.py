@@ -22,20 +22,9 @@ One process with four devices gives the same arrays (``--local-devices 4``, no c
 from __future__ import annotations
 
 import argparse
-import os
-import re
 
 THRESHOLDS = (0.0, 0.5, 1.0)
 NEW_TOKENS = 5
-
-
-def _force_cpu_devices(count: int) -> None:
-    """XLA reads the host device count once, when the backend starts: set it before that."""
-    flags = re.sub(
-        r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", "")
-    )
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
-    os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def demo_model():
@@ -134,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the results (.npz) here (process 0)")
     args = parser.parse_args(argv)
     if args.platform == "cpu":
-        _force_cpu_devices(args.local_devices)
+        from brownout_jax.engine.distributed import force_cpu_devices
+
+        force_cpu_devices(args.local_devices)
 
     import jax
     import numpy as np
