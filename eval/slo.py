@@ -21,8 +21,11 @@ from tqdm.auto import tqdm
 
 from brownout_jax.engine.controller import ControllerConfig
 from brownout_jax.engine.metrics import StepRecord
+from brownout_jax.engine.phase import Phase
+from brownout_jax.engine.quality_costs import DEFAULT_QUALITY_COSTS, QualityCosts
 from brownout_jax.engine.requests import EngineOverloadedError, GenerationRequest, RequestError
 from brownout_jax.eval.quality_report import quality_cost
+from brownout_jax.eval.slo_trace import level_of, violation_causes
 from brownout_jax.eval.workload import TraceRequest
 
 
@@ -107,7 +110,9 @@ def summarize(
     accuracy_table: dict | None = None,
     quality_table: dict | None = None,
     united_dir: str | None = None,
+    quality_costs: QualityCosts = DEFAULT_QUALITY_COSTS,
 ) -> dict:
+    """``quality_costs``: the served set's stored KL per level (the expected KL per token)."""
     duration = max(run.end - run.start, 1e-9)
     prefill_rate, prefill_series = violation_rate(
         run.steps, "prefill", slo_ttft, run.start, run.end
@@ -127,6 +132,7 @@ def summarize(
     for phase in ("prefill", "decode"):
         ran = [getattr(s, f"{phase}_threshold") for s in run.steps if s.phase == phase]
         thresholds[phase] = float(np.mean(ran)) if ran else 1.0
+    by_tokens = token_weighted_thresholds(run.steps)
     ttfts = [o.metrics.ttft for o in run.outputs if o.metrics.ttft is not None]
     tpots = [o.metrics.tpot_mean for o in run.outputs if o.metrics.tpot_mean is not None]
     result = {
@@ -149,6 +155,13 @@ def summarize(
         "p90_ttft_s": float(np.percentile(ttfts, 90)) if ttfts else None,
         "mean_tpot_s": float(np.mean(tpots)) if tpots else None,
         "mean_thresholds": thresholds,
+        # Per phase, over the tokens its steps generated: mean and P10 of their levels.
+        "token_thresholds": by_tokens,
+        "expected_kl_per_token": expected_kl_per_token(run.steps, quality_costs),
+        "violation_causes": {
+            "prefill": violation_causes(run.steps, "prefill", slo_ttft, run.start, run.end),
+            "decode": violation_causes(run.steps, "decode", slo_tpot, run.start, run.end),
+        },
         "timeline": {
             "arrivals_s": [round(a, 4) for a in run.arrivals],
             "prefill_p90": prefill_series,
@@ -165,6 +178,78 @@ def summarize(
     if quality_table:
         result["quality_cost"] = quality_cost(run.steps, quality_table, united_dir)
     return result
+
+
+def token_weighted_thresholds(steps: list[StepRecord]) -> dict[str, dict[str, float | None]]:
+    """Per phase, the levels its steps ran at weighted by the tokens each generated (its rows,
+    one token each): their mean, and the P10 — the level at or below which 10 % of the
+    phase's tokens were generated. None where the phase ran no step."""
+    result = {}
+    for phase in ("prefill", "decode"):
+        pairs = sorted((level_of(s), s.rows) for s in steps if s.phase == phase and s.rows)
+        if not pairs:
+            result[phase] = {"mean": None, "p10": None}
+            continue
+        levels = np.asarray([lv for lv, _ in pairs])
+        weights = np.asarray([w for _, w in pairs], np.float64)
+        cumulative = np.cumsum(weights) / weights.sum()
+        p10 = float(levels[np.searchsorted(cumulative, 0.1 - 1e-12)])
+        result[phase] = {"mean": float(np.average(levels, weights=weights)), "p10": p10}
+    return result
+
+
+def expected_kl_per_token(steps: list[StepRecord], costs: QualityCosts) -> float | None:
+    """Mean KL per generated token the run's level mix is expected to cost: each step's tokens
+    (its rows) at the KL stored for its phase and level. None: the served set has no
+    stored KL for a phase that was browned out."""
+    total = weighted = 0.0
+    for s in steps:
+        total += s.rows
+        level = level_of(s)
+        if level < 1.0:
+            kl = costs.kl(Phase(s.phase), level)
+            if kl is None:
+                return None
+            weighted += s.rows * kl
+    return weighted / total if total else None
+
+
+def _rate(value: float | None, fmt: str = ".3f") -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def format_results(results: list[dict], quality_table: bool = False) -> str:
+    """The markdown table ``eval slo`` prints: per mode, latency and quality side by side."""
+    kl_header, kl_rule = (" KL (quality table) |", " ---: |") if quality_table else ("", "")
+    lines = [
+        "| mode | violation periods prefill | violation periods decode | goodput req/s | "
+        "requests within TTFT / TPOT / both | tokens/s | token-weighted threshold mean / P10 "
+        f"prefill | … decode | expected KL per token |{kl_header}",
+        f"| --- | ---: | ---: | ---: | --- | ---: | --- | --- | ---: |{kl_rule}",
+    ]
+    for r in results:
+        met, th = r["attainment"], r["token_thresholds"]
+        kl = ""
+        if quality_table:
+            kl = f" {_rate((r.get('quality_cost') or {}).get('mean_kl'), '.4f')} |"
+        levels = [f"{_rate(th[p]['mean'], '.2f')} / {_rate(th[p]['p10'], '.2f')}" for p in th]
+        lines.append(
+            f"| {r['mode']} | {_rate(r['violation_rate_prefill'])} | "
+            f"{_rate(r['violation_rate_decode'])} | {r['goodput_rps']} | "
+            f"{_rate(met['ttft'])} / {_rate(met['tpot'])} / {_rate(met['both'])} | "
+            f"{r['throughput_tokens_per_s']} | {levels[0]} | {levels[1]} | "
+            f"{_rate(r['expected_kl_per_token'], '.4f')} |{kl}"
+        )
+    causes = [
+        f"{r['mode']} {phase}: "
+        + ", ".join(f"{c} {n}" for c, n in v["over_slo_steps_by_cause"].items() if n)
+        for r in results
+        for phase, v in r["violation_causes"].items()
+        if v["violated_windows"]
+    ]
+    if causes:
+        lines.append("\nOver-SLO steps in violated windows, by cause: " + "; ".join(causes))
+    return "\n".join(lines)
 
 
 def _accuracy_cost(table: dict, threshold: float) -> float | None:

@@ -50,6 +50,7 @@ class FakeInFlight:
     tokens: np.ndarray
     dispatched_at: float
     thresholds: Thresholds
+    predicted: tuple[float, float] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

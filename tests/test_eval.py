@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import jax
@@ -199,6 +200,25 @@ def test_eval_slo_end_to_end_writes_json_and_pngs(tmp_path, tiny_checkpoints, ca
     assert all(entry["predicted_s"] > 0 for entry in report["step_latency"])
     for name in ("timeline-off.png", "timeline-reactive.png", "timeline-auto.png"):
         assert matplotlib.image.imread(out / name).shape[-1] in (3, 4)
+    # The quality side: `off` generated every token at level 1 and gave nothing up.
+    off = report["runs"][0]
+    assert off["token_thresholds"] == {
+        "prefill": {"mean": 1.0, "p10": 1.0},
+        "decode": {"mean": 1.0, "p10": 1.0},
+    }
+    assert off["expected_kl_per_token"] == 0.0
+    # The per-step trace: every step of every mode, with what was predicted at its dispatch.
+    for run in report["runs"]:
+        with (out / f"trace-{run['mode']}.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == len(run["timeline"]["step_phases"]) > 0
+        assert all(float(r["latency_s"]) > 0 and float(r["execution_s"]) > 0 for r in rows)
+        assert all(float(r["predicted_p90_s"]) >= float(r["predicted_s"]) > 0 for r in rows)
+        causes = run["violation_causes"]["decode"]
+        if causes["violated_windows"]:  # 1-ms SLOs: each over-SLO step has one cause
+            assert sum(causes["over_slo_steps_by_cause"].values()) > 0
+    printed = capsys.readouterr().out
+    assert "expected KL per token" in printed and "| off |" in printed
 
 
 def test_eval_accuracy_on_a_mesh_equals_one_device(capsys):

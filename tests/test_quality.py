@@ -359,7 +359,7 @@ def test_eval_slo_reports_the_quality_cost_of_each_mode(tmp_path, tiny_checkpoin
     assert runs["off"]["quality_cost"]["mean_kl"] == 0.0
     assert runs["fixed=0"]["quality_cost"]["mean_kl"] == pytest.approx(0.75)
     assert runs["fixed=0"]["quality_cost"]["tokens"] > 0
-    assert "mean KL" in capsys.readouterr().out
+    assert "KL (quality table)" in capsys.readouterr().out
 
 
 def test_windows_join_texts_with_the_separator_and_have_equal_length():

@@ -55,6 +55,7 @@ def load_for_eval(args):
     from brownout_jax.checkpoints.loader import resolve_dtype
     from brownout_jax.eval.dummy import dummy_config, dummy_params
     from brownout_jax.model.config import PRESETS, ModelConfig
+    from brownout_jax.model.matmul_choice import pack_for_inference
 
     if args.load_format == "dummy":
         if args.config:
@@ -65,6 +66,8 @@ def load_for_eval(args):
             raise ValueError(f"--load-format dummy needs --config or --preset ({sorted(PRESETS)})")
         config = dummy_config(config, args.num_layers)
         params = dummy_params(config, resolve_dtype(args.dtype), args.router_skew)
+        # Packed as a loaded checkpoint is: the steps measured are the ones serving runs.
+        params = pack_for_inference(params, consume=True)
         return params, config, None, None
     model_dir, united = default_model(args.model, args.united)
     model = load_model(model_dir, args.dtype, united=united)
@@ -347,10 +350,6 @@ def _throughput(args, channel) -> int:
     return 0
 
 
-def _rate(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
-
-
 def run_slo_cmd(args) -> int:
     return run_in_processes(args, "eval slo", lambda channel: _slo(args, channel))
 
@@ -358,8 +357,10 @@ def run_slo_cmd(args) -> int:
 def _slo(args, channel) -> int:
     from brownout_jax.cli.options import check_mesh
     from brownout_jax.engine.controller import ControllerConfig
+    from brownout_jax.engine.quality_costs import QualityCosts
     from brownout_jax.eval.quality_report import quality_cost
-    from brownout_jax.eval.slo import run_mode, summarize, write_results
+    from brownout_jax.eval.slo import format_results, run_mode, summarize, write_results
+    from brownout_jax.eval.slo_trace import write_trace
     from brownout_jax.eval.workload import WorkloadConfig, load_prompt_pool, make_trace
     from brownout_jax.united.exemption import resolve_exempt_layers
 
@@ -398,6 +399,7 @@ def _slo(args, channel) -> int:
         )
     trace = make_trace(workload, config.vocab_size, pool)
     controller = ControllerConfig(
+        quality=QualityCosts.from_manifest(manifest),
         slo_ttft_s=args.slo_ttft,
         slo_tpot_s=args.slo_tpot,
         predictive=predictive_from_args(args),
@@ -411,11 +413,23 @@ def _slo(args, channel) -> int:
         return 0
     accuracy = json.loads(Path(args.accuracy_table).read_text()) if args.accuracy_table else None
     results = []
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     try:
         for mode in args.modes.split(","):
             run = run_mode(engine, trace, mode.strip(), controller)
+            name = run.mode.replace("=", "-")
+            write_trace(run.steps, run.start, out_dir / f"trace-{name}.csv")
             results.append(
-                summarize(run, args.slo_ttft, args.slo_tpot, accuracy, quality, united_dir)
+                summarize(
+                    run,
+                    args.slo_ttft,
+                    args.slo_tpot,
+                    accuracy,
+                    quality,
+                    united_dir,
+                    controller.quality,
+                )
             )
             if run.interrupted:
                 break
@@ -440,25 +454,7 @@ def _slo(args, channel) -> int:
                 for e in engine.stats().latency
             ],
         }
-        path = write_results(results, Path(args.out), args.slo_ttft, args.slo_tpot, meta)
-    print(f"wrote {path} and PNG timelines", file=sys.stderr)
-    kl_header, kl_rule = (" mean KL (nats/token) |", " --- |") if quality else ("", "")
-    print(
-        "| mode | violation prefill | violation decode | goodput req/s | requests within "
-        f"TTFT / TPOT / both | tokens/s | mean thresholds (p/d) |{kl_header}"
-    )
-    print(f"| --- | --- | --- | --- | --- | --- | --- |{kl_rule}")
-    for r in results:
-        th = r["mean_thresholds"]
-        kl = ""
-        if quality:
-            mean_kl = (r.get("quality_cost") or {}).get("mean_kl")
-            kl = " — |" if mean_kl is None else f" {mean_kl:.4f} |"
-        met = r["attainment"]
-        print(
-            f"| {r['mode']} | {_rate(r['violation_rate_prefill'])} | "
-            f"{_rate(r['violation_rate_decode'])} | {r['goodput_rps']} | "
-            f"{_rate(met['ttft'])} / {_rate(met['tpot'])} / {_rate(met['both'])} | "
-            f"{r['throughput_tokens_per_s']} | {th['prefill']:.2f}/{th['decode']:.2f} |{kl}"
-        )
+        path = write_results(results, out_dir, args.slo_ttft, args.slo_tpot, meta)
+    print(f"wrote {path}, per-step traces and PNG timelines", file=sys.stderr)
+    print(format_results(results, quality is not None))
     return 0

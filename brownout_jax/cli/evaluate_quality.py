@@ -59,6 +59,13 @@ def add_quality_parsers(kinds) -> None:
     p.add_argument(
         "--json-out", help="also write the JSON report (for `eval slo --quality-table`) here"
     )
+    p.add_argument(
+        "--store",
+        action="store_true",
+        help="store each set's mean KL per level (its prefill and decode rows, else its full-"
+        "brownout rows) in its manifest: the controller of `serve` / `eval slo` then browns out "
+        "where it gives up least, and `eval slo` reports the expected KL per token",
+    )
     _add_text_options(p)
     add_exempt_arguments(p.add_argument_group("brownout"))
     p.set_defaults(run=run_quality)
@@ -174,8 +181,11 @@ def run_quality(args) -> int:
         measured = measure_settings(
             params, model.config, windows, settings, cfg, progress, f"quality {label}"
         )
-        rows.extend(summarize(m, label) for m in measured)
+        measured_rows = [summarize(m, label) for m in measured]
+        rows.extend(measured_rows)
         del params
+        if args.store:
+            _store_quality_costs(united_dir, measured_rows, text, len(windows), cfg)
     meta = {
         "model": str(model_dir),
         "text": str(text),
@@ -204,6 +214,16 @@ def run_quality(args) -> int:
     )
     print(format_table(rows))
     return 0
+
+
+def _store_quality_costs(united_dir: str, rows, text: Path, windows: int, cfg) -> None:
+    from brownout_jax.checkpoints.united_store import update_united_manifest
+    from brownout_jax.engine.quality_costs import MANIFEST_KEY, QualityCosts
+
+    source = f"eval quality: {text.name}, {windows} windows of {cfg.window_tokens} tokens"
+    costs = QualityCosts.from_quality_rows(map(dataclasses.asdict, rows), source)
+    path = update_united_manifest(united_dir, MANIFEST_KEY, costs.to_manifest())
+    print(f"stored the quality costs in {path}", file=sys.stderr)
 
 
 def run_sensitivity(args) -> int:

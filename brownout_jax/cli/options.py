@@ -118,14 +118,17 @@ def predictive_from_args(args):
     )
 
 
-def controller_from_args(args):
+def controller_from_args(args, united_manifest: dict | None = None):
+    """``--brownout`` and the SLOs; the quality costs stored with the served united experts."""
     from brownout_jax.engine.controller import ControllerConfig
+    from brownout_jax.engine.quality_costs import QualityCosts
 
     return ControllerConfig.parse_mode(
         args.brownout,
         slo_ttft_s=args.slo_ttft,
         slo_tpot_s=args.slo_tpot,
         predictive=predictive_from_args(args),
+        quality=QualityCosts.from_manifest(united_manifest),
     )
 
 
@@ -153,7 +156,7 @@ def add_engine_arguments(
     group.add_argument(
         "--latency-samples",
         type=int,
-        default=2,
+        default=3,
         help="timed runs of each step compiled before serving: the predictive controller's "
         "latency table (0: learned while serving)",
     )

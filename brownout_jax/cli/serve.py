@@ -47,6 +47,7 @@ def run(args) -> int:
 
 def _serve(args, channel) -> int:
     from brownout_jax.checkpoints.demo_model import default_model
+    from brownout_jax.checkpoints.united_store import read_united_manifest
     from brownout_jax.engine.front import Engine
     from brownout_jax.model.config import ModelConfig
     from brownout_jax.serve.cli_serve import server_config_from_args
@@ -54,13 +55,14 @@ def _serve(args, channel) -> int:
 
     check_mesh(args.mesh)
     model, united = default_model(args.model, args.united)
+    manifest = None if united is None else read_united_manifest(united)
     # Serve once the minimal step set is compiled; the rest compiles in the background (in
     # one process: across processes a step must be usable on all at once).
     config = engine_config_from_args(
         args,
-        controller=controller_from_args(args),
+        controller=controller_from_args(args, manifest),
         max_queue=args.max_queue,
-        exempt_layers=_served_exempt_layers(args, model, united),
+        exempt_layers=_served_exempt_layers(args, model, united, manifest),
         compile_in_background=channel is None,
     )
     if channel is not None and not channel.is_leader:
@@ -82,12 +84,12 @@ def _serve(args, channel) -> int:
     return serve(make_engine, server_config)
 
 
-def _served_exempt_layers(args, model_dir: str, united: str | None) -> tuple[int, ...]:
+def _served_exempt_layers(
+    args, model_dir: str, united: str | None, manifest: dict | None
+) -> tuple[int, ...]:
     """``--exempt-layers`` / ``--exempt-edge-layers`` resolved before the engine compiles."""
-    from brownout_jax.checkpoints.united_store import read_united_manifest
     from brownout_jax.model.config import ModelConfig
 
-    manifest = None if united is None else read_united_manifest(united)
     moe_layers = ModelConfig.from_pretrained_dir(model_dir).moe_layers
     return resolve_exempt_layers(
         args.exempt_layers, args.exempt_edge_layers, moe_layers, manifest, united

@@ -55,7 +55,7 @@ class EngineConfig:
     compile_in_background: bool = False
     # Timed executions of each step compiled before serving (the latency model's base; the
     # first, untimed execution is always made). 0: learn every step's latency while serving.
-    latency_samples: int = 2
+    latency_samples: int = 3
     compile_workers: int | None = None  # concurrent compilations; None: every usable core
     # Structured outputs: every step takes a (rows, vocab/32) token mask in its upload (0.6 MB
     # a step at Qwen's vocabulary and batch 32); False leaves it out and refuses such requests.

@@ -1,7 +1,8 @@
 """SLO-aware brownout controller (host side): which ladder level each phase's steps run at.
 
 Modes: ``off`` (always 1.0, the exact model), ``fixed=X``, ``auto`` (the predictive policy,
-``engine.predictive``: per step, the highest level whose predicted latency fits the SLO) and
+``engine.predictive``: per step, of the levels predicted to fit the SLO, the one giving up
+least quality — ``engine.quality_costs``) and
 ``reactive``, BrownoutServe's rule, kept to be measured beside it:
 
 Per-step latencies of prefill steps (the TTFT side) and decode steps (the TPOT side) are kept
@@ -30,11 +31,12 @@ import numpy as np
 from brownout_jax.engine.latency_model import LatencyModel
 from brownout_jax.engine.phase import Phase, Thresholds
 from brownout_jax.engine.predictive import PredictiveConfig, PredictivePolicy, StepView
+from brownout_jax.engine.quality_costs import DEFAULT_QUALITY_COSTS, QualityCosts
 from brownout_jax.moe.ladder import DEFAULT_LADDER, ThresholdLadder
 
 
 class BrownoutMode(enum.StrEnum):
-    AUTO = "auto"  # predictive: per step, the highest level predicted to fit the SLO
+    AUTO = "auto"  # predictive: per step, the least quality cost predicted to fit the SLO
     REACTIVE = "reactive"  # BrownoutServe's rule: one notch per check after the window's P90
     OFF = "off"  # always 1.0, the exact model
     FIXED = "fixed"  # always fixed_threshold
@@ -52,6 +54,9 @@ class ControllerConfig:
     step: float = 0.1
     warning_fraction: float = 0.8
     predictive: PredictiveConfig = PredictiveConfig()  # noqa: RUF009 (frozen)
+    # Per phase and level, what browning out gives up (mode ``auto`` minimises it among the
+    # levels that fit): the served united experts' stored KL, else the ladder position.
+    quality: QualityCosts = DEFAULT_QUALITY_COSTS
 
     def __post_init__(self) -> None:
         try:  # the mode's name is accepted too (ControllerConfig(mode="off"))
@@ -106,7 +111,7 @@ class SloController:
         self.policy = None
         if config.mode is BrownoutMode.AUTO:
             slo = {phase: config.slo(phase) for phase in Phase}
-            self.policy = PredictivePolicy(self.latency, slo, config.predictive)
+            self.policy = PredictivePolicy(self.latency, slo, config.predictive, config.quality)
         self._samples = {phase: collections.deque() for phase in Phase}
         start = config.initial_level(ladder)
         self._thresholds = Thresholds(start, start)

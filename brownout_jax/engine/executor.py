@@ -15,12 +15,12 @@ executable compiled in the background is run once by the engine thread, between 
 only then offered to the scheduler: the dispatch path never compiles.
 
 Timing. Before serving, each executable also runs ``latency_samples`` more times on random
-tokens, timed one by one; the median is its base in the engine's :class:`LatencyModel` (the
-predictive controller's table). Random tokens, and decode rows on distinct slots and KV blocks
-(free before serving), because identical rows would all route to the same few experts and make
-every brownout level cost the same. With background compilation only the minimal set is timed
-(serving waits for these runs, and a warm cache has many more steps ready at start): the
-others' first executions while serving give their base.
+tokens, timed one by one, in rounds over all steps; the median is its base in the engine's
+:class:`LatencyModel` (the predictive controller's table). Random tokens, and decode rows on
+distinct slots and KV blocks (free before serving), because identical rows would all route to
+the same few experts and make every brownout level cost the same. With background compilation
+only the minimal set is timed (serving waits for these runs, and a warm cache has many more
+steps ready at start): the others' first executions while serving give their base.
 
 Step failures. A device runtime error (``jax.errors.JaxRuntimeError``: XLA out of memory, a
 failed launch) in ``dispatch``, ``read`` or ``warm_up`` is raised as ``StepFailedError``: the
@@ -81,6 +81,7 @@ class InFlight:
     packed: jax.Array
     dispatched_at: float
     thresholds: Thresholds  # the levels in force: this step's phase ran at its own
+    predicted: tuple[float, float] | None = None  # its latency's (mean, P90) at dispatch
 
 
 def _device_errors_fail_the_step(method):
@@ -293,14 +294,21 @@ class Executor:
         last = self._state.last_tokens
         random_tokens = rng.integers(0, self._vocab_size, last.shape, dtype=np.int32)
         self._state = self._state.replace(last_tokens=self._place(random_tokens, last.sharding))
-        for key in tqdm(keys, desc="timing steps", disable=not progress):
-            times = []
+        # Round by round over all steps, not step by step: a slow stretch of the machine (a
+        # noisy neighbour) then costs one sample of many steps, not every sample of a few —
+        # the levels of a bucket are compared with each other, and one level's base timed in
+        # a slow stretch made it look slower than lower levels (measured at Qwen dims).
+        times: dict[StepKey, list[float]] = {key: [] for key in keys}
+        with tqdm(total=samples * len(keys), desc="timing steps", disable=not progress) as bar:
             for _ in range(samples):
-                start = time.perf_counter()
-                self._state, packed = self._run_empty(key, rng)
-                packed.block_until_ready()
-                times.append(time.perf_counter() - start)
-            self.latency.set_base(key.phase, key.level, key.bucket, times)
+                for key in keys:
+                    start = time.perf_counter()
+                    self._state, packed = self._run_empty(key, rng)
+                    packed.block_until_ready()
+                    times[key].append(time.perf_counter() - start)
+                    bar.update()
+        for key, samples_s in times.items():
+            self.latency.set_base(key.phase, key.level, key.bucket, samples_s)
 
     def _run_empty(self, key: StepKey, rng: np.random.Generator | None = None):
         """One execution whose every row is real work (so the expert loops run) but writes

@@ -18,6 +18,7 @@ executor's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
 import threading
 import time
@@ -272,11 +273,25 @@ class EngineLoop:
         if self.controller.predictive:
             levels = self._choose_level(plan, levels, now)
         levels = self._levels.setdefault(levels, levels)
+        predicted = self._predicted_latency(plan, levels.of(plan.phase), now)
         try:
-            return executor.dispatch(plan, levels, self.clock())
+            step = executor.dispatch(plan, levels, self.clock())
         except StepFailedError as err:
             self._step_failed(plan, err)
             return None
+        return step if predicted is None else dataclasses.replace(step, predicted=predicted)
+
+    def _predicted_latency(
+        self, plan: StepPlan, level: float, now: float
+    ) -> tuple[float, float] | None:
+        """(mean, P90) of the step's latency as the model predicts it at dispatch: the rest
+        of the step in flight, then its own execution (the per-step trace of ``eval slo``)."""
+        latency = self.controller.latency
+        mean = latency.predict(plan.phase, level, plan.bucket)
+        if mean is None:
+            return None
+        rest = self._in_flight_rest(now)
+        return rest + mean, rest + latency.predict_p90(plan.phase, level, plan.bucket)
 
     def _choose_level(self, plan: StepPlan, levels: Thresholds, now: float) -> Thresholds:
         """Mode ``auto``: the level of this step from the latency model (host state only)."""
@@ -336,7 +351,17 @@ class EngineLoop:
             self.controller.latency.observe(
                 phase, step.thresholds.of(phase), step.plan.bucket, execution
             )
-            self.metrics.record_step(phase, latency, len(step.plan.rows), now, step.thresholds)
+            bucket = (step.plan.bucket.batch, step.plan.bucket.size)
+            self.metrics.record_step(
+                phase,
+                latency,
+                len(step.plan.rows),
+                now,
+                step.thresholds,
+                execution,
+                step.predicted,
+                bucket,
+            )
             if result.device_load is not None:
                 self.metrics.record_device_load(
                     phase, step.thresholds.of(phase), result.device_load

@@ -31,6 +31,13 @@ class StepRecord:
     rows: int
     prefill_threshold: float
     decode_threshold: float
+    # The per-step trace (``eval slo``): how long the device ran the step (from the read of
+    # the step before), and what the latency model predicted at its dispatch for its latency
+    # (the rest of the step in flight + its execution): mean and P90. None: no prediction.
+    execution_s: float | None = None
+    predicted_s: float | None = None
+    predicted_p90_s: float | None = None
+    bucket: tuple[int, int] | None = None  # (rows, tokens per row) it was compiled for
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -245,10 +252,31 @@ class EngineMetrics:
         self.step_log: collections.deque[StepRecord] = collections.deque(maxlen=1 << 20)
 
     def record_step(
-        self, phase: Phase, latency_s: float, rows: int, now: float, thresholds: Thresholds
+        self,
+        phase: Phase,
+        latency_s: float,
+        rows: int,
+        now: float,
+        thresholds: Thresholds,
+        execution_s: float | None = None,
+        predicted: tuple[float, float] | None = None,
+        bucket: tuple[int, int] | None = None,
     ) -> None:
+        """``predicted``: (mean, P90) latency predicted at the step's dispatch."""
+        mean, p90 = (None, None) if predicted is None else predicted
         self.step_log.append(
-            StepRecord(now, phase, latency_s, rows, thresholds.prefill, thresholds.decode)
+            StepRecord(
+                now,
+                phase,
+                latency_s,
+                rows,
+                thresholds.prefill,
+                thresholds.decode,
+                execution_s,
+                mean,
+                p90,
+                bucket,
+            )
         )
         self.steps[phase] += 1
         self._step_observe[phase](latency_s)

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from brownout_jax.engine.buckets import Bucket
 from brownout_jax.engine.latency_model import LatencyModel
 from brownout_jax.engine.phase import Phase, Thresholds
+from brownout_jax.engine.quality_costs import DEFAULT_QUALITY_COSTS, QualityCosts
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -91,10 +92,12 @@ class PredictivePolicy:
         latency: LatencyModel,
         slo: dict[Phase, float],
         config: PredictiveConfig = PredictiveConfig(),
+        quality: QualityCosts = DEFAULT_QUALITY_COSTS,
     ):
         self.latency = latency
         self.slo = slo
         self.config = config
+        self.quality = quality
         self._streak = {phase: 0 for phase in Phase}
 
     def misses(
@@ -140,6 +143,22 @@ class PredictivePolicy:
                 misses += int(ttft(age, ahead, own) > limit)
         return misses
 
+    def worth_running(self, phase: Phase, times: dict[float, float]) -> list[float]:
+        """The levels of ``times`` (predicted seconds of one step) worth running: in order of
+        quality cost, each one predicted at least ``min_gain`` faster than every cheaper one
+        kept before it. A phase whose levels time alike keeps its exact level only."""
+        kept: list[float] = []
+        for level in sorted(times, key=lambda lv: self._rank(phase, lv)):
+            if not kept or times[level] <= (1 - self.config.min_gain) * min(
+                times[lv] for lv in kept
+            ):
+                kept.append(level)
+        return kept
+
+    def _rank(self, phase: Phase, level: float) -> tuple[float, float]:
+        """Least quality given up first; of levels costing the same, the higher."""
+        return self.quality.cost(phase, level), -level
+
     def choose(
         self,
         view: StepView,
@@ -149,41 +168,58 @@ class PredictivePolicy:
     ) -> float:
         """The level the step about to run uses, among ``levels`` (those it can run at);
         ``other_levels``: those the other phase can run at (default: the same)."""
-        current = thresholds.of(view.phase)
+        phase = view.phase
+        current = thresholds.of(phase)
         other_levels = levels if other_levels is None else other_levels
         cfg = self.config
 
-        known_s = [self.latency.predict_p90(view.phase, lv, view.bucket) for lv in levels]
-        fastest = min((t for t in known_s if t is not None), default=None)
+        times = {
+            lv: t
+            for lv in levels
+            if (t := self.latency.predict_p90(phase, lv, view.bucket)) is not None
+        }
+        if not times:
+            return current
+        fastest = min(times.values())
 
         def count(level: float, margin: float) -> int | None:
             return self.misses(view, level, thresholds, other_levels, margin, fastest)
 
-        known = {lv: m for lv in levels if (m := count(lv, cfg.margin)) is not None}
+        def rank(level: float) -> tuple[float, float]:
+            return self._rank(phase, level)
+
+        known = {
+            lv: m
+            for lv in self.worth_running(phase, times)
+            if (m := count(lv, cfg.margin)) is not None
+        }
         if not known:
             return current
         fitting = [lv for lv, m in known.items() if m == 0]
-        if fitting:
-            target = max(fitting)
-        else:  # the fewest misses; of those, the fastest level — or a higher one as fast
+        if fitting:  # the least quality given up among the levels that fit
+            target = min(fitting, key=rank)
+        else:  # the fewest misses; of those, the fastest — or one costing less and as fast
             fewest = min(known.values())
-            tied = {lv: self.latency.predict_p90(view.phase, lv, view.bucket) for lv in known}
-            tied = {lv: t for lv, t in tied.items() if known[lv] == fewest}
+            tied = {lv: times[lv] for lv, m in known.items() if m == fewest}
             quickest = min(tied.values())
-            target = max(lv for lv, t in tied.items() if t <= quickest * (1 + cfg.min_gain))
-        if target <= current or current not in known:
-            self._streak[view.phase] = 0
+            target = min(
+                (lv for lv, t in tied.items() if t <= quickest * (1 + cfg.min_gain)), key=rank
+            )
+        if current not in known or rank(target) >= rank(current):
+            self._streak[phase] = 0
             return target
-        # Raising: only to a level that fits comfortably, and only once it has several times
-        # in a row (a load at the boundary keeps the level it has).
+        # Giving less up: only for a level that fits comfortably, and only once it has several
+        # times in a row (a load at the boundary keeps the level it has).
         comfortable = [
-            lv for lv in known if current < lv <= target and count(lv, cfg.raise_margin) == 0
+            lv
+            for lv in known
+            if rank(target) <= rank(lv) < rank(current) and count(lv, cfg.raise_margin) == 0
         ]
         if not comfortable:
-            self._streak[view.phase] = 0
+            self._streak[phase] = 0
             return current
-        self._streak[view.phase] += 1
-        if self._streak[view.phase] < cfg.raise_after:
+        self._streak[phase] += 1
+        if self._streak[phase] < cfg.raise_after:
             return current
-        self._streak[view.phase] = 0
-        return max(comfortable)
+        self._streak[phase] = 0
+        return min(comfortable, key=rank)
