@@ -7,10 +7,9 @@ them; random tokens, because identical ones would all route to the same experts 
 every brownout level look alike). Online: each step's measured execution time updates a
 correction factor of its (phase, bucket), shared by every level — an EWMA of measured / base —
 so a slower machine, a noisy neighbour, or fewer real rows than the bucket holds are learned
-within a few steps for all levels at once; what that leaves of one level's error (its base
-timed in a slow moment) is learned by a slower EWMA of its own. A bucket not run yet starts
-from its phase's correction (an EWMA over all its buckets): a machine-wide slowdown carries
-over to shapes the load has not reached yet.
+within a few steps for all levels at once. A bucket not run yet starts from its phase's
+correction (an EWMA over all its buckets): a machine-wide slowdown carries over to shapes the
+load has not reached yet.
 
 The SLOs bound a P90, not a mean: the model also keeps an EWMA of the squared relative
 deviation of each measured step from its prediction, per phase, and ``predict_p90`` adds
@@ -45,11 +44,10 @@ class LatencyEntry:
     base_s: float  # measured before serving (or first seen while serving)
     correction: float  # EWMA of measured / base for this (phase, bucket)
     spread: float = 0.0  # relative standard deviation of the phase's steps (EWMA)
-    level_correction: float = 1.0  # what is left of this level's own error (slow EWMA)
 
     @property
     def predicted_s(self) -> float:
-        return self.base_s * self.correction * self.level_correction
+        return self.base_s * self.correction
 
     @property
     def predicted_p90_s(self) -> float:
@@ -57,14 +55,10 @@ class LatencyEntry:
 
 
 class LatencyModel:
-    def __init__(self, alpha: float = 0.3, level_alpha: float = 0.05):
-        if not 0.0 < alpha <= 1.0 or not 0.0 <= level_alpha <= 1.0:
-            raise ValueError(
-                f"alpha must lie in (0, 1], level_alpha in [0, 1]: {alpha}, {level_alpha}"
-            )
+    def __init__(self, alpha: float = 0.3):
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
         self.alpha = alpha
-        self.level_alpha = level_alpha
-        self._level_correction: dict[tuple[Phase, float, Bucket], float] = {}
         self._base: dict[tuple[Phase, float, Bucket], float] = {}
         self._correction: dict[tuple[Phase, Bucket], float] = {}
         self._phase_correction: dict[Phase, float] = {}
@@ -91,8 +85,7 @@ class LatencyModel:
         base = self._base_of(phase, level, bucket)
         if base is None:
             return None
-        own = self._level_correction.get((phase, level, bucket), 1.0)
-        return base * own * self.correction(phase, bucket)
+        return base * self.correction(phase, bucket)
 
     def predict_p90(self, phase: Phase, level: float, bucket: Bucket) -> float | None:
         """The 90th percentile of this step's execution time, as the SLO windows see it."""
@@ -111,9 +104,7 @@ class LatencyModel:
         if base is None:
             self._base[(phase, level, bucket)] = seconds / self.correction(phase, bucket)
             return
-        level_key = (phase, level, bucket)
-        own = self._level_correction.get(level_key, 1.0)
-        ratio, keep = seconds / (base * own), 1 - self.alpha
+        ratio, keep = seconds / base, 1 - self.alpha
         key = (phase, bucket)
         before = self.correction(phase, bucket)
         deviation = ratio / before - 1.0
@@ -122,11 +113,6 @@ class LatencyModel:
         self._correction[key] = keep * before + self.alpha * ratio
         overall = self._phase_correction.get(phase, 1.0)
         self._phase_correction[phase] = keep * overall + self.alpha * ratio
-        # What the shared correction leaves of this level's error, learned slowly: a base
-        # timed in a slow (or fast) moment is mended once the level runs.
-        residual = seconds / (base * self._correction[key])
-        slow = self.level_alpha
-        self._level_correction[level_key] = (1 - slow) * own + slow * residual
 
     def correction(self, phase: Phase, bucket: Bucket) -> float:
         """measured / base for this (phase, bucket); its phase's when it has not run yet."""
@@ -136,13 +122,7 @@ class LatencyModel:
     def table(self) -> tuple[LatencyEntry, ...]:
         return tuple(
             LatencyEntry(
-                phase,
-                level,
-                bucket,
-                base,
-                self.correction(phase, bucket),
-                self.spread(phase),
-                self._level_correction.get((phase, level, bucket), 1.0),
+                phase, level, bucket, base, self.correction(phase, bucket), self.spread(phase)
             )
             for (phase, level, bucket), base in sorted(self._base.items())
         )

@@ -52,6 +52,10 @@ from brownout_jax.engine.stream import TokenStream
 if TYPE_CHECKING:  # the loop itself is host-only: tests drive it with a fake executor
     from brownout_jax.engine.executor import Executor, InFlight
 
+# A read that took longer than this waited for the device (a finished step's tokens are
+# copied in tens of microseconds; a Python hiccup adds a few more).
+READ_BLOCKED_S = 5e-4
+
 
 class EngineLoop:
     def __init__(
@@ -92,6 +96,7 @@ class EngineLoop:
         self._by_handle: dict[RequestHandle, Sequence] = {}
         self._in_flight: InFlight | None = None
         self._last_read = 0.0  # when the last step's tokens arrived (engine clock)
+        self._last_read_blocked = False  # … and whether reading them waited for the device
         self._device_wait = 0.0  # this iteration's wait for the device (perf_counter seconds)
         self._unusual = False  # this iteration warmed up executables or lost a step
         # One object per distinct levels: streams tell a change of levels by identity.
@@ -342,15 +347,22 @@ class EngineLoop:
             self._device_wait = time.perf_counter() - waiting
         now = self.clock()
         latency = now - step.dispatched_at
-        # Its execution: the device ran it once the step before was done (read).
+        # Its execution: the device ran it once the step before was done (read). That holds
+        # only when the read of the step before waited for the device: read late (the host
+        # busy), this step had been running meanwhile and the difference understates it — on
+        # a model of millisecond steps, down to nothing, which dragged the latency model's
+        # correction down by its whole weight. So only such a pair teaches the model.
+        blocked = self._device_wait > READ_BLOCKED_S
         execution = now - max(step.dispatched_at, self._last_read)
-        self._last_read = now
+        timed = blocked and (self._last_read_blocked or step.dispatched_at >= self._last_read)
+        self._last_read, self._last_read_blocked = now, blocked
         phase = step.plan.phase
         with self.lock:
             self.controller.record(phase, latency, now)
-            self.controller.latency.observe(
-                phase, step.thresholds.of(phase), step.plan.bucket, execution
-            )
+            if timed:
+                self.controller.latency.observe(
+                    phase, step.thresholds.of(phase), step.plan.bucket, execution
+                )
             bucket = (step.plan.bucket.batch, step.plan.bucket.size)
             self.metrics.record_step(
                 phase,
@@ -358,7 +370,7 @@ class EngineLoop:
                 len(step.plan.rows),
                 now,
                 step.thresholds,
-                execution,
+                execution if timed else None,
                 step.predicted,
                 bucket,
             )
