@@ -4,10 +4,11 @@ Each step's record holds what the latency model predicted at its dispatch (mean 
 latency: the rest of the step in flight + its own execution) beside what was measured. A step
 over its phase's SLO is put down to one cause, checked in this order:
 
+- ``queued``: its own execution (timed: see ``EngineLoop._process``) was within the SLO, the
+  wait for the step before it was not (a decode step behind a prefill step: what prefill
+  pacing cuts; no level of the step itself could);
 - ``predicted``: its predicted P90 was over the SLO already — no level fitted (the controller
   chose knowingly; in modes other than ``auto``, the level in force was predicted to miss);
-- ``queued``: its own execution was within the SLO, the wait for the step before it was not
-  (a decode step behind a prefill step: what chunked prefill or admission pacing would cut);
 - ``underpredicted``: predicted within the SLO, measured over it (prediction error: a new
   batch shape, a noisy neighbour, the host);
 - ``unpredicted``: no prediction (a step not timed before serving).
@@ -47,12 +48,12 @@ def cause_of(step: StepRecord, slo: float) -> str | None:
     """Why the step's latency exceeded ``slo`` (None: it did not)."""
     if step.latency_s <= slo:
         return None
+    if step.execution_s is not None and step.execution_s <= slo:
+        return "queued"
     if step.predicted_p90_s is None:
         return "unpredicted"
     if step.predicted_p90_s > slo:
         return "predicted"
-    if step.execution_s is not None and step.execution_s <= slo:
-        return "queued"
     return "underpredicted"
 
 

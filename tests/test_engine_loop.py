@@ -305,10 +305,12 @@ class RecordingExecutor(FakeExecutor):
     def __init__(self, device_s: float = 0.0):
         super().__init__()
         self.levels: list[tuple[Phase, float]] = []
+        self.plans: list[tuple[Phase, int]] = []  # (phase, rows) of each step
         self.device_s = device_s
 
     def dispatch(self, plan, thresholds: Thresholds, now: float) -> FakeInFlight:
         self.levels.append((plan.phase, thresholds.of(plan.phase)))
+        self.plans.append((plan.phase, len(plan.rows)))
         return super().dispatch(plan, thresholds, now)
 
     def read(self, step: FakeInFlight) -> FakeResult:
@@ -486,3 +488,41 @@ def test_warm_up_is_left_alone_once_the_grid_is_complete():
     _run_until_drained(loop)
     assert [e.token_id for e in handle.ready_events()] == expected([3, 4], 8)
     assert executor.calls == 4  # the call that saw pending 0 was the last
+
+
+@pytest.mark.parametrize("paced", [True, False])
+def test_a_burst_of_prompts_is_prefilled_one_per_step_while_sequences_decode(paced):
+    """Prefill steps of more than one prompt are predicted too long for the decode step after
+    them to keep its 120-ms SLO (a 2-row step 150 ms); one prompt 10 ms. Paced, the burst
+    arriving while a sequence decodes goes in one prompt per step; not paced, together."""
+    from brownout_jax.engine.predictive import PredictiveConfig
+
+    ladder = ThresholdLadder((0.0, 1.0))
+    latency = _predicted_table(ladder, {1.0: 10.0, 0.0: 10.0})
+    for level in ladder.levels:
+        for bucket in BUCKETS.grid(Phase.PREFILL):
+            seconds = 0.01 if bucket.batch == 1 else 0.15
+            latency.set_base(Phase.PREFILL, level, bucket, [seconds])
+    config = ControllerConfig(
+        slo_ttft_s=10.0, slo_tpot_s=0.12, predictive=PredictiveConfig(pace_prefill=paced)
+    )
+    executor = RecordingExecutor()
+    loop = _loop(executor)
+    loop.controller = SloController(config, ladder, latency=latency)
+    first = _submit(loop, [1, 2, 3], 12, "first", ignore_eos=True)
+    original = executor.dispatch
+
+    def dispatch(plan, thresholds, now):
+        if plan.phase == Phase.DECODE and executor.plans.count((Phase.DECODE, 1)) == 2:
+            for i in range(3):  # a burst while the first sequence decodes
+                burst.append(_submit(loop, [4 + i, 5, 6], 4, f"burst{i}", ignore_eos=True))
+        return original(plan, thresholds, now)
+
+    burst: list[RequestHandle] = []
+    executor.dispatch = dispatch
+    _run_until_drained(loop)
+    for handle in (first, *burst):
+        assert handle.ready_events()[-1].finish_reason == FinishReason.LENGTH
+    prefill_rows = [rows for phase, rows in executor.plans if phase == Phase.PREFILL]
+    assert len(burst) == 3 and sum(prefill_rows) == 4
+    assert (max(prefill_rows) == 1) is paced

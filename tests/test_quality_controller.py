@@ -188,3 +188,27 @@ def test_each_over_slo_step_gets_one_cause():
         "unpredicted": 1,
     }
     assert report["share_above_predicted_p90"] == pytest.approx(2 / 4)
+
+
+def test_prefill_is_paced_to_leave_the_decode_step_after_it_its_slo():
+    """TPOT SLO 200 ms, the decode step 60 ms at its lowest level: a prefill step may take
+    0.9 · 200 − 60 = 120 ms. Four prompts at once (250 ms at the fastest worth level) may
+    not, two (110 ms) may, one always may (the queue's head must get in)."""
+    model = _model()
+    one, two, four = Bucket(1, 64), Bucket(2, 64), Bucket(4, 64)
+    for level in LEVELS:
+        model.set_base(Phase.PREFILL, level, one, [0.08])
+        model.set_base(Phase.PREFILL, level, two, [0.11 + 0.05 * level])
+        model.set_base(Phase.PREFILL, level, four, [0.25])
+        model.set_base(Phase.DECODE, level, Bucket(4, 8), [0.06 + 0.02 * level])
+    policy = PredictivePolicy(model, SLO)
+    paced = policy.paced_prefill([one, two, four], LEVELS, Bucket(4, 8), LEVELS)
+    assert paced == [one, two]
+    # Where the phase's levels time alike the exact level is the only one worth running:
+    # two rows at 1 (160 ms) no longer fit.
+    for level in LEVELS:
+        model.set_base(Phase.PREFILL, level, two, [0.16])
+    assert policy.paced_prefill([one, two, four], LEVELS, Bucket(4, 8), LEVELS) == [one]
+    # A loose TPOT SLO leaves every bucket.
+    loose = PredictivePolicy(model, {Phase.DECODE: 1.0, Phase.PREFILL: 1.0})
+    assert loose.paced_prefill([one, two, four], LEVELS, Bucket(4, 8), LEVELS) == [one, two, four]

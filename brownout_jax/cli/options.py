@@ -106,15 +106,24 @@ def add_slo_margin_argument(p) -> None:
         help="auto: a step must be predicted within this share of its SLO (raising a level "
         "needs 0.75 of it, or this margin if lower)",
     )
+    p.add_argument(
+        "--no-prefill-pacing",
+        dest="prefill_pacing",
+        action="store_false",
+        help="auto: let a prefill step take as many prompts as fit, even when the decode step "
+        "after it then misses its SLO (default: paced)",
+    )
 
 
 def predictive_from_args(args):
-    """The predictive policy's settings of ``--slo-margin``."""
+    """The predictive policy's settings of ``--slo-margin`` and ``--no-prefill-pacing``."""
     from brownout_jax.engine.predictive import PredictiveConfig
 
     margin = args.slo_margin
     return PredictiveConfig(
-        margin=margin, raise_margin=min(PredictiveConfig().raise_margin, margin)
+        margin=margin,
+        raise_margin=min(PredictiveConfig().raise_margin, margin),
+        pace_prefill=args.prefill_pacing,
     )
 
 

@@ -119,6 +119,11 @@ class SloController:
         self.updates = 0
 
     @property
+    def paces_prefill(self) -> bool:
+        """True when prefill steps are sized to leave decode its SLO (``auto``)."""
+        return self.policy is not None and self.config.predictive.pace_prefill
+
+    @property
     def predictive(self) -> bool:
         """True when each step's level is chosen at its dispatch (``choose``)."""
         return self.policy is not None

@@ -269,7 +269,10 @@ class EngineLoop:
         executor = self.executor
 
         def usable(phase: Phase):
-            return self._usable_buckets(phase, levels.of(phase))
+            buckets = self._usable_buckets(phase, levels.of(phase))
+            if phase == Phase.PREFILL and self.controller.paces_prefill:
+                return self._paced_prefill(buckets, levels)
+            return buckets
 
         now = self.clock()
         plan = self.scheduler.next_step(usable, now)
@@ -297,6 +300,23 @@ class EngineLoop:
             return None
         rest = self._in_flight_rest(now)
         return rest + mean, rest + latency.predict_p90(plan.phase, level, plan.bucket)
+
+    def _paced_prefill(self, buckets, levels: Thresholds):
+        """Mode ``auto``: the prefill buckets that leave the decode step after it its SLO."""
+        decode_bucket = self.scheduler.next_bucket(
+            Phase.DECODE, self._usable_buckets(Phase.DECODE, levels.decode)
+        )
+        if decode_bucket is None:
+            return buckets
+        ladder = self.controller.ladder.levels
+        prefill_levels = [lv for lv in ladder if self._usable_buckets(Phase.PREFILL, lv)]
+        decode_levels = [
+            lv for lv in ladder if decode_bucket in self._usable_buckets(Phase.DECODE, lv)
+        ]
+        with self.lock:
+            return self.controller.policy.paced_prefill(
+                buckets, prefill_levels, decode_bucket, decode_levels
+            )
 
     def _choose_level(self, plan: StepPlan, levels: Thresholds, now: float) -> Thresholds:
         """Mode ``auto``: the level of this step from the latency model (host state only)."""

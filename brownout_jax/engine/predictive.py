@@ -34,7 +34,7 @@ boundary does not flap between levels. Decisions read host state only (no device
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from brownout_jax.engine.buckets import Bucket
 from brownout_jax.engine.latency_model import LatencyModel
@@ -58,6 +58,12 @@ class PredictiveConfig:
     # misses only if it is predicted at least this much faster (levels that time alike, as on
     # a model whose experts are a sliver of each step, cost quality for nothing).
     min_gain: float = 0.05
+    # Prefill pacing: while sequences decode, a prefill step may only take a bucket that, at
+    # its fastest level worth running, leaves the decode step after it within the TPOT SLO
+    # (one-row buckets always: the queue's head must get in) — a burst of prompts then
+    # spreads over several prefill steps instead of stalling every decoding sequence behind
+    # one long step, which no brownout level of the decode step can make up.
+    pace_prefill: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.raise_margin <= self.margin <= 1.0:
@@ -142,6 +148,35 @@ class PredictivePolicy:
                     continue  # late whatever the level
                 misses += int(ttft(age, ahead, own) > limit)
         return misses
+
+    def paced_prefill(
+        self,
+        buckets: Collection[Bucket],
+        levels: Sequence[float],
+        decode_bucket: Bucket,
+        decode_levels: Sequence[float],
+    ) -> list[Bucket]:
+        """The prefill buckets a step may take while ``decode_bucket``'s sequences wait
+        for their next token (``pace_prefill``)."""
+        decode = [
+            t
+            for lv in decode_levels
+            if (t := self.latency.predict_p90(Phase.DECODE, lv, decode_bucket)) is not None
+        ]
+        if not decode:
+            return list(buckets)
+        budget = self.config.margin * self.slo[Phase.DECODE] - min(decode)
+        paced = []
+        for bucket in buckets:
+            times = {
+                lv: t
+                for lv in levels
+                if (t := self.latency.predict_p90(Phase.PREFILL, lv, bucket)) is not None
+            }
+            worth = self.worth_running(Phase.PREFILL, times) if times else ()
+            if bucket.batch == 1 or (worth and min(times[lv] for lv in worth) <= budget):
+                paced.append(bucket)
+        return paced
 
     def worth_running(self, phase: Phase, times: dict[float, float]) -> list[float]:
         """The levels of ``times`` (predicted seconds of one step) worth running: in order of
