@@ -158,6 +158,7 @@ def summarize(
         # Per phase, over the tokens its steps generated: mean and P10 of their levels.
         "token_thresholds": by_tokens,
         "expected_kl_per_token": expected_kl_per_token(run.steps, quality_costs),
+        "decision": decision_cost(run.steps),
         "violation_causes": {
             "prefill": violation_causes(run.steps, "prefill", slo_ttft, run.start, run.end),
             "decode": violation_causes(run.steps, "decode", slo_tpot, run.start, run.end),
@@ -214,6 +215,22 @@ def expected_kl_per_token(steps: list[StepRecord], costs: QualityCosts) -> float
     return weighted / total if total else None
 
 
+def decision_cost(steps: list[StepRecord]) -> dict[str, float | None]:
+    """Mode ``auto``'s host time choosing each decode step's level, against the step: the
+    medians of both (the step's measured execution where timed, else its latency)."""
+    decode = [s for s in steps if s.phase == "decode"]
+    decided = [s.decision_s for s in decode if s.decision_s > 0]
+    step = [s.execution_s or s.latency_s for s in decode]
+    if not decided or not step:
+        return {"decode_median_s": None, "decode_step_median_s": None, "share": None}
+    median, step_median = float(np.median(decided)), float(np.median(step))
+    return {
+        "decode_median_s": median,
+        "decode_step_median_s": step_median,
+        "share": median / step_median,
+    }
+
+
 def _rate(value: float | None, fmt: str = ".3f") -> str:
     return "—" if value is None else format(value, fmt)
 
@@ -249,6 +266,15 @@ def format_results(results: list[dict], quality_table: bool = False) -> str:
     ]
     if causes:
         lines.append("\nOver-SLO steps in violated windows, by cause: " + "; ".join(causes))
+    for r in results:
+        cost = r["decision"]
+        if cost["share"] is not None:
+            lines.append(
+                f"\n{r['mode']}: deciding a decode step's level took "
+                f"{1e6 * cost['decode_median_s']:.0f} µs (median), {100 * cost['share']:.2f} % "
+                "of the step's "
+                f"{1e3 * cost['decode_step_median_s']:.2f} ms"
+            )
     return "\n".join(lines)
 
 

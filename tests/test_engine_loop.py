@@ -51,6 +51,7 @@ class FakeInFlight:
     dispatched_at: float
     thresholds: Thresholds
     predicted: tuple[float, float] | None = None
+    decision_s: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -526,3 +527,37 @@ def test_a_burst_of_prompts_is_prefilled_one_per_step_while_sequences_decode(pac
     prefill_rows = [rows for phase, rows in executor.plans if phase == Phase.PREFILL]
     assert len(burst) == 3 and sum(prefill_rows) == 4
     assert (max(prefill_rows) == 1) is paced
+
+
+def test_a_decode_steps_latency_is_the_gap_its_sequences_see_between_tokens():
+    """Reads overlap the next step's dispatch, so dispatch → read would count the step before
+    a decode step twice. A decode step's latency is the gap since its rows' previous tokens:
+    since the read before it behind a decode step, and behind another request's prefill step
+    since the read before that one — the stall that request's prompt caused."""
+    executor = RecordingExecutor()
+    loop = _loop(executor)
+    original = executor.dispatch
+    later: list[RequestHandle] = []
+
+    def dispatch(plan, thresholds, now):
+        if plan.phase == Phase.DECODE and executor.plans.count((Phase.DECODE, 1)) == 3:
+            later.append(_submit(loop, [7, 8, 9], 3, "later", ignore_eos=True))
+        return original(plan, thresholds, now)
+
+    executor.dispatch = dispatch
+    _submit(loop, [1, 2, 3], 10, "first", ignore_eos=True)
+    _run_until_drained(loop)
+    log = list(loop.metrics.step_log)
+    phases = [r.phase for r in log]
+    assert phases.count(Phase.PREFILL) == 2 and later
+    stalled = 0
+    for i, record in enumerate(log):
+        if record.phase != Phase.DECODE:
+            continue
+        if i == 1 or log[i - 1].phase == Phase.DECODE:  # (1: its first token, prefilled)
+            assert record.latency_s == pytest.approx(record.time - log[i - 1].time)
+        else:  # behind the later request's prefill: since the decode step before it
+            assert log[i - 2].phase == Phase.DECODE
+            assert record.latency_s == pytest.approx(record.time - log[i - 2].time)
+            stalled += 1
+    assert stalled == 1

@@ -207,12 +207,17 @@ def test_eval_slo_end_to_end_writes_json_and_pngs(tmp_path, tiny_checkpoints, ca
         "decode": {"mean": 1.0, "p10": 1.0},
     }
     assert off["expected_kl_per_token"] == 0.0
+    # What deciding costs: measured for auto's decode steps only.
+    assert off["decision"]["share"] is None
+    assert report["runs"][2]["decision"]["decode_median_s"] > 0
     # The per-step trace: every step of every mode, with what was predicted at its dispatch.
     for run in report["runs"]:
         with (out / f"trace-{run['mode']}.csv").open() as f:
             rows = list(csv.DictReader(f))
         assert len(rows) == len(run["timeline"]["step_phases"]) > 0
-        assert all(float(r["latency_s"]) > 0 and float(r["execution_s"]) > 0 for r in rows)
+        assert all(float(r["latency_s"]) > 0 for r in rows)
+        # Timed only where the read waited for the device (not on this tiny model, often).
+        assert all(r["execution_s"] == "" or float(r["execution_s"]) > 0 for r in rows)
         assert all(float(r["predicted_p90_s"]) >= float(r["predicted_s"]) > 0 for r in rows)
         causes = run["violation_causes"]["decode"]
         if causes["violated_windows"]:  # 1-ms SLOs: each over-SLO step has one cause

@@ -82,6 +82,7 @@ class InFlight:
     dispatched_at: float
     thresholds: Thresholds  # the levels in force: this step's phase ran at its own
     predicted: tuple[float, float] | None = None  # its latency's (mean, P90) at dispatch
+    decision_s: float = 0.0  # host time mode auto took to choose its level (and pacing)
 
 
 def _device_errors_fail_the_step(method):

@@ -97,6 +97,7 @@ class EngineLoop:
         self._in_flight: InFlight | None = None
         self._last_read = 0.0  # when the last step's tokens arrived (engine clock)
         self._last_read_blocked = False  # … and whether reading them waited for the device
+        self._decision_s = 0.0  # host seconds mode auto spent deciding the step dispatched
         self._device_wait = 0.0  # this iteration's wait for the device (perf_counter seconds)
         self._unusual = False  # this iteration warmed up executables or lost a step
         # One object per distinct levels: streams tell a change of levels by identity.
@@ -275,11 +276,14 @@ class EngineLoop:
             return buckets
 
         now = self.clock()
+        self._decision_s = 0.0
         plan = self.scheduler.next_step(usable, now)
         if plan is None:
             return None
         if self.controller.predictive:
+            started = time.perf_counter()
             levels = self._choose_level(plan, levels, now)
+            self._decision_s += time.perf_counter() - started
         levels = self._levels.setdefault(levels, levels)
         predicted = self._predicted_latency(plan, levels.of(plan.phase), now)
         try:
@@ -287,7 +291,9 @@ class EngineLoop:
         except StepFailedError as err:
             self._step_failed(plan, err)
             return None
-        return step if predicted is None else dataclasses.replace(step, predicted=predicted)
+        if predicted is None:
+            return step
+        return dataclasses.replace(step, predicted=predicted, decision_s=self._decision_s)
 
     def _predicted_latency(
         self, plan: StepPlan, level: float, now: float
@@ -298,8 +304,8 @@ class EngineLoop:
         mean = latency.predict(plan.phase, level, plan.bucket)
         if mean is None:
             return None
-        rest = self._in_flight_rest(now)
-        return rest + mean, rest + latency.predict_p90(plan.phase, level, plan.bucket)
+        lead = self._lead(plan, now)
+        return lead + mean, lead + latency.predict_p90(plan.phase, level, plan.bucket)
 
     def _paced_prefill(self, buckets, levels: Thresholds):
         """Mode ``auto``: the prefill buckets that leave the decode step after it its SLO."""
@@ -308,15 +314,18 @@ class EngineLoop:
         )
         if decode_bucket is None:
             return buckets
+        started = time.perf_counter()
         ladder = self.controller.ladder.levels
         prefill_levels = [lv for lv in ladder if self._usable_buckets(Phase.PREFILL, lv)]
         decode_levels = [
             lv for lv in ladder if decode_bucket in self._usable_buckets(Phase.DECODE, lv)
         ]
         with self.lock:
-            return self.controller.policy.paced_prefill(
+            paced = self.controller.policy.paced_prefill(
                 buckets, prefill_levels, decode_bucket, decode_levels
             )
+        self._decision_s += time.perf_counter() - started
+        return paced
 
     def _choose_level(self, plan: StepPlan, levels: Thresholds, now: float) -> Thresholds:
         """Mode ``auto``: the level of this step from the latency model (host state only)."""
@@ -336,11 +345,31 @@ class EngineLoop:
                 if not s.generated and s.handle.metrics.arrival is not None
             )
         view = StepView(
-            phase, plan.bucket, self._in_flight_rest(now), ages, len(plan.rows), next_bucket
+            phase, plan.bucket, self._lead(plan, now), ages, len(plan.rows), next_bucket
         )
         with self.lock:
             level = self.controller.choose(view, runnable or [levels.of(phase)], other_levels)
         return levels.with_level(phase, level)
+
+    def _lead(self, plan: StepPlan, now: float) -> float:
+        """Predicted seconds of the step's latency before its own execution. Prefill: the
+        rest of the step in flight (its requests wait through it). Decode — its latency is
+        the gap its sequences see between two tokens (``_process``) —: nothing behind a
+        decode step in flight (the gap starts when its tokens arrive); behind a prefill step
+        (or nothing), the wait since the oldest of its sequences' last tokens plus that
+        step's rest."""
+        rest = self._in_flight_rest(now)
+        if plan.phase == Phase.PREFILL:
+            return rest
+        if self._in_flight is not None and self._in_flight.plan.phase == Phase.DECODE:
+            return 0.0
+        return rest + max(0.0, now - self._last_token_of(plan, now))
+
+    @staticmethod
+    def _last_token_of(plan: StepPlan, default: float) -> float:
+        """The oldest of the plan's sequences' last token times (``default``: none has one)."""
+        times = [s.handle.metrics.token_times for s in plan.sequences]
+        return min((t[-1] for t in times if t), default=default)
 
     def _in_flight_rest(self, now: float) -> float:
         """Predicted seconds the step on the device still runs: it started when the one
@@ -367,6 +396,10 @@ class EngineLoop:
             self._device_wait = time.perf_counter() - waiting
         now = self.clock()
         latency = now - step.dispatched_at
+        if step.plan.phase == Phase.DECODE:
+            # What its sequences see: the longest gap since a row's previous token (which
+            # the step in flight at its dispatch brought, or the one before a prefill step).
+            latency = now - self._last_token_of(step.plan, step.dispatched_at)
         # Its execution: the device ran it once the step before was done (read). That holds
         # only when the read of the step before waited for the device: read late (the host
         # busy), this step had been running meanwhile and the difference understates it — on
@@ -393,6 +426,7 @@ class EngineLoop:
                 execution if timed else None,
                 step.predicted,
                 bucket,
+                step.decision_s,
             )
             if result.device_load is not None:
                 self.metrics.record_device_load(

@@ -38,6 +38,7 @@ class StepRecord:
     predicted_s: float | None = None
     predicted_p90_s: float | None = None
     bucket: tuple[int, int] | None = None  # (rows, tokens per row) it was compiled for
+    decision_s: float = 0.0  # host time mode auto took to choose its level (and pacing)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -261,6 +262,7 @@ class EngineMetrics:
         execution_s: float | None = None,
         predicted: tuple[float, float] | None = None,
         bucket: tuple[int, int] | None = None,
+        decision_s: float = 0.0,
     ) -> None:
         """``predicted``: (mean, P90) latency predicted at the step's dispatch."""
         mean, p90 = (None, None) if predicted is None else predicted
@@ -276,6 +278,7 @@ class EngineMetrics:
                 mean,
                 p90,
                 bucket,
+                decision_s,
             )
         )
         self.steps[phase] += 1

@@ -1,16 +1,21 @@
-"""The predictive brownout policy: per step, the highest ladder level predicted to meet the SLO.
+"""The predictive brownout policy: per step, of the levels predicted to meet the SLOs, the one
+giving up least quality.
 
 BrownoutServe's controller (mode ``reactive`` here) moves one notch every few seconds after
 the P90 of the last window. Every (phase, level, bucket) step of this engine is compiled and
 timed before serving (:class:`LatencyModel`), so the latency of each level for the step about
-to run can be predicted; the policy picks, at each dispatch, the highest level that fits.
+to run can be predicted, and each level's quality cost is known (:class:`QualityCosts`: the
+KL stored with the united experts, else the ladder position).
 
-What a step's latency is. The engine reads step i's tokens after dispatching step i+1, and
-the device runs steps one after another, so a step's latency (dispatch → tokens read, what
-the SLO windows measure) is what is left of the step in flight plus its own execution. Under
-load, prefill and decode steps alternate: a decode step's latency includes the prefill before
-it — the inter-token time a user sees. A level L fits a step when (each execution time here
-is a predicted 90th percentile, ``LatencyModel.predict_p90``: the SLO windows bound a P90)
+What a step's latency is (what the SLO windows measure, ``EngineLoop._process``). The engine
+reads step i's tokens after dispatching step i+1, and the device runs steps one after another.
+A prefill step's latency is dispatch → tokens read: the rest of the step in flight, then its
+own execution — its requests wait through both. A decode step's latency is the gap its
+sequences see between two tokens: its own execution behind a decode step (whose tokens the
+gap starts from), and behind a prefill step also that step and the wait since their last
+token. ``StepView.in_flight_s`` is that lead before the step's own execution. A level L fits
+a step when (each execution time here is a predicted 90th percentile,
+``LatencyModel.predict_p90``: the SLO windows bound a P90)
 
 - its latency, ``in_flight_s + exec(phase, L, bucket)``, is within ``margin · SLO(phase)``;
 - the step of the other phase that follows it (a decode after a prefill while sequences run,
@@ -21,14 +26,17 @@ is a predicted 90th percentile, ``LatencyModel.predict_p90``: the SLO windows bo
   interleaved with it) — is within ``margin · SLO_ttft`` for the first ``horizon_steps``
   rounds of the queue.
 
-The highest fitting level wins. If none fits: the fewest predicted misses, and of the levels
-with that many the fastest (a backlog drains fastest there; with the oldest request already
-past its SLO at every level, usually the lowest level) — or a higher one predicted within
-``min_gain`` (5 %) of it, since browning out for no time saved only costs quality.
-``count_late_requests=False`` leaves requests late at every level out of the count. Hysteresis:
-a lower level applies at once; a higher one only after it has fit with the tighter
-``raise_margin`` at ``raise_after`` consecutive decisions of the phase, so a load at the
-boundary does not flap between levels. Decisions read host state only (no device sync). No JAX.
+Only levels worth running are candidates: in order of quality cost, each predicted at least
+``min_gain`` (5 %) faster than every cheaper one (a phase whose levels time alike stays
+exact). Of the fitting ones the least quality cost wins (equal costs: the higher level). If
+none fits: the fewest predicted misses, and of the levels with that many the fastest (a
+backlog drains fastest there) — or one costing less predicted within ``min_gain`` of it.
+``count_late_requests=False`` leaves requests late at every level out of the count.
+Hysteresis: giving up more quality applies at once; less only after the level has fit with
+the tighter ``raise_margin`` at ``raise_after`` consecutive decisions of the phase, so a load
+at the boundary does not flap between levels. Prefill pacing (``paced_prefill``): while
+sequences decode, a prefill step may only take buckets that leave the decode step after it
+within its SLO. Decisions read host state only (no device sync). No JAX.
 """
 
 from __future__ import annotations
@@ -83,7 +91,10 @@ class StepView:
 
     phase: Phase
     bucket: Bucket
-    in_flight_s: float = 0.0  # predicted rest of the step still running on the device
+    # Predicted seconds of its latency before its own execution: prefill, the rest of the
+    # step in flight; decode, 0 behind a decode step, else the wait since its sequences'
+    # last tokens + the rest of the (prefill) step in flight.
+    in_flight_s: float = 0.0
     # Prefill: the waiting requests' ages, the step's own rows first, then the queue's order.
     waiting_ages_s: tuple[float, ...] = ()
     prefill_rows: int = 1  # requests one prefill step takes
