@@ -216,15 +216,18 @@ def expected_kl_per_token(steps: list[StepRecord], costs: QualityCosts) -> float
 
 
 def decision_cost(steps: list[StepRecord]) -> dict[str, float | None]:
-    """Mode ``auto``'s host time choosing each decode step's level, against the step: the
-    medians of both (the step's measured execution where timed, else its latency)."""
-    decode = [s for s in steps if s.phase == "decode"]
-    decided = [s.decision_s for s in decode if s.decision_s > 0]
-    step = [s.execution_s or s.latency_s for s in decode]
-    if not decided or not step:
-        return {"decode_median_s": None, "decode_step_median_s": None, "share": None}
-    median, step_median = float(np.median(decided)), float(np.median(step))
+    """Mode ``auto``'s host time choosing a decode step's level, against the step, over the
+    decode steps of the largest batch bucket run: the medians of both (the step's measured
+    execution where timed, else its latency)."""
+    decode = [s for s in steps if s.phase == "decode" and s.decision_s > 0 and s.bucket]
+    if not decode:
+        return {"batch": None, "decode_median_s": None, "decode_step_median_s": None, "share": None}
+    batch = max(s.bucket[0] for s in decode)
+    largest = [s for s in decode if s.bucket[0] == batch]
+    median = float(np.median([s.decision_s for s in largest]))
+    step_median = float(np.median([s.execution_s or s.latency_s for s in largest]))
     return {
+        "batch": batch,
         "decode_median_s": median,
         "decode_step_median_s": step_median,
         "share": median / step_median,
@@ -270,7 +273,7 @@ def format_results(results: list[dict], quality_table: bool = False) -> str:
         cost = r["decision"]
         if cost["share"] is not None:
             lines.append(
-                f"\n{r['mode']}: deciding a decode step's level took "
+                f"\n{r['mode']}: deciding the level of a decode step of batch {cost['batch']} took "
                 f"{1e6 * cost['decode_median_s']:.0f} µs (median), {100 * cost['share']:.2f} % "
                 "of the step's "
                 f"{1e3 * cost['decode_step_median_s']:.2f} ms"

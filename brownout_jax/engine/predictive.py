@@ -116,6 +116,7 @@ class PredictivePolicy:
         self.config = config
         self.quality = quality
         self._streak = {phase: 0 for phase in Phase}
+        self._ranks: dict[tuple[Phase, float], tuple[float, float]] = {}
 
     def misses(
         self,
@@ -125,22 +126,23 @@ class PredictivePolicy:
         other_levels: Sequence[float],
         margin: float,
         fastest_s: float | None = None,
+        next_fastest_s: float | None = None,
+        own_s: float | None = None,
     ) -> int | None:
         """Predicted SLO misses if the step runs at ``level`` (0: it fits); None: unknown.
         ``fastest_s``: the step's predicted execution at its fastest level (which requests
-        are late whatever the level)."""
+        are late whatever the level); ``next_fastest_s``: the next step's at its fastest of
+        ``other_levels``; ``own_s``: the step's at ``level`` (each computed when not given)."""
         phase = view.phase
-        own = self.latency.predict_p90(phase, level, view.bucket)
+        own = self.latency.predict_p90(phase, level, view.bucket) if own_s is None else own_s
         if own is None:
             return None
         other = phase.other
         misses = int(view.in_flight_s + own > margin * self.slo[phase])
         if view.next_bucket is not None:
-            cheapest = [
-                self.latency.predict_p90(other, lv, view.next_bucket) for lv in other_levels
-            ]
-            known = [s for s in cheapest if s is not None]
-            if known and own + min(known) > margin * self.slo[other]:
+            if next_fastest_s is None:
+                next_fastest_s = self._fastest(other, view.next_bucket, other_levels)
+            if next_fastest_s is not None and own + next_fastest_s > margin * self.slo[other]:
                 misses += 1
         if phase == Phase.PREFILL and view.waiting_ages_s:
             decode = 0.0  # the decode step interleaved with each prefill round
@@ -159,6 +161,12 @@ class PredictivePolicy:
                     continue  # late whatever the level
                 misses += int(ttft(age, ahead, own) > limit)
         return misses
+
+    def _fastest(self, phase: Phase, bucket: Bucket, levels: Sequence[float]) -> float | None:
+        known = [
+            t for lv in levels if (t := self.latency.predict_p90(phase, lv, bucket)) is not None
+        ]
+        return min(known, default=None)
 
     def paced_prefill(
         self,
@@ -203,7 +211,10 @@ class PredictivePolicy:
 
     def _rank(self, phase: Phase, level: float) -> tuple[float, float]:
         """Least quality given up first; of levels costing the same, the higher."""
-        return self.quality.cost(phase, level), -level
+        rank = self._ranks.get((phase, level))
+        if rank is None:  # the costs never change: each level's is worked out once
+            rank = self._ranks[(phase, level)] = (self.quality.cost(phase, level), -level)
+        return rank
 
     def choose(
         self,
@@ -219,6 +230,23 @@ class PredictivePolicy:
         other_levels = levels if other_levels is None else other_levels
         cfg = self.config
 
+        def rank(level: float) -> tuple[float, float]:
+            return self._rank(phase, level)
+
+        next_fastest = None
+        if view.next_bucket is not None:
+            next_fastest = self._fastest(phase.other, view.next_bucket, other_levels)
+        # The common case, no pressure: the level costing least (the exact one) is in force
+        # and fits — nothing else to weigh (the decision runs every step, so it is cheap).
+        if current == min(levels, key=rank) and (phase == Phase.DECODE or cfg.count_late_requests):
+            own = self.latency.predict_p90(phase, current, view.bucket)
+            fits = own is not None and not self.misses(
+                view, current, thresholds, other_levels, cfg.margin, None, next_fastest, own
+            )
+            if fits:
+                self._streak[phase] = 0
+                return current
+
         times = {
             lv: t
             for lv in levels
@@ -229,10 +257,9 @@ class PredictivePolicy:
         fastest = min(times.values())
 
         def count(level: float, margin: float) -> int | None:
-            return self.misses(view, level, thresholds, other_levels, margin, fastest)
-
-        def rank(level: float) -> tuple[float, float]:
-            return self._rank(phase, level)
+            return self.misses(
+                view, level, thresholds, other_levels, margin, fastest, next_fastest, times[level]
+            )
 
         known = {
             lv: m
