@@ -15,8 +15,10 @@ import pytest
 from conftest import rel_err
 
 from brownout_jax.cli import main as cli
-from brownout_jax.cli.options import brownout_options
+from brownout_jax.cli.options import brownout_options, controller_from_args
 from brownout_jax.engine.metrics import StepRecord
+from brownout_jax.engine.phase import Phase
+from brownout_jax.engine.quality_costs import QualityCosts
 from brownout_jax.eval.quality import (
     EXACT,
     BrownoutPhase,
@@ -279,6 +281,7 @@ def test_cli_quality_and_sensitivity_on_the_demo(tmp_path, capsys):
         "json",
         "--plot",
         str(png),
+        "--store",
     ]
     assert cli.main(args + small) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -287,6 +290,14 @@ def test_cli_quality_and_sensitivity_on_the_demo(tmp_path, capsys):
     assert rows[0.0]["kl_mean"] > 0 and rows[0.0]["expert_bytes_read"] < 1.0
     assert rows[0.0]["tokens"] == 2 * 16 and report["united"] == {"united": str(united)}
     assert matplotlib.image.imread(png).shape[-1] in (3, 4)
+    # --store: the set's KL per level is in its manifest (full-brownout rows stand in for
+    # each phase), and the controller of serve / eval slo reads it from there.
+    stored = QualityCosts.from_manifest(read_united_manifest(united))
+    for phase in Phase:
+        assert stored.kl(phase, 0.0) == pytest.approx(rows[0.0]["kl_mean"])
+        assert stored.kl(phase, 0.5) == pytest.approx(rows[0.0]["kl_mean"] / 2)
+    parsed = cli.build_parser().parse_args(["serve", "--united", str(united)])
+    assert controller_from_args(parsed, read_united_manifest(united)).quality == stored
 
     args = [
         "eval",
