@@ -200,19 +200,29 @@ def token_weighted_thresholds(steps: list[StepRecord]) -> dict[str, dict[str, fl
 
 
 def expected_kl_per_token(steps: list[StepRecord], costs: QualityCosts) -> float | None:
-    """Mean KL per generated token the run's level mix is expected to cost: each step's tokens
-    (its rows) at the KL stored for its phase and level. None: the served set has no
-    stored KL for a phase that was browned out."""
-    total = weighted = 0.0
+    """Mean KL per generated token the run's level mix is expected to cost. The stored KL of
+    a prefill level is per token its request then generates (``eval quality`` browns out the
+    prompt and scores the continuation), so each request carries its prefill's KL on every
+    token: the mean over prefill rows (a request each; a chunk row of a long prompt counts as
+    one too). A decode level's is per token of that step: its rows' KL over all tokens.
+    The two add (to first order). None: the served set has no stored KL for a phase that was
+    browned out."""
+    prefill_rows = prefill_kl = decode_kl = tokens = 0.0
     for s in steps:
-        total += s.rows
+        tokens += s.rows
+        phase = Phase(s.phase)
         level = level_of(s)
-        if level < 1.0:
-            kl = costs.kl(Phase(s.phase), level)
-            if kl is None:
-                return None
-            weighted += s.rows * kl
-    return weighted / total if total else None
+        kl = 0.0 if level >= 1.0 else costs.kl(phase, level)
+        if kl is None:
+            return None
+        if phase == Phase.PREFILL:
+            prefill_rows += s.rows
+            prefill_kl += s.rows * kl
+        else:
+            decode_kl += s.rows * kl
+    if not tokens:
+        return None
+    return (prefill_kl / prefill_rows if prefill_rows else 0.0) + decode_kl / tokens
 
 
 def decision_cost(steps: list[StepRecord]) -> dict[str, float | None]:

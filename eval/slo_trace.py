@@ -1,7 +1,7 @@
 """The per-step trace of an ``eval slo`` run, and why its violated windows violated.
 
 Each step's record holds what the latency model predicted at its dispatch (mean and P90 of its
-latency: the rest of the step in flight + its own execution) beside what was measured. A step
+latency: its lead, ``step_view.lead_s``, + its own execution) beside what was measured. A step
 over its phase's SLO is put down to one cause, checked in this order:
 
 - ``queued``: its own execution (timed: see ``EngineLoop._process``) was within the SLO, the
@@ -20,13 +20,22 @@ from __future__ import annotations
 
 import collections
 import csv
+import enum
 from pathlib import Path
 
 import numpy as np
 
 from brownout_jax.engine.metrics import StepRecord
+from brownout_jax.engine.phase import Phase
 
-CAUSES = ("predicted", "queued", "underpredicted", "unpredicted")
+
+class Cause(enum.StrEnum):
+    QUEUED = "queued"
+    PREDICTED = "predicted"
+    UNDERPREDICTED = "underpredicted"
+    UNPREDICTED = "unpredicted"
+
+
 FIELDS = (
     "time_s",
     "phase",
@@ -37,24 +46,26 @@ FIELDS = (
     "execution_s",
     "predicted_s",
     "predicted_p90_s",
+    "decision_s",
+    "cause",
 )
 
 
 def level_of(step: StepRecord) -> float:
-    return step.prefill_threshold if step.phase == "prefill" else step.decode_threshold
+    return step.prefill_threshold if step.phase == Phase.PREFILL else step.decode_threshold
 
 
-def cause_of(step: StepRecord, slo: float) -> str | None:
+def cause_of(step: StepRecord, slo: float) -> Cause | None:
     """Why the step's latency exceeded ``slo`` (None: it did not)."""
     if step.latency_s <= slo:
         return None
     if step.execution_s is not None and step.execution_s <= slo:
-        return "queued"
+        return Cause.QUEUED
     if step.predicted_p90_s is None:
-        return "unpredicted"
+        return Cause.UNPREDICTED
     if step.predicted_p90_s > slo:
-        return "predicted"
-    return "underpredicted"
+        return Cause.PREDICTED
+    return Cause.UNDERPREDICTED
 
 
 def violation_causes(
@@ -63,7 +74,7 @@ def violation_causes(
     """Over the 1-s windows whose P90 exceeds ``slo``: how many of their over-SLO steps had
     each cause, and the windows' count. Also, over all the phase's steps with a prediction,
     the median measured / predicted latency and the share above the predicted P90."""
-    causes: collections.Counter[str] = collections.Counter()
+    causes: collections.Counter[Cause] = collections.Counter()
     windows = 0
     own = [s for s in steps if s.phase == phase]
     for t0 in np.arange(start, end, 1.0):
@@ -77,17 +88,19 @@ def violation_causes(
     above = [s.latency_s > s.predicted_p90_s for s in predicted]
     return {
         "violated_windows": windows,
-        "over_slo_steps_by_cause": {c: causes[c] for c in CAUSES},
+        "over_slo_steps_by_cause": {c.value: causes[c] for c in Cause},
         "median_measured_over_predicted": float(np.median(ratio)) if ratio else None,
         "share_above_predicted_p90": float(np.mean(above)) if above else None,
     }
 
 
-def write_trace(steps: list[StepRecord], start: float, path: Path) -> Path:
+def write_trace(steps: list[StepRecord], start: float, slo: dict[Phase, float], path: Path) -> Path:
+    """One row per step; ``cause`` is set for a step over its phase's SLO."""
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(FIELDS)
         for s in steps:
+            cause = cause_of(s, slo[Phase(s.phase)])
             writer.writerow(
                 (
                     round(s.time - start, 6),
@@ -99,6 +112,8 @@ def write_trace(steps: list[StepRecord], start: float, path: Path) -> Path:
                     "" if s.execution_s is None else round(s.execution_s, 6),
                     "" if s.predicted_s is None else round(s.predicted_s, 6),
                     "" if s.predicted_p90_s is None else round(s.predicted_p90_s, 6),
+                    round(s.decision_s, 7),
+                    "" if cause is None else cause.value,
                 )
             )
     return path

@@ -219,6 +219,9 @@ def test_eval_slo_end_to_end_writes_json_and_pngs(tmp_path, tiny_checkpoints, ca
         # Timed only where the read waited for the device (not on this tiny model, often).
         assert all(r["execution_s"] == "" or float(r["execution_s"]) > 0 for r in rows)
         assert all(float(r["predicted_p90_s"]) >= float(r["predicted_s"]) > 0 for r in rows)
+        slo_tpot = 0.001  # every step is over it: each has its cause
+        decode_rows = [r for r in rows if r["phase"] == "decode"]
+        assert all(r["cause"] for r in decode_rows if float(r["latency_s"]) > slo_tpot)
         causes = run["violation_causes"]["decode"]
         if causes["violated_windows"]:  # 1-ms SLOs: each over-SLO step has one cause
             assert sum(causes["over_slo_steps_by_cause"].values()) > 0

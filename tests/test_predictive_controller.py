@@ -34,16 +34,12 @@ def _policy(model: LatencyModel | None = None, **config) -> PredictivePolicy:
     return PredictivePolicy(model or _model(), SLO, PredictiveConfig(**config))
 
 
-def _decode(in_flight_s: float = 0.0, next_prefill: bool = False) -> StepView:
-    return StepView(
-        Phase.DECODE, DECODE, in_flight_s, next_bucket=PREFILL if next_prefill else None
-    )
+def _decode(lead_s: float = 0.0, next_prefill: bool = False) -> StepView:
+    return StepView(Phase.DECODE, DECODE, lead_s, next_bucket=PREFILL if next_prefill else None)
 
 
-def _prefill(ages=(), in_flight_s: float = 0.0, decoding: bool = True) -> StepView:
-    return StepView(
-        Phase.PREFILL, PREFILL, in_flight_s, tuple(ages), 4, DECODE if decoding else None
-    )
+def _prefill(ages=(), lead_s: float = 0.0, decoding: bool = True) -> StepView:
+    return StepView(Phase.PREFILL, PREFILL, lead_s, tuple(ages), 4, DECODE if decoding else None)
 
 
 def _run(policy: PredictivePolicy, view: StepView, thresholds: Thresholds) -> Thresholds:
@@ -58,11 +54,11 @@ def test_a_burst_is_answered_within_one_step_by_the_highest_fitting_level():
     assert policy.choose(_decode(), levels, LEVELS) == 1.0
     # A prefill step still in flight: 60 + 100 ms fits 180 too; 100 ms in flight: level 1
     # (200) misses, 0.5 (170) fits; 120 ms: 0.5 (190) misses too, 0 (170) fits.
-    assert policy.choose(_decode(in_flight_s=0.06), levels, LEVELS) == 1.0
-    assert policy.choose(_decode(in_flight_s=0.1), levels, LEVELS) == 0.5
-    assert policy.choose(_decode(in_flight_s=0.12), levels, LEVELS) == 0.0
+    assert policy.choose(_decode(lead_s=0.06), levels, LEVELS) == 1.0
+    assert policy.choose(_decode(lead_s=0.1), levels, LEVELS) == 0.5
+    assert policy.choose(_decode(lead_s=0.12), levels, LEVELS) == 0.0
     # Nothing fits (a 300-ms prefill ahead): fewest misses, ties → the lowest level.
-    assert policy.choose(_decode(in_flight_s=0.3), levels, LEVELS) == 0.0
+    assert policy.choose(_decode(lead_s=0.3), levels, LEVELS) == 0.0
 
 
 def test_the_step_after_must_still_fit_its_own_slo():
@@ -103,7 +99,7 @@ def test_prefill_brings_the_oldest_waiting_request_under_its_ttft_slo():
 
 def test_recovery_returns_to_one_after_raise_after_comfortable_steps():
     policy = _policy(raise_after=3)
-    levels = _run(policy, _decode(in_flight_s=0.12), Thresholds())
+    levels = _run(policy, _decode(lead_s=0.12), Thresholds())
     assert levels.decode == 0.0
     seen = []
     for _ in range(4):
@@ -122,7 +118,7 @@ def test_no_flapping_under_a_steady_load_at_the_boundary():
     for i in range(40):
         in_flight = 0.085 if i % 2 else 0.075  # level 1: 185 (miss) / 175 ms (fits 180)
         before = levels.decode
-        levels = _run(policy, _decode(in_flight_s=in_flight), levels)
+        levels = _run(policy, _decode(lead_s=in_flight), levels)
         changes += levels.decode != before
     assert levels.decode == 0.5 and changes == 1
 
@@ -161,7 +157,7 @@ def test_auto_is_the_default_mode_and_chooses_per_step():
         ControllerConfig(slo_tpot_s=0.2, slo_ttft_s=1.0), ladder, latency=_model()
     )
     assert controller.config.mode is BrownoutMode.AUTO and controller.predictive
-    assert controller.choose(_decode(in_flight_s=0.1), LEVELS, LEVELS) == 0.5
+    assert controller.choose(_decode(lead_s=0.1), LEVELS, LEVELS) == 0.5
     assert controller.thresholds == Thresholds(1.0, 0.5) and controller.updates == 1
     assert not controller.maybe_update(now=1e6)  # the periodic rule is reactive's only
     reactive = SloController(ControllerConfig.parse_mode("reactive"), ladder)
@@ -207,4 +203,4 @@ def test_the_p90_prediction_learns_the_spread_of_step_times():
     policy = _policy(model)
     entry = next(e for e in model.table() if e.phase == Phase.DECODE and e.level == 1.0)
     assert entry.predicted_p90_s == pytest.approx(p90)
-    assert policy.choose(_decode(in_flight_s=0.18 - 0.1), Thresholds(), LEVELS) < 1.0
+    assert policy.choose(_decode(lead_s=0.18 - 0.1), Thresholds(), LEVELS) < 1.0

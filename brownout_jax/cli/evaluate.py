@@ -357,6 +357,7 @@ def run_slo_cmd(args) -> int:
 def _slo(args, channel) -> int:
     from brownout_jax.cli.options import check_mesh
     from brownout_jax.engine.controller import ControllerConfig
+    from brownout_jax.engine.phase import Phase
     from brownout_jax.engine.quality_costs import QualityCosts
     from brownout_jax.eval.quality_report import quality_cost
     from brownout_jax.eval.slo import format_results, run_mode, summarize, write_results
@@ -419,7 +420,8 @@ def _slo(args, channel) -> int:
         for mode in args.modes.split(","):
             run = run_mode(engine, trace, mode.strip(), controller)
             name = run.mode.replace("=", "-")
-            write_trace(run.steps, run.start, out_dir / f"trace-{name}.csv")
+            slo = {Phase.PREFILL: args.slo_ttft, Phase.DECODE: args.slo_tpot}
+            write_trace(run.steps, run.start, slo, out_dir / f"trace-{name}.csv")
             results.append(
                 summarize(
                     run,

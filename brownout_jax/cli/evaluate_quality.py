@@ -185,7 +185,7 @@ def run_quality(args) -> int:
         rows.extend(measured_rows)
         del params
         if args.store:
-            _store_quality_costs(united_dir, measured_rows, text, len(windows), cfg)
+            _store_quality_costs(united_dir, measured_rows, text, len(windows), cfg, exempt)
     meta = {
         "model": str(model_dir),
         "text": str(text),
@@ -216,12 +216,22 @@ def run_quality(args) -> int:
     return 0
 
 
-def _store_quality_costs(united_dir: str, rows, text: Path, windows: int, cfg) -> None:
-    from brownout_jax.checkpoints.united_store import update_united_manifest
+def _store_quality_costs(
+    united_dir: str, rows, text: Path, windows: int, cfg, exempt: tuple[int, ...]
+) -> None:
+    """A phase measured here replaces its stored curve; the other phase's stays."""
+    from brownout_jax.checkpoints.united_store import read_united_manifest, update_united_manifest
+    from brownout_jax.engine.phase import Phase
     from brownout_jax.engine.quality_costs import MANIFEST_KEY, QualityCosts
 
     source = f"eval quality: {text.name}, {windows} windows of {cfg.window_tokens} tokens"
+    if exempt:
+        source += f", MoE layers {list(exempt)} exempt"
     costs = QualityCosts.from_quality_rows(map(dataclasses.asdict, rows), source)
+    if not any(costs.measured(phase) for phase in Phase):
+        raise ValueError("--store needs a threshold below 1 in --thresholds")
+    stored = QualityCosts.from_manifest(read_united_manifest(united_dir))
+    costs = costs.merged_into(stored)
     path = update_united_manifest(united_dir, MANIFEST_KEY, costs.to_manifest())
     print(f"stored the quality costs in {path}", file=sys.stderr)
 

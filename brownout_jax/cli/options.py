@@ -90,11 +90,19 @@ def add_brownout_mode_arguments(p, default: str = "auto") -> None:
     p.add_argument(
         "--brownout",
         default=default,
-        help="auto (predictive: per step, the highest level predicted to fit the SLO), "
+        help="auto (predictive: per step, of the levels predicted to fit the SLOs the one "
+        "giving up least quality), "
         "reactive (BrownoutServe's periodic P90 rule), off or fixed=X",
     )
-    p.add_argument("--slo-ttft", type=float, default=1.0, help="prefill step SLO, seconds")
-    p.add_argument("--slo-tpot", type=float, default=0.2, help="decode step SLO, seconds")
+    p.add_argument(
+        "--slo-ttft", type=float, default=1.0, help="prefill step SLO (dispatch to tokens), s"
+    )
+    p.add_argument(
+        "--slo-tpot",
+        type=float,
+        default=0.2,
+        help="decode step SLO (the gap a sequence sees between two tokens), s",
+    )
     add_slo_margin_argument(p)
 
 

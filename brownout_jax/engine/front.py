@@ -26,6 +26,7 @@ from brownout_jax.engine.latency_model import LatencyModel
 from brownout_jax.engine.loop import EngineLoop
 from brownout_jax.engine.metrics import EngineMetrics, EngineStats, GridStatus, Occupancy
 from brownout_jax.engine.paged_cache import check_kv_pool_fits
+from brownout_jax.engine.quality_costs import DEFAULT_QUALITY_COSTS, QualityCosts
 from brownout_jax.engine.requests import (
     EngineClosedError,
     EngineDeadError,
@@ -44,6 +45,17 @@ from brownout_jax.engine.structured_output import StructuredOutputCompiler
 from brownout_jax.model.config import ModelConfig
 from brownout_jax.model.packed_params import dense_paths
 from brownout_jax.model.params import ModelParams
+
+
+def with_stored_quality(config: EngineConfig, united_manifest: dict | None) -> EngineConfig:
+    """``config`` whose controller weighs the quality costs stored with the united experts
+    (``eval quality --store``), unless it was given costs of its own."""
+    if config.controller.quality != DEFAULT_QUALITY_COSTS or not united_manifest:
+        return config
+    quality = QualityCosts.from_manifest(united_manifest)
+    return dataclasses.replace(
+        config, controller=dataclasses.replace(config.controller, quality=quality)
+    )
 
 
 class Engine:
@@ -171,6 +183,7 @@ class Engine:
             raise
         if compiling is not None:
             compiling.join()
+        config = with_stored_quality(config, model.united_manifest)
         return cls(
             model.params,
             model.config,

@@ -30,7 +30,6 @@ import numpy as np
 from brownout_jax.engine.controller import SloController
 from brownout_jax.engine.metrics import EngineMetrics
 from brownout_jax.engine.phase import Phase, Thresholds
-from brownout_jax.engine.predictive import StepView
 from brownout_jax.engine.requests import (
     MAX_LOGPROBS,
     FinishReason,
@@ -46,6 +45,12 @@ from brownout_jax.engine.scheduler import (
     StepPlan,
     StepRow,
     TokenMaskSource,
+)
+from brownout_jax.engine.step_view import (
+    last_token_time,
+    lead_s,
+    paced_prefill_buckets,
+    step_view,
 )
 from brownout_jax.engine.stream import TokenStream
 
@@ -291,15 +296,15 @@ class EngineLoop:
         except StepFailedError as err:
             self._step_failed(plan, err)
             return None
-        if predicted is None:
+        if predicted is None and not self._decision_s:
             return step
         return dataclasses.replace(step, predicted=predicted, decision_s=self._decision_s)
 
     def _predicted_latency(
         self, plan: StepPlan, level: float, now: float
     ) -> tuple[float, float] | None:
-        """(mean, P90) of the step's latency as the model predicts it at dispatch: the rest
-        of the step in flight, then its own execution (the per-step trace of ``eval slo``)."""
+        """(mean, P90) of the step's latency as the model predicts it at dispatch: its lead
+        (``step_view.lead_s``), then its own execution (the per-step trace of ``eval slo``)."""
         latency = self.controller.latency
         mean = latency.predict(plan.phase, level, plan.bucket)
         if mean is None:
@@ -307,69 +312,39 @@ class EngineLoop:
         lead = self._lead(plan, now)
         return lead + mean, lead + latency.predict_p90(plan.phase, level, plan.bucket)
 
+    def _lead(self, plan: StepPlan, now: float) -> float:
+        in_flight = None if self._in_flight is None else self._in_flight.plan
+        return lead_s(plan, in_flight, self._in_flight_rest(now), now)
+
     def _paced_prefill(self, buckets, levels: Thresholds):
         """Mode ``auto``: the prefill buckets that leave the decode step after it its SLO."""
-        decode_bucket = self.scheduler.next_bucket(
-            Phase.DECODE, self._usable_buckets(Phase.DECODE, levels.decode)
-        )
-        if decode_bucket is None:
-            return buckets
         started = time.perf_counter()
-        ladder = self.controller.ladder.levels
-        prefill_levels = [lv for lv in ladder if self._usable_buckets(Phase.PREFILL, lv)]
-        decode_levels = [
-            lv for lv in ladder if decode_bucket in self._usable_buckets(Phase.DECODE, lv)
-        ]
         with self.lock:
-            paced = self.controller.policy.paced_prefill(
-                buckets, prefill_levels, decode_bucket, decode_levels
+            paced = paced_prefill_buckets(
+                buckets,
+                levels,
+                self.scheduler,
+                self._usable_buckets,
+                self.controller.ladder.levels,
+                self.controller.policy,
             )
         self._decision_s += time.perf_counter() - started
         return paced
 
     def _choose_level(self, plan: StepPlan, levels: Thresholds, now: float) -> Thresholds:
         """Mode ``auto``: the level of this step from the latency model (host state only)."""
-        phase, ladder = plan.phase, self.controller.ladder.levels
-        runnable = [lv for lv in ladder if plan.bucket in self._usable_buckets(phase, lv)]
-        other = phase.other
-        other_levels = [lv for lv in ladder if self._usable_buckets(other, lv)]
-        next_bucket = self.scheduler.next_bucket(
-            other, self._usable_buckets(other, levels.of(other))
-        )
-        ages: tuple[float, ...] = ()
-        if phase == Phase.PREFILL:  # who waits for a first token (not recomputations)
-            queued = list(plan.sequences) + list(self.scheduler.waiting)
-            ages = tuple(
-                now - s.handle.metrics.arrival
-                for s in queued
-                if not s.generated and s.handle.metrics.arrival is not None
-            )
-        view = StepView(
-            phase, plan.bucket, self._lead(plan, now), ages, len(plan.rows), next_bucket
+        view, runnable, other_levels = step_view(
+            plan,
+            levels,
+            self._lead(plan, now),
+            now,
+            self.scheduler,
+            self._usable_buckets,
+            self.controller.ladder.levels,
         )
         with self.lock:
-            level = self.controller.choose(view, runnable or [levels.of(phase)], other_levels)
-        return levels.with_level(phase, level)
-
-    def _lead(self, plan: StepPlan, now: float) -> float:
-        """Predicted seconds of the step's latency before its own execution. Prefill: the
-        rest of the step in flight (its requests wait through it). Decode — its latency is
-        the gap its sequences see between two tokens (``_process``) —: nothing behind a
-        decode step in flight (the gap starts when its tokens arrive); behind a prefill step
-        (or nothing), the wait since the oldest of its sequences' last tokens plus that
-        step's rest."""
-        rest = self._in_flight_rest(now)
-        if plan.phase == Phase.PREFILL:
-            return rest
-        if self._in_flight is not None and self._in_flight.plan.phase == Phase.DECODE:
-            return 0.0
-        return rest + max(0.0, now - self._last_token_of(plan, now))
-
-    @staticmethod
-    def _last_token_of(plan: StepPlan, default: float) -> float:
-        """The oldest of the plan's sequences' last token times (``default``: none has one)."""
-        times = [s.handle.metrics.token_times for s in plan.sequences]
-        return min((t[-1] for t in times if t), default=default)
+            level = self.controller.choose(view, runnable or [levels.of(plan.phase)], other_levels)
+        return levels.with_level(plan.phase, level)
 
     def _in_flight_rest(self, now: float) -> float:
         """Predicted seconds the step on the device still runs: it started when the one
@@ -399,7 +374,7 @@ class EngineLoop:
         if step.plan.phase == Phase.DECODE:
             # What its sequences see: the longest gap since a row's previous token (which
             # the step in flight at its dispatch brought, or the one before a prefill step).
-            latency = now - self._last_token_of(step.plan, step.dispatched_at)
+            latency = now - last_token_time(step.plan, step.dispatched_at)
         # Its execution: the device ran it once the step before was done (read). That holds
         # only when the read of the step before waited for the device: read late (the host
         # busy), this step had been running meanwhile and the difference understates it — on
@@ -493,6 +468,9 @@ class EngineLoop:
         No fresh state (``recover_state`` raises): the loop dies as on any other error."""
         self._unusual = True  # device work (a fresh state) in this iteration's host time
         lost = self.executor.recover_state()
+        # The next step ran (if at all) from now on, not from the last read: its execution
+        # must not include the failed one's or the recovery's.
+        self._last_read, self._last_read_blocked = self.clock(), False
         with self.lock:
             self.metrics.record_step_failure(
                 None if plan is None else plan.phase, err.kind, state_lost=lost

@@ -27,17 +27,19 @@ _HOST_WINDOW = 1024  # steps per phase behind the stats' median and P90
 class StepRecord:
     time: float  # engine clock when the step's tokens were read
     phase: Phase
-    latency_s: float
-    rows: int
+    latency_s: float  # prefill: dispatch → read; decode: the longest gap a row saw since its
+    rows: int  # previous token (``EngineLoop._process``)
     prefill_threshold: float
     decode_threshold: float
     # The per-step trace (``eval slo``): how long the device ran the step (from the read of
-    # the step before), and what the latency model predicted at its dispatch for its latency
-    # (the rest of the step in flight + its execution): mean and P90. None: no prediction.
+    # the step before; None where that read did not wait for the device), and what the latency
+    # model predicted at its dispatch for its latency (its lead, ``step_view.lead_s``, + its
+    # execution): mean and P90. None: no prediction.
     execution_s: float | None = None
     predicted_s: float | None = None
     predicted_p90_s: float | None = None
-    bucket: tuple[int, int] | None = None  # (rows, tokens per row) it was compiled for
+    # The bucket it was compiled for: prefill (rows, tokens per row), decode (rows, blocks).
+    bucket: tuple[int, int] | None = None
     decision_s: float = 0.0  # host time mode auto took to choose its level (and pacing)
 
 
@@ -199,7 +201,8 @@ class EngineMetrics:
         )
         self.h_step = Histogram(
             "brownout_step_latency_seconds",
-            "Step latency",
+            "Step latency: prefill, dispatch to tokens read; decode, the longest gap a row "
+            "sees since its previous token",
             ["phase"],
             buckets=_LATENCY_BUCKETS,
             registry=r,

@@ -13,11 +13,11 @@ A prefill step's latency is dispatch → tokens read: the rest of the step in fl
 own execution — its requests wait through both. A decode step's latency is the gap its
 sequences see between two tokens: its own execution behind a decode step (whose tokens the
 gap starts from), and behind a prefill step also that step and the wait since their last
-token. ``StepView.in_flight_s`` is that lead before the step's own execution. A level L fits
+token. ``StepView.lead_s`` is that lead before the step's own execution. A level L fits
 a step when (each execution time here is a predicted 90th percentile,
 ``LatencyModel.predict_p90``: the SLO windows bound a P90)
 
-- its latency, ``in_flight_s + exec(phase, L, bucket)``, is within ``margin · SLO(phase)``;
+- its latency, ``lead_s + exec(phase, L, bucket)``, is within ``margin · SLO(phase)``;
 - the step of the other phase that follows it (a decode after a prefill while sequences run,
   a prefill after a decode while requests wait) can still fit its own SLO at that phase's
   lowest level: ``exec(phase, L) + exec(other, lowest) ≤ margin · SLO(other)``;
@@ -30,7 +30,7 @@ Only levels worth running are candidates: in order of quality cost, each predict
 ``min_gain`` (5 %) faster than every cheaper one (a phase whose levels time alike stays
 exact). Of the fitting ones the least quality cost wins (equal costs: the higher level). If
 none fits: the fewest predicted misses, and of the levels with that many the fastest (a
-backlog drains fastest there) — or one costing less predicted within ``min_gain`` of it.
+backlog drains fastest there; each level worth running is faster than the cheaper ones).
 ``count_late_requests=False`` leaves requests late at every level out of the count.
 Hysteresis: giving up more quality applies at once; less only after the level has fit with
 the tighter ``raise_margin`` at ``raise_after`` consecutive decisions of the phase, so a load
@@ -42,7 +42,7 @@ within its SLO. Decisions read host state only (no device sync). No JAX.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from brownout_jax.engine.buckets import Bucket
 from brownout_jax.engine.latency_model import LatencyModel
@@ -62,9 +62,10 @@ class PredictiveConfig:
     # violation periods); False, it is lost whatever the level and not counted (no brownout
     # on its behalf: a higher mean prefill threshold).
     count_late_requests: bool = True
-    # When no level fits: a lower level is taken over a higher one with as many predicted
-    # misses only if it is predicted at least this much faster (levels that time alike, as on
-    # a model whose experts are a sliver of each step, cost quality for nothing).
+    # A level is worth running only if it is predicted at least this much faster than every
+    # level costing less quality (``worth_running``): levels that time alike, as on a model
+    # whose experts are a sliver of each step, or a compute-bound prefill, would cost quality
+    # for nothing.
     min_gain: float = 0.05
     # Prefill pacing: while sequences decode, a prefill step may only take a bucket that, at
     # its fastest level worth running, leaves the decode step after it within the TPOT SLO
@@ -91,16 +92,19 @@ class StepView:
 
     phase: Phase
     bucket: Bucket
-    # Predicted seconds of its latency before its own execution: prefill, the rest of the
-    # step in flight; decode, 0 behind a decode step, else the wait since its sequences'
-    # last tokens + the rest of the (prefill) step in flight.
-    in_flight_s: float = 0.0
+    # Predicted seconds of its latency before its own execution (``step_view.lead_s``):
+    # prefill, the rest of the step in flight; decode, the longest wait of a sequence whose
+    # previous token is not in flight, since that token, + the rest of the step in flight.
+    lead_s: float = 0.0
     # Prefill: the waiting requests' ages, the step's own rows first, then the queue's order.
     waiting_ages_s: tuple[float, ...] = ()
     prefill_rows: int = 1  # requests one prefill step takes
     # The step of the other phase expected next (None: none): the decode step of the running
     # sequences after a prefill, the prefill of the queue's head after a decode.
     next_bucket: Bucket | None = None
+    # Whether that step's rows wait through this one (False: a prefill while nothing else
+    # decodes — the sequences it starts see their first gap from its tokens on).
+    stalls_next: bool = True
 
 
 class PredictivePolicy:
@@ -138,8 +142,8 @@ class PredictivePolicy:
         if own is None:
             return None
         other = phase.other
-        misses = int(view.in_flight_s + own > margin * self.slo[phase])
-        if view.next_bucket is not None:
+        misses = int(view.lead_s + own > margin * self.slo[phase])
+        if view.next_bucket is not None and view.stalls_next:
             if next_fastest_s is None:
                 next_fastest_s = self._fastest(other, view.next_bucket, other_levels)
             if next_fastest_s is not None and own + next_fastest_s > margin * self.slo[other]:
@@ -153,7 +157,7 @@ class PredictivePolicy:
             skip_late = fastest_s is not None and not self.config.count_late_requests
 
             def ttft(age: float, ahead: int, step: float) -> float:
-                return age + view.in_flight_s + (ahead + 1) * step + ahead * decode
+                return age + view.lead_s + (ahead + 1) * step + ahead * decode
 
             for i, age in enumerate(view.waiting_ages_s[: rows * self.config.horizon_steps]):
                 ahead = i // rows  # prefill rounds before the one that serves request i
@@ -172,19 +176,16 @@ class PredictivePolicy:
         self,
         buckets: Collection[Bucket],
         levels: Sequence[float],
-        decode_bucket: Bucket,
+        decode_bucket: Callable[[int], Bucket | None],
         decode_levels: Sequence[float],
     ) -> list[Bucket]:
-        """The prefill buckets a step may take while ``decode_bucket``'s sequences wait
-        for their next token (``pace_prefill``)."""
-        decode = [
-            t
-            for lv in decode_levels
-            if (t := self.latency.predict_p90(Phase.DECODE, lv, decode_bucket)) is not None
-        ]
-        if not decode:
-            return list(buckets)
-        budget = self.config.margin * self.slo[Phase.DECODE] - min(decode)
+        """The prefill buckets a step may take while sequences decode (``pace_prefill``):
+        those whose step, at its fastest level worth running, leaves the decode step after it
+        — of ``decode_bucket(rows it adds)``, at its fastest level — within the TPOT SLO;
+        one-row buckets always (the queue's head must get in), and buckets not timed yet (as
+        a step with nothing known runs at the level in force)."""
+        limit = self.config.margin * self.slo[Phase.DECODE]
+        decode_s: dict[int, float | None] = {}
         paced = []
         for bucket in buckets:
             times = {
@@ -192,8 +193,17 @@ class PredictivePolicy:
                 for lv in levels
                 if (t := self.latency.predict_p90(Phase.PREFILL, lv, bucket)) is not None
             }
-            worth = self.worth_running(Phase.PREFILL, times) if times else ()
-            if bucket.batch == 1 or (worth and min(times[lv] for lv in worth) <= budget):
+            if bucket.batch == 1 or not times:
+                paced.append(bucket)
+                continue
+            if bucket.batch not in decode_s:
+                after = decode_bucket(bucket.batch)
+                decode_s[bucket.batch] = (
+                    None if after is None else self._fastest(Phase.DECODE, after, decode_levels)
+                )
+            decode = decode_s[bucket.batch]
+            own = min(times[lv] for lv in self.worth_running(Phase.PREFILL, times))
+            if decode is None or own + decode <= limit:
                 paced.append(bucket)
         return paced
 
@@ -271,13 +281,9 @@ class PredictivePolicy:
         fitting = [lv for lv, m in known.items() if m == 0]
         if fitting:  # the least quality given up among the levels that fit
             target = min(fitting, key=rank)
-        else:  # the fewest misses; of those, the fastest — or one costing less and as fast
+        else:  # the fewest misses; of those the fastest, where a backlog drains fastest
             fewest = min(known.values())
-            tied = {lv: times[lv] for lv, m in known.items() if m == fewest}
-            quickest = min(tied.values())
-            target = min(
-                (lv for lv, t in tied.items() if t <= quickest * (1 + cfg.min_gain)), key=rank
-            )
+            target = min((lv for lv, m in known.items() if m == fewest), key=lambda lv: times[lv])
         if current not in known or rank(target) >= rank(current):
             self._streak[phase] = 0
             return target

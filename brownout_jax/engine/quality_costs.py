@@ -99,12 +99,18 @@ class QualityCosts:
         own rows, or full-brownout rows where a phase was not measured on its own."""
         rows = list(rows)
 
-        def points(phase: str) -> list[tuple[float, float]]:
-            own = [r for r in rows if r["phase"] == phase and not r["exempt_layers"]]
-            both = [r for r in rows if r["phase"] == "both" and not r["exempt_layers"]]
+        def points(phase: Phase) -> list[tuple[float, float]]:
+            own = [r for r in rows if r["phase"] == phase.value]
+            both = [r for r in rows if r["phase"] == "both"]
             return [(r["threshold"], r["kl_mean"]) for r in (own or both)]
 
-        return cls(tuple(points("prefill")), tuple(points("decode")), source)
+        return cls(tuple(points(Phase.PREFILL)), tuple(points(Phase.DECODE)), source)
+
+    def merged_into(self, stored: QualityCosts) -> QualityCosts:
+        """These costs, with ``stored``'s curve for a phase these did not measure."""
+        prefill = self.prefill if self.measured(Phase.PREFILL) else stored.prefill
+        decode = self.decode if self.measured(Phase.DECODE) else stored.decode
+        return QualityCosts(prefill, decode, self.source)
 
 
 DEFAULT_QUALITY_COSTS = QualityCosts()

@@ -178,9 +178,12 @@ class Scheduler:
             return self._plan_decode(decodable, usable(Phase.DECODE))
         return None
 
-    def next_bucket(self, phase: Phase, usable: Collection[Bucket]) -> Bucket | None:
+    def next_bucket(
+        self, phase: Phase, usable: Collection[Bucket], extra_rows: int = 0
+    ) -> Bucket | None:
         """The bucket the next step of ``phase`` would take now (None: no such step); books
-        nothing. What the predictive controller looks ahead to."""
+        nothing. What the predictive controller looks ahead to. ``extra_rows``: decode, with
+        that many more sequences (those a prefill about to be planned would add)."""
         if phase == Phase.PREFILL:
             return self._prefill_rows(usable)[1]
         decodable = [s for s in self._decodable() if not s.preempted]
@@ -189,7 +192,15 @@ class Scheduler:
         need = max(
             blocks_needed(len(s.prompt) + s.dispatched, self.limits.block_size) for s in decodable
         )
-        return cheapest_fit(usable, len(decodable), need)
+        return cheapest_fit(usable, len(decodable) + extra_rows, need) or cheapest_fit(
+            usable, len(decodable), need
+        )
+
+    def decoding_besides(self, plan: StepPlan) -> bool:
+        """Whether sequences other than ``plan``'s await a decode step (they wait through
+        ``plan``; the ones it starts do not)."""
+        planned = {id(s) for s in plan.sequences}
+        return any(id(s) not in planned and not s.preempted for s in self._decodable())
 
     def _decodable(self) -> list[Sequence]:
         return [
