@@ -284,3 +284,14 @@ def test_an_engine_from_a_checkpoint_weighs_the_costs_stored_with_its_united_exp
     given = EngineConfig(controller=ControllerConfig(quality=own))
     assert with_stored_quality(given, manifest).controller.quality == own
     assert with_stored_quality(EngineConfig(), None) == EngineConfig()
+
+
+def test_prefill_pacing_is_on_unless_turned_off_on_the_command_line():
+    from brownout_jax.cli import main as cli
+    from brownout_jax.cli.options import predictive_from_args
+
+    parser = cli.build_parser()
+    for command in (["serve"], ["eval", "slo"]):
+        assert predictive_from_args(parser.parse_args(command)).pace_prefill
+        off = parser.parse_args([*command, "--no-prefill-pacing"])
+        assert not predictive_from_args(off).pace_prefill
