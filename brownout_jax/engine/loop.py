@@ -25,31 +25,27 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from brownout_jax.engine.controller import SloController
 from brownout_jax.engine.metrics import EngineMetrics
 from brownout_jax.engine.phase import Phase, Thresholds
 from brownout_jax.engine.requests import (
-    MAX_LOGPROBS,
     FinishReason,
     RequestHandle,
     StepFailedError,
     StructuredOutput,
     TokenEvent,
-    TokenLogprob,
 )
 from brownout_jax.engine.scheduler import (
     Scheduler,
     Sequence,
     StepPlan,
-    StepRow,
     TokenMaskSource,
 )
 from brownout_jax.engine.step_view import (
     last_token_time,
     lead_s,
     paced_prefill_buckets,
+    predicted_latency,
     step_view,
 )
 from brownout_jax.engine.stream import TokenStream
@@ -134,7 +130,7 @@ class EngineLoop:
                 self._warm_up()
                 with self.lock:
                     self.controller.maybe_update()
-                if self._in_flight is not None and _constrained(self._in_flight.plan):
+                if self._in_flight is not None and self._in_flight.plan.constrained:
                     # A grammar's mask for a sequence's next token needs the token in
                     # flight: read it before planning (such steps lose the overlap of the
                     # host's work with the device's).
@@ -290,7 +286,8 @@ class EngineLoop:
             levels = self._choose_level(plan, levels, now)
             self._decision_s += time.perf_counter() - started
         levels = self._levels.setdefault(levels, levels)
-        predicted = self._predicted_latency(plan, levels.of(plan.phase), now)
+        lead = self._lead(plan, now)
+        predicted = predicted_latency(self.controller.latency, plan, levels.of(plan.phase), lead)
         try:
             step = executor.dispatch(plan, levels, self.clock())
         except StepFailedError as err:
@@ -299,18 +296,6 @@ class EngineLoop:
         if predicted is None and not self._decision_s:
             return step
         return dataclasses.replace(step, predicted=predicted, decision_s=self._decision_s)
-
-    def _predicted_latency(
-        self, plan: StepPlan, level: float, now: float
-    ) -> tuple[float, float] | None:
-        """(mean, P90) of the step's latency as the model predicts it at dispatch: its lead
-        (``step_view.lead_s``), then its own execution (the per-step trace of ``eval slo``)."""
-        latency = self.controller.latency
-        mean = latency.predict(plan.phase, level, plan.bucket)
-        if mean is None:
-            return None
-        lead = self._lead(plan, now)
-        return lead + mean, lead + latency.predict_p90(plan.phase, level, plan.bucket)
 
     def _lead(self, plan: StepPlan, now: float) -> float:
         in_flight = None if self._in_flight is None else self._in_flight.plan
@@ -420,7 +405,7 @@ class EngineLoop:
             if seq.finished:
                 continue  # finished or cancelled meanwhile
             if row.scores_prompt:
-                _collect_prompt_scores(seq, row, result.prompt_scores[i])
+                seq.collect_prompt_scores(row, result.prompt_scores[i])
             if not row.samples:
                 continue  # a chunk before its prompt's last
             top = ()
@@ -505,26 +490,3 @@ class EngineLoop:
         self.scheduler.remove(seq)
         self._by_handle.pop(seq.handle, None)
         self.metrics.record_finish(seq.handle.metrics, reason)
-
-
-def _constrained(plan: StepPlan) -> bool:
-    return any(row.grammar is not None for row in plan.rows)
-
-
-def _collect_prompt_scores(seq: Sequence, row: StepRow, scores: np.ndarray) -> None:
-    """A scored prefill chunk's rows (``score_prompts``' packing) appended to the sequence's
-    prompt scores: offset t scores the token after it, while that is a prompt token."""
-    if row.position == 0:
-        seq.prompt_scores.clear()  # computed again from the start (after a preemption)
-    k = row.request.prompt_logprobs or 0
-    width = MAX_LOGPROBS  # the packing holds that many alternatives, k of them asked for
-    for t in range(len(row.tokens)):
-        target = int(scores[t, 0])
-        if target < 0:
-            break
-        logprob = float(scores[t, 1:2].view(np.float32)[0])
-        ids = scores[t, 2 : 2 + k].tolist()
-        values = scores[t, 2 + width : 2 + width + k].view(np.float32).tolist()
-        seq.prompt_scores.append(
-            TokenLogprob(target, logprob, tuple(zip(ids, values, strict=True)))
-        )

@@ -28,7 +28,12 @@ import numpy as np
 from brownout_jax.engine.blocks import BlockAllocator, blocks_needed
 from brownout_jax.engine.buckets import Bucket, cheapest_fit
 from brownout_jax.engine.phase import Phase
-from brownout_jax.engine.requests import GenerationRequest, RequestHandle, TokenLogprob
+from brownout_jax.engine.requests import (
+    MAX_LOGPROBS,
+    GenerationRequest,
+    RequestHandle,
+    TokenLogprob,
+)
 from brownout_jax.engine.stream import TokenStream
 
 
@@ -72,6 +77,24 @@ class Sequence:
     @property
     def context(self) -> list[int]:
         return self.prompt + self.generated
+
+    def collect_prompt_scores(self, row: StepRow, scores: np.ndarray) -> None:
+        """A scored prefill chunk's rows (``score_prompts``' packing) appended to the prompt
+        scores: offset t scores the token after it, while that is a prompt token."""
+        if row.position == 0:
+            self.prompt_scores.clear()  # computed again from the start (after a preemption)
+        k = row.request.prompt_logprobs or 0
+        width = MAX_LOGPROBS  # the packing holds that many alternatives, k of them asked for
+        for t in range(len(row.tokens)):
+            target = int(scores[t, 0])
+            if target < 0:
+                break
+            logprob = float(scores[t, 1:2].view(np.float32)[0])
+            ids = scores[t, 2 : 2 + k].tolist()
+            values = scores[t, 2 + width : 2 + width + k].view(np.float32).tolist()
+            self.prompt_scores.append(
+                TokenLogprob(target, logprob, tuple(zip(ids, values, strict=True)))
+            )
 
 
 class TokenMaskSource(Protocol):
@@ -124,6 +147,11 @@ class StepPlan:
     bucket: Bucket
     rows: tuple[StepRow, ...]
     sequences: tuple[Sequence, ...]  # who receives each row's token, in row order
+
+    @property
+    def constrained(self) -> bool:
+        """A row samples under a grammar (its mask needs the token before it)."""
+        return any(row.grammar is not None for row in self.rows)
 
 
 # Buckets the executor can run for a phase right now (all of them once warm-up is complete).

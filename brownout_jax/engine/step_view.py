@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 
 from brownout_jax.engine.buckets import Bucket
+from brownout_jax.engine.latency_model import LatencyModel
 from brownout_jax.engine.phase import Phase, Thresholds
 from brownout_jax.engine.predictive import PredictivePolicy, StepView
 from brownout_jax.engine.scheduler import Scheduler, StepPlan
@@ -41,6 +42,17 @@ def lead_s(plan: StepPlan, in_flight: StepPlan | None, rest_s: float, now: float
         if id(seq) not in fed and times:
             lead = max(lead, rest_s + now - times[-1])
     return lead
+
+
+def predicted_latency(
+    latency: LatencyModel, plan: StepPlan, level: float, lead: float
+) -> tuple[float, float] | None:
+    """(mean, P90) of the step's latency as the model predicts it at dispatch: its lead, then
+    its own execution (the per-step trace of ``eval slo``); None: nothing known."""
+    mean = latency.predict(plan.phase, level, plan.bucket)
+    if mean is None:
+        return None
+    return lead + mean, lead + latency.predict_p90(plan.phase, level, plan.bucket)
 
 
 def step_view(
