@@ -25,7 +25,7 @@ from brownout_jax.engine.phase import Phase
 from brownout_jax.engine.quality_costs import DEFAULT_QUALITY_COSTS, QualityCosts
 from brownout_jax.engine.requests import EngineOverloadedError, GenerationRequest, RequestError
 from brownout_jax.eval.quality_report import quality_cost
-from brownout_jax.eval.slo_trace import level_of, violation_causes
+from brownout_jax.eval.slo_trace import level_of, violation_causes, windows
 from brownout_jax.eval.workload import TraceRequest
 
 
@@ -93,11 +93,7 @@ def violation_rate(
     steps: list[StepRecord], phase: str, slo: float, start: float, end: float
 ) -> tuple[float | None, list[tuple[float, float]]]:
     """(share of 1-s windows whose P90 latency > slo, [(window start, P90)])."""
-    series = []
-    for t0 in np.arange(start, end, 1.0):
-        window = [s.latency_s for s in steps if s.phase == phase and t0 <= s.time < t0 + 1.0]
-        if window:
-            series.append((float(t0 - start), float(np.percentile(window, 90))))
+    series = [(t0 - start, p90) for t0, _, p90 in windows(steps, phase, start, end)]
     if not series:
         return None, series
     return float(np.mean([p90 > slo for _, p90 in series])), series
@@ -229,7 +225,7 @@ def decision_cost(steps: list[StepRecord]) -> dict[str, float | None]:
     """Mode ``auto``'s host time choosing a decode step's level, against the step, over the
     decode steps of the largest batch bucket run: the medians of both (the step's measured
     execution where timed, else its latency)."""
-    decode = [s for s in steps if s.phase == "decode" and s.decision_s > 0 and s.bucket]
+    decode = [s for s in steps if s.phase == Phase.DECODE and s.decision_s > 0 and s.bucket]
     if not decode:
         return {"batch": None, "decode_median_s": None, "decode_step_median_s": None, "share": None}
     batch = max(s.bucket[0] for s in decode)

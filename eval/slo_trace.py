@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import csv
 import enum
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,18 @@ def cause_of(step: StepRecord, slo: float) -> Cause | None:
     return Cause.UNDERPREDICTED
 
 
+def windows(
+    steps: list[StepRecord], phase: str, start: float, end: float
+) -> Iterator[tuple[float, list[StepRecord], float]]:
+    """The 1-s windows from ``start`` to ``end`` holding steps of ``phase``: (window start,
+    its steps, their P90 latency) — BrownoutServe's violation periods are those over the SLO."""
+    own = [s for s in steps if s.phase == phase]
+    for t0 in np.arange(start, end, 1.0):
+        window = [s for s in own if t0 <= s.time < t0 + 1.0]
+        if window:
+            yield float(t0), window, float(np.percentile([s.latency_s for s in window], 90))
+
+
 def violation_causes(
     steps: list[StepRecord], phase: str, slo: float, start: float, end: float
 ) -> dict:
@@ -75,19 +88,16 @@ def violation_causes(
     each cause, and the windows' count. Also, over all the phase's steps with a prediction,
     the median measured / predicted latency and the share above the predicted P90."""
     causes: collections.Counter[Cause] = collections.Counter()
-    windows = 0
-    own = [s for s in steps if s.phase == phase]
-    for t0 in np.arange(start, end, 1.0):
-        window = [s for s in own if t0 <= s.time < t0 + 1.0]
-        if not window or np.percentile([s.latency_s for s in window], 90) <= slo:
-            continue
-        windows += 1
-        causes.update(c for s in window if (c := cause_of(s, slo)) is not None)
-    predicted = [s for s in own if s.predicted_s]
+    violated = 0
+    for _, window, p90 in windows(steps, phase, start, end):
+        if p90 > slo:
+            violated += 1
+            causes.update(c for s in window if (c := cause_of(s, slo)) is not None)
+    predicted = [s for s in steps if s.phase == phase and s.predicted_s]
     ratio = [s.latency_s / s.predicted_s for s in predicted]
     above = [s.latency_s > s.predicted_p90_s for s in predicted]
     return {
-        "violated_windows": windows,
+        "violated_windows": violated,
         "over_slo_steps_by_cause": {c.value: causes[c] for c in Cause},
         "median_measured_over_predicted": float(np.median(ratio)) if ratio else None,
         "share_above_predicted_p90": float(np.mean(above)) if above else None,

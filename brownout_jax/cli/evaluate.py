@@ -416,11 +416,11 @@ def _slo(args, channel) -> int:
     results = []
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    slo = {Phase.PREFILL: args.slo_ttft, Phase.DECODE: args.slo_tpot}
     try:
         for mode in args.modes.split(","):
             run = run_mode(engine, trace, mode.strip(), controller)
             name = run.mode.replace("=", "-")
-            slo = {Phase.PREFILL: args.slo_ttft, Phase.DECODE: args.slo_tpot}
             write_trace(run.steps, run.start, slo, out_dir / f"trace-{name}.csv")
             results.append(
                 summarize(

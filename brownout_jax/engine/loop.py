@@ -281,12 +281,12 @@ class EngineLoop:
         plan = self.scheduler.next_step(usable, now)
         if plan is None:
             return None
+        lead = self._lead(plan, now)
         if self.controller.predictive:
             started = time.perf_counter()
-            levels = self._choose_level(plan, levels, now)
+            levels = self._choose_level(plan, levels, lead, now)
             self._decision_s += time.perf_counter() - started
         levels = self._levels.setdefault(levels, levels)
-        lead = self._lead(plan, now)
         predicted = predicted_latency(self.controller.latency, plan, levels.of(plan.phase), lead)
         try:
             step = executor.dispatch(plan, levels, self.clock())
@@ -316,12 +316,14 @@ class EngineLoop:
         self._decision_s += time.perf_counter() - started
         return paced
 
-    def _choose_level(self, plan: StepPlan, levels: Thresholds, now: float) -> Thresholds:
+    def _choose_level(
+        self, plan: StepPlan, levels: Thresholds, lead: float, now: float
+    ) -> Thresholds:
         """Mode ``auto``: the level of this step from the latency model (host state only)."""
         view, runnable, other_levels = step_view(
             plan,
             levels,
-            self._lead(plan, now),
+            lead,
             now,
             self.scheduler,
             self._usable_buckets,

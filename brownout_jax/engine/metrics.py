@@ -27,8 +27,10 @@ _HOST_WINDOW = 1024  # steps per phase behind the stats' median and P90
 class StepRecord:
     time: float  # engine clock when the step's tokens were read
     phase: Phase
-    latency_s: float  # prefill: dispatch → read; decode: the longest gap a row saw since its
-    rows: int  # previous token (``EngineLoop._process``)
+    # Prefill: dispatch → read; decode: the longest gap a row saw since its previous token
+    # (``EngineLoop._process``).
+    latency_s: float
+    rows: int
     prefill_threshold: float
     decode_threshold: float
     # The per-step trace (``eval slo``): how long the device ran the step (from the read of

@@ -244,7 +244,7 @@ class PredictivePolicy:
             return self._rank(phase, level)
 
         next_fastest = None
-        if view.next_bucket is not None:
+        if view.next_bucket is not None and view.stalls_next:
             next_fastest = self._fastest(phase.other, view.next_bucket, other_levels)
         # The common case, no pressure: the level costing least (the exact one) is in force
         # and fits — nothing else to weigh (the decision runs every step, so it is cheap).

@@ -220,9 +220,10 @@ class Scheduler:
         need = max(
             blocks_needed(len(s.prompt) + s.dispatched, self.limits.block_size) for s in decodable
         )
-        return cheapest_fit(usable, len(decodable) + extra_rows, need) or cheapest_fit(
-            usable, len(decodable), need
-        )
+        fit = cheapest_fit(usable, len(decodable) + extra_rows, need)
+        if fit is None and extra_rows:  # more than a decode step holds: the step as it is
+            fit = cheapest_fit(usable, len(decodable), need)
+        return fit
 
     def decoding_besides(self, plan: StepPlan) -> bool:
         """Whether sequences other than ``plan``'s await a decode step (they wait through
